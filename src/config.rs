@@ -1,0 +1,298 @@
+//! All configuration comes from the environment and is parsed here, once, at start-up.
+//!
+//! A bad value stops the process before it binds a port: `main` prints the one-line
+//! [`ConfigError`] (which names the variable) and exits with code 2. Values that may carry a
+//! secret (`REDIS_URL`, `DATABASE_URL`, password files) are never echoed back in errors.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Everything the service needs to run. Fields are public so tests can adjust a parsed config
+/// (for instance `port = 0` to let the OS pick a free port).
+#[derive(Clone)]
+pub struct Config {
+    /// TCP port to listen on, on every interface.
+    pub port: u16,
+    /// Redis connection URL; may contain a password, so it is never logged.
+    pub redis_url: String,
+    /// PostgreSQL connection settings, with the password from the password file applied.
+    pub database: tokio_postgres::Config,
+    /// IANA time zone in which `hora_db` is rendered, canonical spelling.
+    pub db_timezone: String,
+    /// Upper bound for every single call to Redis or PostgreSQL.
+    pub dependency_timeout: Duration,
+    /// Longest time a count may live only in Redis before it is written to PostgreSQL.
+    pub flush_interval: Duration,
+    /// `tracing` filter directives (the `RUST_LOG` syntax).
+    pub log_filter: String,
+}
+
+impl fmt::Debug for Config {
+    /// Hand-written so that the URLs and the password can never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("port", &self.port)
+            .field("redis_url", &"<redacted>")
+            .field("database", &"<redacted>")
+            .field("db_timezone", &self.db_timezone)
+            .field("dependency_timeout", &self.dependency_timeout)
+            .field("flush_interval", &self.flush_interval)
+            .field("log_filter", &self.log_filter)
+            .finish()
+    }
+}
+
+/// A configuration variable that could not be used. Its `Display` is the single line that
+/// `main` prints before exiting with code 2.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {var}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// Why it was rejected; never contains a secret.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            var,
+            reason: reason.into(),
+        }
+    }
+}
+
+pub const DEFAULT_PORT: u16 = 5000;
+pub const DEFAULT_REDIS_URL: &str = "redis://cache:6379/0";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://admin@db:5432/desafio3";
+const DEFAULT_TIMEZONE: &str = "UTC";
+const DEFAULT_DEPENDENCY_TIMEOUT_MS: u64 = 1000;
+const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
+const DEFAULT_LOG_FILTER: &str = "info";
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// Parses configuration from any variable lookup, so tests need not touch the process
+    /// environment. An empty value counts as unset, which is what Compose's `${VAR:-}` gives.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let port = port(&env)?;
+
+        let redis_url = env
+            .get("REDIS_URL")?
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.into());
+        redis::Client::open(redis_url.as_str()).map_err(|_| {
+            ConfigError::new(
+                "REDIS_URL",
+                "not a valid redis:// or rediss:// URL (value not shown: it may hold a password)",
+            )
+        })?;
+
+        let database_url = env
+            .get("DATABASE_URL")?
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        let mut database = tokio_postgres::Config::from_str(&database_url).map_err(|_| {
+            ConfigError::new(
+                "DATABASE_URL",
+                "not a valid postgres:// URL or key=value string (value not shown: it may hold a password)",
+            )
+        })?;
+        if database.get_hosts().is_empty() {
+            return Err(ConfigError::new("DATABASE_URL", "names no host"));
+        }
+        for var in ["DATABASE_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"] {
+            if let Some(path) = env.get(var)? {
+                database.password(read_password_file(var, &path)?);
+                break;
+            }
+        }
+
+        let db_timezone = match env.get("DB_TIMEZONE")? {
+            None => DEFAULT_TIMEZONE.to_owned(),
+            Some(name) => name
+                .parse::<chrono_tz::Tz>()
+                .map(|tz| tz.name().to_owned())
+                .map_err(|_| {
+                    ConfigError::new(
+                        "DB_TIMEZONE",
+                        format!(
+                            "{name:?} is not an IANA time zone name (e.g. UTC, America/Sao_Paulo)"
+                        ),
+                    )
+                })?,
+        };
+
+        let dependency_timeout = Duration::from_millis(env.number(
+            "DEPENDENCY_TIMEOUT_MS",
+            DEFAULT_DEPENDENCY_TIMEOUT_MS,
+            1..=60_000,
+        )?);
+        let flush_interval = Duration::from_millis(env.number(
+            "FLUSH_INTERVAL_MS",
+            DEFAULT_FLUSH_INTERVAL_MS,
+            10..=3_600_000,
+        )?);
+
+        let log_filter = env
+            .get("RUST_LOG")?
+            .unwrap_or_else(|| DEFAULT_LOG_FILTER.into());
+        tracing_subscriber::EnvFilter::try_new(&log_filter)
+            .map_err(|e| ConfigError::new("RUST_LOG", format!("{log_filter:?}: {e}")))?;
+
+        // Connecting must never take longer than any other dependency call.
+        database.connect_timeout(dependency_timeout);
+        database.application_name("desafio3-web");
+
+        Ok(Self {
+            port,
+            redis_url,
+            database,
+            db_timezone,
+            dependency_timeout,
+            flush_interval,
+            log_filter,
+        })
+    }
+}
+
+/// `PORT` alone, for the `healthcheck` subcommand, which must not depend on password files
+/// or URLs being readable.
+pub fn port_from_env() -> Result<u16, ConfigError> {
+    port(&Env(&|name| std::env::var_os(name)))
+}
+
+fn port(env: &Env<'_>) -> Result<u16, ConfigError> {
+    Ok(env.number("PORT", DEFAULT_PORT.into(), 1..=65_535)? as u16)
+}
+
+struct Env<'a>(&'a dyn Fn(&str) -> Option<OsString>);
+
+impl Env<'_> {
+    fn get(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        match (self.0)(var) {
+            None => Ok(None),
+            Some(value) if value.is_empty() => Ok(None),
+            Some(value) => value
+                .into_string()
+                .map(Some)
+                .map_err(|_| ConfigError::new(var, "is not valid UTF-8")),
+        }
+    }
+
+    fn number(
+        &self,
+        var: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let Some(raw) = self.get(var)? else {
+            return Ok(default);
+        };
+        match raw.trim().parse::<u64>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(ConfigError::new(
+                var,
+                format!(
+                    "expected a whole number from {} to {}, got {raw:?}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    }
+}
+
+/// Docker secrets end with a newline more often than not; it is not part of the password.
+fn read_password_file(var: &'static str, path: &str) -> Result<String, ConfigError> {
+    let content = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(var, format!("cannot read {path:?}: {e}")))?;
+    let password = content.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(ConfigError::new(var, format!("{path:?} is empty")));
+    }
+    Ok(password.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_compose_stack() {
+        let c = parse(&[]).expect("defaults parse");
+        assert_eq!(c.port, 5000);
+        assert_eq!(c.redis_url, "redis://cache:6379/0");
+        assert_eq!(c.database.get_user(), Some("admin"));
+        assert_eq!(c.database.get_dbname(), Some("desafio3"));
+        assert_eq!(c.db_timezone, "UTC");
+        assert_eq!(c.dependency_timeout, Duration::from_millis(1000));
+        assert_eq!(c.flush_interval, Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        let cases = [
+            ("PORT", "abc"),
+            ("PORT", "0"),
+            ("PORT", "70000"),
+            ("REDIS_URL", "http://nope"),
+            ("DATABASE_URL", "postgres://a:b@h:notaport/db"),
+            ("DB_TIMEZONE", "Mars/Olympus_Mons"),
+            ("DEPENDENCY_TIMEOUT_MS", "0"),
+            ("FLUSH_INTERVAL_MS", "-5"),
+            ("RUST_LOG", "info,[[["),
+            ("DATABASE_PASSWORD_FILE", "/nonexistent/secret"),
+            ("POSTGRES_PASSWORD_FILE", "/nonexistent/secret"),
+        ];
+        for (var, value) in cases {
+            let err = parse(&[(var, value)]).expect_err(var);
+            assert_eq!(err.var, var, "{value}");
+            let line = err.to_string();
+            assert!(line.contains(var) && !line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_echoed() {
+        let err = parse(&[("DATABASE_URL", "postgres://u:hunter2@h:xx/db")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+        let err = parse(&[("REDIS_URL", "ftp://:hunter2@h")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+        let c = parse(&[("DATABASE_URL", "postgres://u:hunter2@h/db")]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn password_file_wins_and_loses_its_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let c = parse(&[("POSTGRES_PASSWORD_FILE", path.to_str().unwrap())]).unwrap();
+        assert_eq!(c.database.get_password(), Some(&b"s3cret"[..]));
+
+        std::fs::write(&path, "\n").unwrap();
+        let err = parse(&[("DATABASE_PASSWORD_FILE", path.to_str().unwrap())]).unwrap_err();
+        assert_eq!(err.var, "DATABASE_PASSWORD_FILE");
+    }
+
+    #[test]
+    fn timezone_is_canonicalised() {
+        let c = parse(&[("DB_TIMEZONE", "America/Sao_Paulo")]).unwrap();
+        assert_eq!(c.db_timezone, "America/Sao_Paulo");
+    }
+}

@@ -1,0 +1,288 @@
+//! Routes, the page's JSON and the middleware every request goes through.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use tower::ServiceBuilder;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+use crate::store::Store;
+use crate::telemetry;
+use crate::visits::{Visit, Visits};
+
+/// Nothing here reads a body; anything bigger than this is not a request we want.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Below hyper's own hard limits, so oversized requests get our JSON answer, not a bare one.
+const MAX_URI_BYTES: usize = 2 * 1024;
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub visits: Visits,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index).head(index_head))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|req: &Request| {
+                            tracing::info_span!(
+                                "request",
+                                method = %req.method(),
+                                path = %req.uri().path()
+                            )
+                        })
+                        .on_request(())
+                        .on_response(|res: &Response, latency: Duration, _: &Span| {
+                            tracing::info!(
+                                status = res.status().as_u16(),
+                                latency_ms = latency.as_secs_f64() * 1000.0,
+                                "request"
+                            );
+                        })
+                        .on_failure(()),
+                )
+                .layer(middleware::from_fn(record_metrics))
+                .layer(middleware::from_fn(json_errors))
+                .layer(middleware::from_fn(reject_oversized))
+                .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)),
+        )
+        .with_state(state)
+}
+
+/// The seed's page. Field order is the contract: `status`, `visitas_cache`, `hora_db`, then
+/// `erros` only when something failed.
+#[derive(Debug, Serialize)]
+struct Page {
+    status: &'static str,
+    visitas_cache: Option<String>,
+    hora_db: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    erros: Option<Errors>,
+}
+
+#[derive(Debug, Serialize)]
+struct Errors {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    db: Option<String>,
+}
+
+impl From<Visit> for (StatusCode, Page) {
+    fn from(visit: Visit) -> Self {
+        let healthy = visit.cache_error.is_none() && visit.db_error.is_none();
+        let answered = visit.count.is_some() || visit.db_time.is_some();
+        let (code, status) = match (healthy, answered) {
+            (true, _) => (StatusCode::OK, "ok"),
+            (false, true) => (StatusCode::OK, "degraded"),
+            (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "error"),
+        };
+        let erros = (!healthy).then(|| Errors {
+            cache: visit.cache_error.map(|e| e.to_string()),
+            db: visit.db_error.map(|e| e.to_string()),
+        });
+        let page = Page {
+            status,
+            visitas_cache: visit.count.map(|c| c.to_string()),
+            hora_db: visit.db_time,
+            erros,
+        };
+        (code, page)
+    }
+}
+
+async fn index(State(state): State<AppState>) -> Response {
+    match state.visits.record().await {
+        Ok(visit) => {
+            let (code, page): (StatusCode, Page) = visit.into();
+            (code, Json(page)).into_response()
+        }
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// `HEAD /` must not count a visit, so it does not share `GET /`'s handler (axum would
+/// otherwise run the GET handler and drop the body).
+async fn index_head() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], ())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready only when both dependencies answer now; the body names whichever did not.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let (cache, db) = tokio::join!(state.store.cache.ping(), state.store.probe_db());
+    let mut erros = serde_json::Map::new();
+    for (name, result) in [("cache", cache), ("db", db)] {
+        if let Err(e) = result {
+            erros.insert(name.into(), e.to_string().into());
+        }
+    }
+    if erros.is_empty() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "erros": erros})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let age = state.store.flush_age().await;
+    metrics::gauge!("visit_counter_flush_age_seconds").set(age.as_secs_f64());
+    let handle = telemetry::metrics();
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+fn error_response(code: StatusCode, message: &str) -> Response {
+    (code, Json(json!({"status": "error", "erro": message}))).into_response()
+}
+
+/// Counts and times every request by route template (never the raw path, which a client
+/// could use to create unbounded label values).
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| match p.as_str() {
+            "/" => "/",
+            "/healthz" => "/healthz",
+            "/readyz" => "/readyz",
+            "/metrics" => "/metrics",
+            _ => "other",
+        });
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "method" => method, "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Every error answer is a small JSON object, whoever produced it (the router's 404 and 405,
+/// the body limit's 413, ...), so clients parse one format.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let reason = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase();
+    let body = json!({"status": "error", "erro": reason}).to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
+}
+
+async fn reject_oversized(request: Request, next: Next) -> Response {
+    let uri_len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if uri_len > MAX_URI_BYTES {
+        return StatusCode::URI_TOO_LONG.into_response();
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+    }
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DepError;
+
+    fn visit(count: Option<i64>, time: bool, cache: bool, db: bool) -> Visit {
+        Visit {
+            count,
+            db_time: time.then(|| "2025-11-16 18:32:01.123456".to_owned()),
+            cache_error: cache.then(|| DepError::Failed("down".into())),
+            db_error: db.then(|| DepError::Timeout(Duration::from_secs(1))),
+        }
+    }
+
+    fn render(v: Visit) -> (StatusCode, String) {
+        let (code, page): (StatusCode, Page) = v.into();
+        (code, serde_json::to_string(&page).unwrap())
+    }
+
+    #[test]
+    fn healthy_page_is_the_seed_s_exact_shape() {
+        let (code, body) = render(visit(Some(3), true, false, false));
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(
+            body,
+            r#"{"status":"ok","visitas_cache":"3","hora_db":"2025-11-16 18:32:01.123456"}"#
+        );
+    }
+
+    #[test]
+    fn each_line_of_the_outage_table() {
+        let (code, body) = render(visit(Some(4), true, true, false));
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.starts_with(r#"{"status":"degraded","visitas_cache":"4","hora_db":"2025"#));
+        assert!(body.ends_with(r#","erros":{"cache":"down"}}"#), "{body}");
+
+        let (code, body) = render(visit(Some(5), false, false, true));
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(
+            body,
+            r#"{"status":"degraded","visitas_cache":"5","hora_db":null,"erros":{"db":"timed out after 1000 ms"}}"#
+        );
+
+        let (code, body) = render(visit(None, false, true, true));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            r#"{"status":"error","visitas_cache":null,"hora_db":null,"erros":{"cache":"down","db":"timed out after 1000 ms"}}"#
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! `web` serves the page; `web healthcheck` probes a running `web` (for container healthchecks).
+
+use std::process::ExitCode;
+
+use desafio3::config::{self, Config};
+use desafio3::{Application, healthcheck, shutdown, telemetry};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    match (args.next().as_deref(), args.next()) {
+        (None, _) => serve(),
+        (Some("healthcheck"), None) => check_health(),
+        (Some("--version" | "-V"), None) => {
+            println!("web {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: web [healthcheck | --version]");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(&config.log_filter);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let served = runtime.block_on(async {
+        Application::build(config)
+            .await?
+            .run_until(shutdown::signal())
+            .await
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(reason = format!("{e:#}"), "web stopped");
+            eprintln!("web: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_health() -> ExitCode {
+    let result = config::port_from_env()
+        .map_err(|e| e.to_string())
+        .and_then(healthcheck::probe);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

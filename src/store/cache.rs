@@ -1,0 +1,86 @@
+//! Redis: the live visit counter.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::dependency::{DepError, Dependency};
+
+/// The key the seed's Flask app used; kept so the counter survives a switch between the two.
+pub const COUNTER_KEY: &str = "visitas";
+
+/// Adds `ARGV[1]` visits and returns the new total, after raising the counter to the floor
+/// `ARGV[2]` when it is below it. A counter below the floor means Redis lost data (restarted
+/// empty, FLUSHALL, an older append-only file): the floor is the highest count this process
+/// knows was handed out or made durable, so counting never goes backwards.
+///
+/// A process that has not reached PostgreSQL yet has only its own counts as a floor (zero
+/// right after start). Redis then counts from what it holds, as the outage table requires;
+/// once PostgreSQL answers, its durable count becomes the floor and the next increment
+/// lifts Redis above it.
+const INCREMENT_WITH_FLOOR: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]))
+local floor = tonumber(ARGV[2])
+if current == nil or current < floor then
+  redis.call('SET', KEYS[1], floor)
+end
+return redis.call('INCRBY', KEYS[1], ARGV[1])
+";
+
+pub struct Cache {
+    connection: ConnectionManager,
+    increment: redis::Script,
+    pub dependency: Dependency,
+}
+
+impl Cache {
+    /// Creates the client without connecting: the service must start, and serve `/healthz`,
+    /// before Redis exists. The connection manager reconnects by itself afterwards.
+    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).context("REDIS_URL")?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .context("creating the Redis connection manager")?;
+        Ok(Self {
+            connection,
+            increment: redis::Script::new(INCREMENT_WITH_FLOOR),
+            dependency: Dependency::new("cache", timeout),
+        })
+    }
+
+    /// Counts `n` visits at once and returns the new total; the caller hands out the `n` values
+    /// ending there.
+    pub async fn increment(&self, n: u64, floor: i64) -> Result<i64, DepError> {
+        let mut conn = self.connection.clone();
+        let mut invocation = self.increment.key(COUNTER_KEY);
+        invocation.arg(n).arg(floor);
+        self.dependency
+            .call(invocation.invoke_async::<i64>(&mut conn))
+            .await
+    }
+
+    /// The counter as Redis holds it now (0 when absent), for the write-behind flush.
+    pub async fn current(&self) -> Result<i64, DepError> {
+        let mut conn = self.connection.clone();
+        let value: Option<i64> = self
+            .dependency
+            .call(redis::cmd("GET").arg(COUNTER_KEY).query_async(&mut conn))
+            .await?;
+        Ok(value.unwrap_or(0))
+    }
+
+    /// One round trip, tried even while the cache is marked down.
+    pub async fn ping(&self) -> Result<(), DepError> {
+        let mut conn = self.connection.clone();
+        self.dependency
+            .attempt(redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map(drop)
+    }
+}

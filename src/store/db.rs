@@ -1,0 +1,123 @@
+//! PostgreSQL: the clock shown on the page and the counter of record.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::dependency::{DepError, Dependency};
+
+/// Connections in the pool. Requests are coalesced (see `visits`), so a handful is plenty.
+const POOL_SIZE: usize = 8;
+
+/// Serialises schema set-up between replicas that start at the same moment: two concurrent
+/// `CREATE TABLE IF NOT EXISTS` can both decide to create and one then fails.
+const SCHEMA_LOCK_ID: i64 = 0x6465_7361_6669_6f33; // "desafio3"
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS visit_counter (
+        id         smallint    PRIMARY KEY CHECK (id = 1),
+        value      bigint      NOT NULL CHECK (value >= 0),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    INSERT INTO visit_counter (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+";
+
+/// `to_char` renders microseconds always with six digits, which `now()::text` does not.
+const NOW: &str = "SELECT to_char(now() AT TIME ZONE $1::text, 'YYYY-MM-DD HH24:MI:SS.US')";
+const INCREMENT: &str = "UPDATE visit_counter SET value = GREATEST(value, $1) + $2, updated_at = now() \
+                         WHERE id = 1 RETURNING value";
+const RAISE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), updated_at = now() \
+                     WHERE id = 1 RETURNING value";
+
+pub struct Db {
+    pool: Pool,
+    timezone: String,
+    pub dependency: Dependency,
+}
+
+impl Db {
+    /// Creates the pool without connecting, for the same reason as the cache.
+    pub fn new(
+        config: tokio_postgres::Config,
+        timezone: String,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // A connection that died with its server is found here, not by a request.
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .context("building the PostgreSQL pool")?;
+        Ok(Self {
+            pool,
+            timezone,
+            dependency: Dependency::new("db", timeout),
+        })
+    }
+
+    /// The database's `now()`, formatted for the page.
+    pub async fn now(&self) -> Result<String, DepError> {
+        self.dependency
+            .call(async {
+                let client = self.pool.get().await?;
+                let statement = client.prepare_cached(NOW).await?;
+                let row = client.query_one(&statement, &[&self.timezone]).await?;
+                Ok::<String, anyhow::Error>(row.try_get(0)?)
+            })
+            .await
+    }
+
+    /// Counts `n` visits in the counter of record (used while the cache is down) and returns
+    /// the new total. `floor` is the highest count this process knows of, so the durable
+    /// counter never falls behind what the cache handed out before it failed.
+    pub async fn increment(&self, n: i64, floor: i64) -> Result<i64, DepError> {
+        self.dependency
+            .call(self.update(INCREMENT, &[&floor, &n]))
+            .await
+    }
+
+    /// Write-behind: raises the counter of record to `value` and returns what it holds, which
+    /// may be more when other replicas flushed more.
+    pub async fn raise(&self, value: i64) -> Result<i64, DepError> {
+        self.dependency.call(self.update(RAISE, &[&value])).await
+    }
+
+    async fn update(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> anyhow::Result<i64> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_one(&statement, params).await?.try_get(0)?)
+    }
+
+    /// Creates the schema if needed and returns the durable count. This is the probe for the
+    /// database (see `Store::probe_db`): it runs at start and after every outage, which also
+    /// repairs a dropped table.
+    pub async fn prepare(&self) -> anyhow::Result<i64> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_ID])
+            .await?;
+        tx.batch_execute(SCHEMA).await?;
+        let value = tx
+            .query_one("SELECT value FROM visit_counter WHERE id = 1", &[])
+            .await?
+            .try_get(0)?;
+        tx.commit().await?;
+        Ok(value)
+    }
+}

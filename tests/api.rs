@@ -1,0 +1,269 @@
+//! The HTTP contract with both dependencies healthy: the seed's page, what counts and what
+//! does not, error answers, health, readiness and metrics.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use support::{Env, Postgres, Redis, TestApp, count_of};
+
+async fn healthy_app() -> (Redis, Postgres, TestApp) {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let app = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
+    (redis, pg, app)
+}
+
+fn assert_db_time_format(value: &str) {
+    // YYYY-MM-DD HH:MM:SS.ffffff, always six fraction digits.
+    let bytes = value.as_bytes();
+    assert_eq!(bytes.len(), 26, "{value}");
+    for (i, b) in bytes.iter().enumerate() {
+        let expected_sep = match i {
+            4 | 7 => Some(b'-'),
+            10 => Some(b' '),
+            13 | 16 => Some(b':'),
+            19 => Some(b'.'),
+            _ => None,
+        };
+        match expected_sep {
+            Some(sep) => assert_eq!(*b, sep, "{value}"),
+            None => assert!(b.is_ascii_digit(), "{value}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn root_serves_the_seed_page_with_keys_in_order() {
+    let (_redis, _pg, app) = healthy_app().await;
+    let response = app.get("/").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    let text = response.text().await.unwrap();
+    let page: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let keys: Vec<_> = page.as_object().unwrap().keys().cloned().collect();
+    // serde_json's map sorts keys, so check the order on the raw text.
+    assert!(
+        text.starts_with(r#"{"status":"ok","visitas_cache":"1","hora_db":""#),
+        "{text}"
+    );
+    assert_eq!(keys.len(), 3, "no erros key when healthy: {text}");
+    assert_db_time_format(page["hora_db"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn sequential_visits_count_one_two_three() {
+    let (redis, _pg, app) = healthy_app().await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (status, page) = app.visit().await;
+        assert_eq!(status, 200);
+        assert_eq!(page["status"], "ok");
+        assert!(page["visitas_cache"].is_string(), "a JSON string: {page}");
+        seen.push(count_of(&page).unwrap());
+    }
+    assert_eq!(seen, vec![1, 2, 3]);
+    assert_eq!(
+        redis.get_counter(),
+        Some(3),
+        "the counter lives in Redis key visitas"
+    );
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_visits_get_two_hundred_consecutive_counts() {
+    let (redis, _pg, app) = healthy_app().await;
+    let app = std::sync::Arc::new(app);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { app.visit().await })
+        })
+        .collect();
+    let mut counts = Vec::new();
+    for task in tasks {
+        let (status, page) = task.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(page["status"], "ok");
+        counts.push(count_of(&page).unwrap());
+    }
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=200).collect::<Vec<_>>());
+    assert_eq!(redis.get_counter(), Some(200));
+}
+
+#[tokio::test]
+async fn only_get_root_counts_a_visit() {
+    let (redis, _pg, app) = healthy_app().await;
+    let head = app
+        .client
+        .head(format!("{}/", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    for path in [
+        "/favicon.ico",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/nope",
+        "/index.html",
+    ] {
+        app.get(path).await;
+    }
+    assert_eq!(redis.get_counter(), None, "nothing counted yet");
+    let (_, page) = app.visit().await;
+    assert_eq!(count_of(&page), Some(1));
+}
+
+#[tokio::test]
+async fn client_errors_are_small_json_answers() {
+    let (redis, _pg, app) = healthy_app().await;
+    let url = |p: &str| format!("{}{p}", app.address);
+    let cases = [
+        (app.client.get(url("/favicon.ico")), 404),
+        (app.client.get(url("/does/not/exist")), 404),
+        (app.client.post(url("/")), 405),
+        (app.client.delete(url("/healthz")), 405),
+        (app.client.post(url("/")).body(vec![b'x'; 64 * 1024]), 413),
+        (
+            app.client.get(url(&format!("/?q={}", "a".repeat(4096)))),
+            414,
+        ),
+        (
+            app.client
+                .get(url("/"))
+                .header("x-big", "b".repeat(16 * 1024)),
+            431,
+        ),
+    ];
+    for (request, expected) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), expected);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "application/json"
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "error", "{body}");
+        assert!(body["erro"].is_string(), "{body}");
+    }
+    assert_eq!(redis.get_counter(), None, "rejected requests count nothing");
+}
+
+#[tokio::test]
+async fn malformed_http_gets_a_4xx_and_the_service_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_redis, _pg, app) = healthy_app().await;
+    let port: u16 = app.address.rsplit(':').next().unwrap().parse().unwrap();
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        stream.write_all(garbage).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 4") || answer.is_empty(),
+            "{garbage:?} → {text}"
+        );
+    }
+    let (status, page) = app.visit().await;
+    assert_eq!((status, count_of(&page)), (200, Some(1)));
+}
+
+#[tokio::test]
+async fn liveness_readiness_and_metrics() {
+    let (_redis, _pg, app) = healthy_app().await;
+    let health = app.get("/healthz").await;
+    assert_eq!(health.status(), 200);
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap()["status"],
+        "ok"
+    );
+
+    for _ in 0..3 {
+        app.visit().await;
+    }
+    app.get("/nope").await;
+    let metrics = app.get("/metrics").await;
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    for needle in [
+        r#"http_requests_total{method="GET",route="/",status="200"}"#,
+        r#"http_requests_total{method="GET",route="unmatched",status="404"}"#,
+        "http_request_duration_seconds_bucket",
+        r#"visits_counted_total{store="cache"}"#,
+        "visit_counter_flush_age_seconds",
+        "visit_batch_size",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn hora_db_follows_db_timezone() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let utc = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
+    let sp =
+        TestApp::spawn_ready(Env::for_servers(&redis, &pg).set("DB_TIMEZONE", "America/Sao_Paulo"))
+            .await;
+    let parse = |page: &serde_json::Value| {
+        let t = page["hora_db"].as_str().unwrap().to_owned();
+        assert_db_time_format(&t);
+        let hours: i64 = t[11..13].parse().unwrap();
+        let day: i64 = t[8..10].parse().unwrap();
+        (day, hours)
+    };
+    let (_, a) = utc.visit().await;
+    let (_, b) = sp.visit().await;
+    let ((day_utc, h_utc), (day_sp, h_sp)) = (parse(&a), parse(&b));
+    // São Paulo is UTC−3 all year (no daylight saving since 2019).
+    let diff = (day_utc * 24 + h_utc) - (day_sp * 24 + h_sp);
+    assert!(diff == 3 || diff < -20, "UTC {a} vs São Paulo {b}");
+}
+
+#[tokio::test]
+async fn counts_are_distinct_across_many_sequential_and_parallel_clients() {
+    let (_redis, _pg, app) = healthy_app().await;
+    let app = std::sync::Arc::new(app);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for _ in 0..25 {
+                    let (_, page) = app.visit().await;
+                    mine.push(count_of(&page).unwrap());
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = HashSet::new();
+    for client in clients {
+        let mine = client.await.unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "per-client order: {mine:?}"
+        );
+        for c in mine {
+            assert!(all.insert(c), "count {c} handed out twice");
+        }
+    }
+    assert_eq!(all.len(), 200);
+}

@@ -1,0 +1,305 @@
+//! What only the real `web` process shows: exit codes, signals, logs, the healthcheck
+//! subcommand, and several replicas sharing one counter.
+
+mod support;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{
+    Blackhole, DB_PASSWORD, Env, Postgres, Redis, SIGINT, SIGTERM, WebProcess, count_of, free_port,
+    get_page, http_client,
+};
+
+#[test]
+fn bad_config_exits_2_with_one_line_naming_the_variable() {
+    let cases = [
+        ("PORT", "eighty"),
+        ("PORT", "99999"),
+        ("REDIS_URL", "mongodb://nope"),
+        ("DATABASE_URL", "postgres://admin:hunter2@db:port/x"),
+        ("DATABASE_PASSWORD_FILE", "/does/not/exist"),
+        ("POSTGRES_PASSWORD_FILE", "/does/not/exist"),
+        ("DB_TIMEZONE", "Atlantis/Capital"),
+        ("DEPENDENCY_TIMEOUT_MS", "soon"),
+        ("FLUSH_INTERVAL_MS", "0"),
+        ("RUST_LOG", "=[[="),
+    ];
+    for (var, value) in cases {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_web"))
+            .env_clear()
+            .env(var, value)
+            .output()
+            .expect("web runs");
+        assert_eq!(output.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{var}: {stderr}");
+        assert!(stderr.contains(var), "{var}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "secret echoed: {stderr}");
+        assert!(output.stdout.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(2), "exits at once");
+    }
+}
+
+#[test]
+fn unknown_arguments_are_a_usage_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_web"))
+        .arg("serve-please")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("usage"));
+}
+
+#[tokio::test]
+async fn sigterm_drains_flushes_exits_zero_and_a_restart_continues() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    // No periodic flush during the test: only the shutdown flush can update PostgreSQL.
+    let env = || Env::for_servers(&redis, &pg).set("FLUSH_INTERVAL_MS", "3600000");
+    let mut web = WebProcess::spawn(env());
+    web.wait_ready(Duration::from_secs(10)).await;
+    let client = http_client();
+    // The first flush runs right at start; make sure it is behind us.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for expected in 1..=5 {
+        let (_, page) = get_page(&client, &web.address()).await;
+        assert_eq!(count_of(&page), Some(expected));
+    }
+    assert_eq!(pg.counter(), Some(0), "not flushed before shutdown");
+
+    // A request in flight when the signal arrives still gets its answer.
+    let in_flight = {
+        let (client, address) = (client.clone(), web.address());
+        tokio::spawn(async move { get_page(&client, &address).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    web.signal(SIGTERM);
+    let (code, took) = web.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    println!("SIGTERM to exit: {took:?}");
+    let (status, page) = in_flight.await.unwrap();
+    assert_eq!((status, count_of(&page)), (200, Some(6)));
+    assert_eq!(pg.counter(), Some(6), "flushed on shutdown");
+
+    // Redis loses everything while web is down; the new process continues from PostgreSQL.
+    redis.flushall();
+    let web = WebProcess::spawn(env());
+    web.wait_ready(Duration::from_secs(10)).await;
+    let (_, page) = get_page(&client, &web.address()).await;
+    assert_eq!(count_of(&page), Some(7));
+}
+
+#[tokio::test]
+async fn sigint_also_stops_cleanly() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let mut web = WebProcess::spawn(Env::for_servers(&redis, &pg));
+    web.wait_ready(Duration::from_secs(10)).await;
+    web.signal(SIGINT);
+    let (code, _) = web.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_exits_promptly_even_when_dependencies_are_gone() {
+    let mut web = WebProcess::spawn(Env::new(
+        &format!("redis://127.0.0.1:{}/0", free_port()),
+        &format!("postgres://admin@127.0.0.1:{}/desafio3", free_port()),
+    ));
+    let client = http_client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client
+        .get(format!("{}/healthz", web.address()))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    web.signal(SIGTERM);
+    let (code, took) = web.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+fn healthcheck(port: u16) -> (Option<i32>, Duration, String) {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_web"))
+        .arg("healthcheck")
+        .env_clear()
+        .env("PORT", port.to_string())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        started.elapsed(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_answers_within_two_seconds() {
+    // Dependencies absent on purpose: liveness does not need them.
+    let web = WebProcess::spawn(Env::new(
+        &format!("redis://127.0.0.1:{}/0", free_port()),
+        &format!("postgres://admin@127.0.0.1:{}/desafio3", free_port()),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, took, _) = healthcheck(web.port);
+        assert!(took < Duration::from_secs(2));
+        if code == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (code, took, stderr) = healthcheck(free_port());
+    assert_eq!(code, Some(1), "nothing listening");
+    assert!(took < Duration::from_secs(2));
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+
+    let hole = Blackhole::start();
+    let (code, took, _) = healthcheck(hole.port);
+    assert_eq!(
+        code,
+        Some(1),
+        "a listener that never answers is not healthy"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_per_request_and_per_state_change_without_secrets() {
+    let mut redis = Redis::start();
+    let pg = Postgres::start();
+    let mut web = WebProcess::spawn(Env::for_servers(&redis, &pg));
+    web.wait_ready(Duration::from_secs(10)).await;
+    let client = http_client();
+    get_page(&client, &web.address()).await;
+    client
+        .get(format!("{}/nope", web.address()))
+        .send()
+        .await
+        .unwrap();
+    redis.kill();
+    get_page(&client, &web.address()).await;
+    web.signal(SIGTERM);
+    assert_eq!(web.wait_exit(Duration::from_secs(10)).0, Some(0));
+
+    let (stdout, stderr) = web.logs();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let requests: Vec<_> = lines.iter().filter(|l| l["message"] == "request").collect();
+    let find = |path: &str, status: u64| {
+        requests.iter().any(|l| {
+            l["span"]["path"] == path
+                && l["status"] == status
+                && l["span"]["method"] == "GET"
+                && l["latency_ms"].is_number()
+        })
+    };
+    assert!(find("/", 200), "{stdout}");
+    assert!(find("/nope", 404), "{stdout}");
+    let changes: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "dependency state changed")
+        .map(|l| {
+            (
+                l["dependency"].as_str().unwrap_or(""),
+                l["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(changes.contains(&("cache", "up")), "{changes:?}");
+    assert!(changes.contains(&("db", "up")), "{changes:?}");
+    assert!(changes.contains(&("cache", "down")), "{changes:?}");
+    assert!(!stdout.contains(DB_PASSWORD) && !stderr.contains(DB_PASSWORD));
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_reported_but_never_printed() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("pw");
+    std::fs::write(&wrong, "Wr0ng-pw-should-stay-hidden\n").unwrap();
+    let mut web = WebProcess::spawn(
+        Env::for_servers(&redis, &pg).set("DATABASE_PASSWORD_FILE", wrong.to_str().unwrap()),
+    );
+    let client = http_client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Until the first connection attempt fails, the reason is only "not connected yet".
+    let page = loop {
+        if let Ok(r) = client.get(web.address()).send().await {
+            let page: serde_json::Value = r.json().await.unwrap();
+            if page["erros"]["db"]
+                .as_str()
+                .is_some_and(|r| r.contains("password"))
+            {
+                break page;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no authentication error reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(page["status"], "degraded", "counted in Redis: {page}");
+    assert!(count_of(&page).is_some(), "{page}");
+    let reason = page["erros"]["db"].as_str().unwrap();
+    assert!(
+        reason.contains("password authentication failed"),
+        "{reason}"
+    );
+    web.signal(SIGTERM);
+    web.wait_exit(Duration::from_secs(10));
+    let (stdout, stderr) = web.logs();
+    for text in [&stdout, &stderr, &page.to_string()] {
+        assert!(!text.contains("Wr0ng-pw-should-stay-hidden"));
+    }
+}
+
+#[tokio::test]
+async fn three_processes_share_one_counter() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    // Started together against a fresh database: schema set-up races, and must not fail.
+    let webs: Vec<_> = (0..3)
+        .map(|_| WebProcess::spawn(Env::for_servers(&redis, &pg)))
+        .collect();
+    for web in &webs {
+        web.wait_ready(Duration::from_secs(10)).await;
+    }
+    let client = http_client();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let (client, address) = (client.clone(), webs[i % 3].address());
+            tokio::spawn(async move { get_page(&client, &address).await })
+        })
+        .collect();
+    let mut counts = HashSet::new();
+    for task in tasks {
+        let (status, page) = task.await.unwrap();
+        assert_eq!((status, page["status"].as_str()), (200, Some("ok")));
+        assert!(counts.insert(count_of(&page).unwrap()));
+    }
+    assert_eq!(counts, (1..=300).collect::<HashSet<_>>());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pg.counter() != Some(300) {
+        assert!(
+            Instant::now() < deadline,
+            "durable counter {:?}",
+            pg.counter()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,729 @@
+//! Shared test harness: throwaway Redis and PostgreSQL servers on free loopback ports, the
+//! app started in-process on a random port (as zero2prod does), or as the real `web` binary
+//! when a test needs a process (signals, exit codes, several replicas).
+//!
+//! Works as root (CI: PostgreSQL refuses to run as root, so its processes drop to `nobody`)
+//! and as an ordinary user (developer machines, the Nix build sandbox).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use desafio3::Application;
+use desafio3::config::Config;
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const DB_USER: &str = "admin";
+pub const DB_NAME: &str = "desafio3";
+/// Distinctive so tests can prove it never reaches a log line or a response.
+pub const DB_PASSWORD: &str = "pw-Zq8-never-in-logs";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+    fn kill(pid: i32, signal: i32) -> i32;
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+pub const SIGINT: i32 = 2;
+pub const SIGKILL: i32 = 9;
+pub const SIGTERM: i32 = 15;
+
+/// Signals one process (`target` > 0) or the process group `-target`. Never 0 or -1, which
+/// would reach the test runner itself or every process we may signal.
+fn send_signal(target: i32, signal: i32) {
+    assert!(target.abs() > 1, "refusing to signal {target}");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        kill(target, signal);
+    }
+}
+
+/// Uid/gid PostgreSQL runs as when the tests run as root.
+const NOBODY: u32 = 65534;
+
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn accepts_connections(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn kill_group(child: &mut Child) {
+    // The servers run in their own process group so that PostgreSQL's backends die with the
+    // postmaster, as they would with a container.
+    let pid = i32::try_from(child.id()).expect("pid fits i32");
+    send_signal(-pid, SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis
+
+pub struct Redis {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let mut redis = Self {
+            port,
+            dir: tempfile::tempdir().expect("temp dir for redis"),
+            child: None,
+        };
+        redis.launch();
+        redis
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("starting redis-server (is it installed and on PATH?)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("redis", Duration::from_secs(10), || {
+            accepts_connections(port)
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// SIGKILL: no goodbye, no data kept (persistence is off).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_group(&mut child);
+        }
+    }
+
+    /// A fresh, empty server on the same port, as after a restart without a volume.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("connecting to the test redis")
+    }
+
+    pub fn get_counter(&self) -> Option<i64> {
+        redis::cmd("GET")
+            .arg("visitas")
+            .query(&mut self.client())
+            .expect("GET visitas")
+    }
+
+    pub fn set_counter(&self, value: i64) {
+        let _: () = redis::cmd("SET")
+            .arg("visitas")
+            .arg(value)
+            .query(&mut self.client())
+            .expect("SET visitas");
+    }
+
+    pub fn flushall(&self) {
+        let _: () = redis::cmd("FLUSHALL")
+            .query(&mut self.client())
+            .expect("FLUSHALL");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// Directory holding `initdb` and `postgres`: from PATH (Nix, most distributions) or
+/// Debian's versioned `/usr/lib/postgresql/<major>/bin`, newest first.
+fn postgres_bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let has_both = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+        let from_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        if let Some(dir) = from_path.into_iter().find(|d| has_both(d)) {
+            return dir;
+        }
+        let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let major = e.file_name().to_str()?.parse().ok()?;
+                Some((major, e.path().join("bin")))
+            })
+            .filter(|(_, d)| has_both(d))
+            .collect();
+        debian.sort();
+        debian
+            .pop()
+            .map(|(_, d)| d)
+            .expect("PostgreSQL not found: install it (initdb/postgres on PATH or /usr/lib/postgresql/*/bin)")
+    })
+}
+
+fn pg_command(program: &str) -> Command {
+    let mut cmd = Command::new(postgres_bin_dir().join(program));
+    if is_root() {
+        cmd.uid(NOBODY).gid(NOBODY);
+    }
+    cmd.env("LC_ALL", "C");
+    cmd
+}
+
+fn give_to_postgres(path: &Path) {
+    if is_root() {
+        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown for postgres");
+    }
+}
+
+/// `initdb` costs a second or two: do it once, keep the cluster under Cargo's per-target
+/// temporary directory, and give each test a copy. Built aside and renamed into place, so
+/// test binaries running in parallel never see half a template.
+fn template_cluster() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let ready = base.join(format!(
+            "pg-template-v1-uid{}",
+            if is_root() { NOBODY } else { 0 }
+        ));
+        if ready.join("data/PG_VERSION").is_file() {
+            return ready;
+        }
+        std::fs::create_dir_all(base).expect("target tmp dir");
+        let building = tempfile::Builder::new()
+            .prefix("pg-template-building")
+            .tempdir_in(base)
+            .expect("temp dir");
+        give_to_postgres(building.path());
+        let data = building.path().join("data");
+        let pwfile = building.path().join("pw");
+        std::fs::write(&pwfile, DB_PASSWORD).expect("password file");
+        give_to_postgres(&pwfile);
+        let status = pg_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                DB_USER,
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+            ])
+            .args(["-E", "UTF8", "--locale=C", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("running initdb");
+        assert!(status.success(), "initdb failed");
+        // Single-user mode creates the database without a port or a running server.
+        let mut single = pg_command("postgres")
+            .arg("--single")
+            .arg("-D")
+            .arg(&data)
+            .arg("postgres")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("postgres --single");
+        {
+            use std::io::Write;
+            let mut stdin = single.stdin.take().expect("stdin");
+            writeln!(stdin, "CREATE DATABASE {DB_NAME};").expect("writing to postgres");
+        }
+        assert!(single.wait().expect("postgres --single").success());
+        let built = building.keep();
+        if std::fs::rename(&built, &ready).is_err() {
+            // Another test binary won the race; its template is as good as ours.
+            let _ = std::fs::remove_dir_all(&built);
+        }
+        ready
+    })
+}
+
+pub struct Postgres {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let template = template_cluster().join("data");
+        let dir = tempfile::tempdir().expect("temp dir for postgres");
+        give_to_postgres(dir.path());
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&template)
+            .arg(dir.path().join("data"))
+            .status()
+            .expect("copying the template cluster");
+        assert!(status.success());
+        let mut pg = Self {
+            port,
+            dir,
+            child: None,
+        };
+        pg.launch();
+        pg
+    }
+
+    fn launch(&mut self) {
+        let mut last_error = String::new();
+        // A restart right after SIGKILL can find the old shared memory still attached for a
+        // moment; PostgreSQL then refuses to start, and a retry succeeds.
+        for _ in 0..50 {
+            let mut child = pg_command("postgres")
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(["-p", &self.port.to_string(), "-k", ""])
+                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .args(["-c", "max_connections=200"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .expect("starting postgres");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let mut err = String::new();
+                    use std::io::Read;
+                    let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+                    last_error = err;
+                    break;
+                }
+                if self.answers() {
+                    // Drain stderr in the background so a chatty server never blocks.
+                    if let Some(mut stderr) = child.stderr.take() {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+                        });
+                    }
+                    self.child = Some(child);
+                    return;
+                }
+                assert!(Instant::now() < deadline, "postgres did not start");
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("postgres would not start: {last_error}");
+    }
+
+    fn answers(&self) -> bool {
+        accepts_connections(self.port) && query_i64(self.port, "SELECT 1::bigint").is_some()
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://{DB_USER}@127.0.0.1:{}/{DB_NAME}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_group(&mut child);
+        }
+    }
+
+    /// Same data directory, same port: a crash and a restart.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// The counter of record, read directly; `None` before the service created its table.
+    pub fn counter(&self) -> Option<i64> {
+        query_i64(self.port, "SELECT value FROM visit_counter WHERE id = 1")
+    }
+
+    /// Runs SQL as the superuser, for tests that arrange state behind the service's back.
+    pub fn execute(&self, sql: &str) {
+        let sql = sql.to_owned();
+        with_client(self.port, move |client| async move {
+            client.batch_execute(&sql).await
+        })
+        .expect("SQL runs");
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn pg_conn_string(port: u16) -> String {
+    format!(
+        "host=127.0.0.1 port={port} user={DB_USER} password={DB_PASSWORD} dbname={DB_NAME} connect_timeout=2"
+    )
+}
+
+/// Runs `f` with a fresh connection on a thread of its own, so that synchronous and async
+/// tests alike can use it.
+fn with_client<T, F, Fut>(port: u16, f: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let (client, conn) =
+                tokio_postgres::connect(&pg_conn_string(port), tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+            tokio::spawn(conn);
+            f(client).await.ok()
+        })
+    })
+    .join()
+    .ok()?
+}
+
+fn query_i64(port: u16, sql: &'static str) -> Option<i64> {
+    with_client(port, move |client| async move {
+        client
+            .query_opt(sql, &[])
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()
+    })
+    .flatten()
+}
+
+/// A listener that accepts connections and never says a word: the worst kind of outage.
+pub struct Blackhole {
+    pub port: u16,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub fn start() -> Self {
+        Self::start_on(0)
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let listener = StdListener::bind(("127.0.0.1", port)).expect("bind blackhole");
+        let port = listener.local_addr().expect("addr").port();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        Self {
+            port,
+            _thread: thread,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The service
+
+/// Environment for the service, pointing at the given servers.
+pub struct Env {
+    pub vars: HashMap<String, String>,
+    _password_dir: TempDir,
+}
+
+impl Env {
+    pub fn new(redis_url: &str, database_url: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pw = dir.path().join("db_password");
+        std::fs::write(&pw, format!("{DB_PASSWORD}\n")).expect("password file");
+        let mut vars = HashMap::new();
+        vars.insert("REDIS_URL".into(), redis_url.into());
+        vars.insert("DATABASE_URL".into(), database_url.into());
+        vars.insert(
+            "DATABASE_PASSWORD_FILE".into(),
+            pw.to_str().expect("utf-8 path").into(),
+        );
+        vars.insert("DEPENDENCY_TIMEOUT_MS".into(), "500".into());
+        vars.insert("FLUSH_INTERVAL_MS".into(), "200".into());
+        Self {
+            vars,
+            _password_dir: dir,
+        }
+    }
+
+    pub fn for_servers(redis: &Redis, pg: &Postgres) -> Self {
+        Self::new(&redis.url(), &pg.url())
+    }
+
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.vars.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn config(&self) -> Config {
+        let mut config = Config::from_lookup(|k| self.vars.get(k).map(OsString::from))
+            .expect("test configuration parses");
+        config.port = 0;
+        config
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// The app running in-process on a random port; stops when dropped.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _env: Env,
+}
+
+impl TestApp {
+    pub async fn spawn(env: Env) -> Self {
+        let app = Application::build(env.config()).await.expect("app builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            address,
+            client: http_client(),
+            stop: Some(stop),
+            task: Some(task),
+            _env: env,
+        }
+    }
+
+    /// Starts the app and waits until both dependencies have been reached.
+    pub async fn spawn_ready(env: Env) -> Self {
+        let app = Self::spawn(env).await;
+        app.wait_ready(Duration::from_secs(10)).await;
+        app
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        wait_ready(&self.client, &self.address, timeout).await;
+    }
+
+    /// Polls `GET /` until `done` accepts the page (5 s at most).
+    pub async fn wait_for(&self, done: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, page) = self.visit().await;
+            if done(&page) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still {page}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("request reaches the app")
+    }
+
+    /// `GET /`, as status code and parsed body.
+    pub async fn visit(&self) -> (u16, Value) {
+        get_page(&self.client, &self.address).await
+    }
+
+    /// Graceful stop, as on SIGTERM; returns once the final flush is done.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task").expect("app stops cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `/readyz` until it answers 200: both dependencies reached, schema in place.
+pub async fn wait_ready(client: &reqwest::Client, base: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ready = client.get(format!("{base}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{base} not ready after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn get_page(client: &reqwest::Client, base: &str) -> (u16, Value) {
+    let response = client
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .expect("request reaches the app");
+    let status = response.status().as_u16();
+    let body = response.json().await.expect("JSON body");
+    (status, body)
+}
+
+/// The count a page carries, if any (it is a JSON string, by contract).
+pub fn count_of(page: &Value) -> Option<i64> {
+    page["visitas_cache"]
+        .as_str()
+        .map(|s| s.parse().expect("numeric count"))
+}
+
+/// The real binary, for what only a process shows: signals, exit codes, logs, replicas.
+pub struct WebProcess {
+    pub port: u16,
+    pub child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    _logs: TempDir,
+    _env: Env,
+}
+
+impl WebProcess {
+    pub fn spawn(env: Env) -> Self {
+        let port = free_port();
+        let logs = tempfile::tempdir().expect("log dir");
+        let stdout = logs.path().join("stdout");
+        let stderr = logs.path().join("stderr");
+        let child = Command::new(env!("CARGO_BIN_EXE_web"))
+            .env_clear()
+            .envs(&env.vars)
+            .env("PORT", port.to_string())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("starting web");
+        Self {
+            port,
+            child,
+            stdout,
+            stderr,
+            _logs: logs,
+            _env: env,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        wait_ready(&http_client(), &self.address(), timeout).await;
+    }
+
+    pub fn signal(&self, signal: i32) {
+        send_signal(
+            i32::try_from(self.child.id()).expect("pid fits i32"),
+            signal,
+        );
+    }
+
+    /// Waits for the process to exit; returns its exit code and how long that took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status.code(), started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("web did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn logs(&self) -> (String, String) {
+        (
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default(),
+        )
+    }
+}
+
+impl Drop for WebProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
