@@ -1,0 +1,44 @@
+# Fallback build of desafio3-web:latest for machines without Nix:
+#     docker compose up --build        (or: docker build -t desafio3-web:latest .)
+# The image is the same as the Nix one (nix/image.nix): a static binary, the CA bundle,
+# /etc/passwd + /etc/group for uid/gid 65532 and an empty /tmp, nothing else.
+# Every fact below must agree with nix/image-facts.json: ci/check-image-facts checks it.
+# Works with the classic builder (no BuildKit features are used).
+
+# --- build: the official Rust image on Alpine links against musl, statically ---
+FROM rust:1-alpine AS builder
+RUN apk add --no-cache gcc musl-dev binutils ca-certificates
+WORKDIR /src
+ENV RUSTFLAGS="-C target-feature=+crt-static"
+
+# Dependencies first, in their own layer: rebuilt only when Cargo.toml/Cargo.lock change.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src \
+ && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs \
+ && cargo build --release --locked --bin web \
+ && rm -rf src
+
+COPY src ./src
+# COPY keeps the sources' old mtimes; touch them so cargo rebuilds over the stub build.
+RUN touch src/main.rs src/lib.rs \
+ && cargo build --release --locked --bin web
+
+# The image's whole root filesystem, assembled under /rootfs.
+RUN mkdir -p /rootfs/bin /rootfs/etc/ssl/certs /rootfs/tmp \
+ && cp target/release/web /rootfs/bin/web \
+ && cp /etc/ssl/certs/ca-certificates.crt /rootfs/etc/ssl/certs/ca-certificates.crt \
+ && printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' > /rootfs/etc/passwd \
+ && printf 'web:x:65532:\n' > /rootfs/etc/group \
+ && chmod 0555 /rootfs/bin/web \
+ && chmod 0444 /rootfs/etc/ssl/certs/ca-certificates.crt /rootfs/etc/passwd /rootfs/etc/group \
+ && chmod 1777 /rootfs/tmp \
+ && if readelf -lW /rootfs/bin/web | grep -q 'program interpreter'; then echo 'web is not static' >&2; exit 1; fi
+
+# --- the image: nothing but /rootfs ---
+FROM scratch
+COPY --from=builder /rootfs/ /
+USER 65532:65532
+EXPOSE 5000/tcp
+ENV PORT=5000
+ENTRYPOINT ["/bin/web"]

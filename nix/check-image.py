@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Check a docker-archive image (as `docker save` or dockerTools write it) against
+image-facts.json: same name:tag, config (User, Entrypoint, ExposedPorts, Env, created)
+and exactly the listed files and directories, with their modes, owned by root.
+Nothing else is allowed: no /nix/store, no symlinks, no shell.
+
+Usage: check-image.py IMAGE_FACTS_JSON IMAGE_TARBALL [--allow-dynamic] [--docker-built]
+  --allow-dynamic  do not require /bin/web to be statically linked
+  --docker-built   for an image from `docker build` + `docker save`: accept any name:tag and
+                   creation date, and the default PATH that Docker adds to every image
+"""
+
+import json
+import posixpath
+import struct
+import sys
+import tarfile
+
+
+DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def fail(msg):
+    print(f"image check FAILED: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def norm(name):
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/").rstrip("/")
+
+
+def elf_has_interpreter(data):
+    """True if the ELF file asks for a dynamic loader (PT_INTERP)."""
+    if data[:4] != b"\x7fELF":
+        fail("/bin/web is not an ELF executable")
+    endian = "<" if data[5] == 1 else ">"
+    if data[4] == 2:  # ELFCLASS64
+        (phoff,) = struct.unpack_from(endian + "Q", data, 0x20)
+        phentsize, phnum = struct.unpack_from(endian + "HH", data, 0x36)
+    else:
+        (phoff,) = struct.unpack_from(endian + "I", data, 0x1C)
+        phentsize, phnum = struct.unpack_from(endian + "HH", data, 0x2A)
+    for i in range(phnum):
+        (p_type,) = struct.unpack_from(endian + "I", data, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return True
+    return False
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    allow_dynamic = "--allow-dynamic" in sys.argv
+    docker_built = "--docker-built" in sys.argv
+    if len(args) != 2:
+        fail(__doc__)
+    facts = json.load(open(args[0]))
+    outer = tarfile.open(args[1], "r:*")
+    members = {norm(m.name): m for m in outer.getmembers()}
+
+    def read(name):
+        if name not in members:
+            fail(f"{name} missing from the image archive")
+        return outer.extractfile(members[name]).read()
+
+    manifest = json.loads(read("manifest.json"))
+    if len(manifest) != 1:
+        fail(f"expected one image in the archive, found {len(manifest)}")
+    manifest = manifest[0]
+    want_tag = f"{facts['name']}:{facts['tag']}"
+    if manifest.get("RepoTags") != [want_tag] and not docker_built:
+        fail(f"RepoTags {manifest.get('RepoTags')} != [{want_tag!r}]")
+
+    image = json.loads(read(norm(manifest["Config"])))
+    config = image.get("config") or {}
+    expect = {
+        "User": facts["user"],
+        "Entrypoint": facts["entrypoint"],
+        "ExposedPorts": sorted(facts["exposedPorts"]),
+        "Env": facts["env"],
+        "Cmd": None,
+    }
+    got = {
+        "User": config.get("User"),
+        "Entrypoint": config.get("Entrypoint"),
+        "ExposedPorts": sorted((config.get("ExposedPorts") or {}).keys()),
+        "Env": [e for e in config.get("Env") or [] if not (docker_built and e == DOCKER_PATH)],
+        "Cmd": config.get("Cmd") or None,
+    }
+    for key in expect:
+        if got[key] != expect[key]:
+            fail(f"config {key} is {got[key]!r}, expected {expect[key]!r}")
+    if not docker_built and image.get("created") not in (facts["created"], facts["created"].replace("Z", "+00:00")):
+        fail(f"created is {image.get('created')!r}, expected {facts['created']!r}")
+
+    # Union of all layers (the image is FROM scratch; a later entry wins).
+    entries = {}
+    contents = {}
+    for layer in manifest["Layers"]:
+        inner = tarfile.open(fileobj=outer.extractfile(members[norm(layer)]), mode="r:*")
+        for m in inner.getmembers():
+            name = norm(m.name)
+            if name in ("", "."):
+                continue
+            if posixpath.basename(name).startswith(".wh."):
+                fail(f"unexpected whiteout {name}")
+            entries[name] = m
+            if m.isfile():
+                contents[name] = inner.extractfile(m).read()
+
+    files = {norm(p): spec for p, spec in facts["files"].items()}
+    dirs = {norm(p): spec for p, spec in facts["dirs"].items()}
+    parents = set()
+    for p in list(files) + list(dirs):
+        d = posixpath.dirname(p)
+        while d:
+            parents.add(d)
+            d = posixpath.dirname(d)
+
+    extra = sorted(set(entries) - set(files) - set(dirs) - parents)
+    if extra:
+        fail(f"unexpected entries in the image: {extra}")
+    for name, spec in files.items():
+        m = entries.get(name)
+        if m is None or not m.isfile():
+            fail(f"/{name} missing or not a regular file")
+        if m.mode & 0o7777 != int(spec["mode"], 8):
+            fail(f"/{name} has mode {oct(m.mode & 0o7777)}, expected {spec['mode']}")
+        if "content" in spec and contents[name].decode() != spec["content"]:
+            fail(f"/{name} content {contents[name]!r} != {spec['content']!r}")
+    for name, spec in dirs.items():
+        m = entries.get(name)
+        if m is None or not m.isdir():
+            fail(f"/{name} missing or not a directory")
+        if m.mode & 0o7777 != int(spec["mode"], 8):
+            fail(f"/{name} has mode {oct(m.mode & 0o7777)}, expected {spec['mode']}")
+    for name in parents:
+        if name in entries and not entries[name].isdir():
+            fail(f"/{name} is not a directory")
+    for name, m in entries.items():
+        if (m.uid, m.gid) != (0, 0):
+            fail(f"/{name} is owned by {m.uid}:{m.gid}, expected 0:0")
+
+    for name, spec in files.items():
+        if spec.get("source") == "ca-bundle" and b"BEGIN CERTIFICATE" not in contents[name]:
+            fail(f"/{name} holds no certificates")
+        if spec.get("source") == "binary" and not allow_dynamic:
+            if elf_has_interpreter(contents[name]):
+                fail(f"/{name} is dynamically linked (has PT_INTERP); it must be static")
+
+    print(f"image OK: {want_tag}, {len(files)} files, {len(dirs)} dirs, config as in facts")
+
+
+if __name__ == "__main__":
+    main()

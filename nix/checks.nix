@@ -1,0 +1,61 @@
+# nix flake check: the build, clippy (-D warnings), rustfmt, the test suite, and two
+# checks that the image holds nothing but the binary, the CA bundle and passwd/group.
+{
+  pkgs,
+  rust,
+  image,
+}:
+let
+  inherit (rust)
+    craneLib
+    commonArgs
+    cargoArtifacts
+    src
+    web
+    ;
+in
+{
+  inherit web image;
+
+  clippy = craneLib.cargoClippy (
+    commonArgs
+    // {
+      inherit cargoArtifacts;
+      cargoClippyExtraArgs = "--all-targets -- --deny warnings";
+    }
+  );
+
+  fmt = craneLib.cargoFmt { inherit src; };
+
+  # `cargo test`: the integration tests start their own redis-server and
+  # PostgreSQL (initdb, postgres) from PATH, on free loopback ports.
+  tests = craneLib.cargoTest (
+    commonArgs
+    // {
+      inherit cargoArtifacts;
+      nativeCheckInputs = [
+        pkgs.redis
+        pkgs.postgresql_17
+      ];
+    }
+  );
+
+  # Static and self-contained: the binary's runtime closure is the binary alone.
+  web-closure = pkgs.runCommand "web-closure-is-only-web" { } ''
+    paths=$(cat ${pkgs.closureInfo { rootPaths = [ web ]; }}/store-paths)
+    if [ "$paths" != "${web}" ]; then
+      echo "the runtime closure of web is more than web itself:" >&2
+      echo "$paths" >&2
+      exit 1
+    fi
+    touch $out
+  '';
+
+  # Exactly the files, modes and config of image-facts.json; no /nix/store, no symlinks.
+  image-contents =
+    pkgs.runCommand "image-contents" { nativeBuildInputs = [ pkgs.python3 ]; }
+      ''
+        python3 ${./check-image.py} ${./image-facts.json} ${image}
+        touch $out
+      '';
+}
