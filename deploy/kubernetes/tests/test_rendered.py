@@ -1,0 +1,418 @@
+"""Holds the rendered Kubernetes manifests to the list of issue 6.
+
+Run by ci/check-kubernetes, which renders the overlays into K8S_RENDERED_DIR
+(base.yaml, dev.yaml, managed.yaml) with `kubectl kustomize`, and points
+K8S_SOURCE_DIR at the committed deploy/kubernetes/ directory. Standard library
+unittest plus PyYAML (a dependency of kubernetes-validate). Closes with the line
+`k8s: N passed, M failed`.
+"""
+
+import base64
+import fnmatch
+import os
+import re
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+
+import yaml
+
+RENDERED = Path(os.environ.get("K8S_RENDERED_DIR", "."))
+SOURCE = Path(os.environ.get("K8S_SOURCE_DIR", Path(__file__).resolve().parent.parent))
+
+# The configuration contract of the service (docker-compose.yml, README).
+CONTRACT_ENV = {
+    "PORT",
+    "REDIS_URL",
+    "DATABASE_URL",
+    "DATABASE_PASSWORD_FILE",
+    "DB_TIMEZONE",
+    "DEPENDENCY_TIMEOUT_MS",
+    "FLUSH_INTERVAL_MS",
+    "RUST_LOG",
+}
+WEB_UID = 65532
+SECRET_FILES = [  # git-ignored real files, each with a committed <file>.example
+    "overlays/dev/db_password.txt",
+    "overlays/managed/db_password.txt",
+    "overlays/managed/dependencies.env",
+]
+PLACEHOLDER = re.compile(r"change[-_]?me", re.IGNORECASE)
+
+
+def load(name):
+    with open(RENDERED / f"{name}.yaml", encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def find(objs, kind, name=None):
+    out = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    return out
+
+
+def one(objs, kind, name):
+    found = find(objs, kind, name)
+    if len(found) != 1:
+        raise AssertionError(f"expected exactly one {kind}/{name}, found {len(found)}")
+    return found[0]
+
+
+def matches(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and bool(
+        selector.get("matchLabels")
+    )
+
+
+def container(workload, name=None):
+    cs = workload["spec"]["template"]["spec"]["containers"]
+    if name is None:
+        assert len(cs) == 1, f"{workload['metadata']['name']}: expected one container"
+        return cs[0]
+    return next(c for c in cs if c["name"] == name)
+
+
+def effective_security(workload, c):
+    """Container securityContext over the pod's (the container's fields win)."""
+    eff = dict(workload["spec"]["template"]["spec"].get("securityContext", {}))
+    eff.update(c.get("securityContext", {}))
+    return eff
+
+
+def port_number(c, port):
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in c.get("ports", []) if p.get("name") == port)
+
+
+def mounted_secret_file(objs, workload, c, path):
+    """Resolve a file path inside the container to (Secret object, key), or fail."""
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        mp = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(mp):
+            continue
+        vol = volumes[m["name"]]
+        assert "secret" in vol, f"{path} is mounted from {vol}, not a Secret"
+        assert m.get("readOnly") is True, f"secret mount {m['mountPath']} must be readOnly"
+        rel = path[len(mp):]
+        key = rel
+        for item in vol["secret"].get("items", []):
+            if item["path"] == rel:
+                key = item["key"]
+        secret = one(objs, "Secret", vol["secret"]["secretName"])
+        assert key in secret.get("data", {}), f"Secret {secret['metadata']['name']} has no key {key}"
+        return secret, key
+    raise AssertionError(f"{path} is not under any volumeMount of {c['name']}")
+
+
+def web_env(objs, dep):
+    """The environment web sees from envFrom (later sources win), as name -> (kind, value)."""
+    env = {}
+    for src in container(dep).get("envFrom", []):
+        if "configMapRef" in src:
+            cm = one(objs, "ConfigMap", src["configMapRef"]["name"])
+            env.update({k: ("ConfigMap", v) for k, v in cm.get("data", {}).items()})
+        if "secretRef" in src:
+            s = one(objs, "Secret", src["secretRef"]["name"])
+            env.update(
+                {k: ("Secret", base64.b64decode(v).decode()) for k, v in s.get("data", {}).items()}
+            )
+    for e in container(dep).get("env", []):
+        env[e["name"]] = ("env", e.get("value"))
+    return env
+
+
+class WebChecks:
+    """Checks of the web workload, run against each overlay."""
+
+    overlay = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.objs = load(cls.overlay)
+        cls.dep = one(cls.objs, "Deployment", "web")
+        cls.c = container(cls.dep)
+        cls.pod_labels = cls.dep["spec"]["template"]["metadata"]["labels"]
+
+    def test_replicas_at_least_two(self):
+        self.assertGreaterEqual(self.dep["spec"]["replicas"], 2)
+
+    def test_image_and_port(self):
+        self.assertRegex(self.c["image"], r"(^|/)desafio3-web(:[\w.-]+)?$")
+        self.assertEqual(port_number(self.c, "http"), 5000)
+
+    def test_env_follows_the_contract(self):
+        env = web_env(self.objs, self.dep)
+        self.assertEqual(set(env), CONTRACT_ENV, "env names must be exactly the service's contract")
+        self.assertEqual(env["PORT"][1], "5000")
+        for name, (kind, value) in env.items():
+            self.assertNotEqual(kind, "env", f"{name}: set inline, expected from ConfigMap/Secret")
+
+    def test_password_is_a_mounted_secret_file(self):
+        env = web_env(self.objs, self.dep)
+        path = env["DATABASE_PASSWORD_FILE"][1]
+        mounted_secret_file(self.objs, self.dep, self.c, path)
+        self.assertFalse(any("PASSWORD" in n and not n.endswith("_FILE") for n in env))
+
+    def test_liveness_on_healthz(self):
+        probe = self.c["livenessProbe"]
+        self.assertEqual(probe["httpGet"]["path"], "/healthz")
+        self.assertEqual(port_number(self.c, probe["httpGet"]["port"]), 5000)
+
+    def test_readiness_does_not_follow_shared_dependencies(self):
+        probe = self.c["readinessProbe"]
+        self.assertNotEqual(probe.get("httpGet", {}).get("path"), "/readyz")
+        self.assertEqual(probe["httpGet"]["path"], "/healthz")
+        for p in ("livenessProbe", "readinessProbe", "startupProbe"):
+            self.assertNotIn("/readyz", str(self.c.get(p, "")))
+
+    def test_security_context(self):
+        sc = effective_security(self.dep, self.c)
+        self.assertIs(sc.get("runAsNonRoot"), True)
+        self.assertEqual(sc.get("runAsUser"), WEB_UID)
+        self.assertEqual(sc.get("runAsGroup"), WEB_UID)
+        self.assertIs(sc.get("readOnlyRootFilesystem"), True)
+        self.assertIs(sc.get("allowPrivilegeEscalation"), False)
+        self.assertEqual(sc.get("capabilities", {}).get("drop"), ["ALL"])
+        self.assertFalse(sc.get("capabilities", {}).get("add"))
+        self.assertEqual(sc.get("seccompProfile", {}).get("type"), "RuntimeDefault")
+        self.assertIs(self.dep["spec"]["template"]["spec"].get("automountServiceAccountToken"), False)
+
+    def test_resources(self):
+        r = self.c["resources"]
+        for part in ("requests", "limits"):
+            for res in ("cpu", "memory"):
+                self.assertIn(res, r.get(part, {}), f"resources.{part}.{res}")
+
+    def test_topology_spread(self):
+        tsc = self.dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        keys = {t["topologyKey"] for t in tsc}
+        self.assertIn("kubernetes.io/hostname", keys)
+        for t in tsc:
+            self.assertTrue(matches(t["labelSelector"], self.pod_labels))
+
+    def test_service(self):
+        svc = one(self.objs, "Service", "web")
+        self.assertTrue(matches({"matchLabels": svc["spec"]["selector"]}, self.pod_labels))
+        for p in svc["spec"]["ports"]:
+            self.assertEqual(port_number(self.c, p["targetPort"]), 5000)
+
+    def test_pod_disruption_budget(self):
+        pdb = one(self.objs, "PodDisruptionBudget", "web")
+        self.assertTrue(matches(pdb["spec"]["selector"], self.pod_labels))
+        replicas = self.dep["spec"]["replicas"]
+        if "maxUnavailable" in pdb["spec"]:
+            self.assertTrue(1 <= int(pdb["spec"]["maxUnavailable"]) < replicas)
+        else:
+            self.assertTrue(1 <= int(pdb["spec"]["minAvailable"]) < replicas)
+
+    def test_hpa_on_cpu(self):
+        hpa = one(self.objs, "HorizontalPodAutoscaler", "web")
+        self.assertEqual(hpa["apiVersion"], "autoscaling/v2")
+        ref = hpa["spec"]["scaleTargetRef"]
+        self.assertEqual((ref["kind"], ref["name"]), ("Deployment", "web"))
+        self.assertGreaterEqual(hpa["spec"]["minReplicas"], 2)
+        self.assertGreater(hpa["spec"]["maxReplicas"], hpa["spec"]["minReplicas"])
+        cpu = [m for m in hpa["spec"]["metrics"] if m.get("resource", {}).get("name") == "cpu"]
+        self.assertTrue(cpu, "no CPU metric")
+        self.assertIn("cpu", self.c["resources"]["requests"])
+
+    def test_namespace_enforces_restricted(self):
+        ns = one(self.objs, "Namespace", "desafio3")
+        self.assertEqual(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted")
+        for o in self.objs:
+            if o["kind"] != "Namespace":
+                self.assertEqual(o["metadata"].get("namespace"), "desafio3", o["metadata"]["name"])
+
+    def test_every_pod_meets_restricted(self):
+        for w in find(self.objs, "Deployment") + find(self.objs, "StatefulSet"):
+            for c in w["spec"]["template"]["spec"]["containers"]:
+                sc = effective_security(w, c)
+                where = f"{w['metadata']['name']}/{c['name']}"
+                self.assertIs(sc.get("runAsNonRoot"), True, where)
+                self.assertNotEqual(sc.get("runAsUser"), 0, where)
+                self.assertIs(sc.get("allowPrivilegeEscalation"), False, where)
+                self.assertEqual(sc.get("capabilities", {}).get("drop"), ["ALL"], where)
+                self.assertEqual(sc.get("seccompProfile", {}).get("type"), "RuntimeDefault", where)
+                self.assertIs(sc.get("readOnlyRootFilesystem"), True, where)
+                self.assertIn("limits", c.get("resources", {}), where)
+
+
+class Dev(WebChecks, unittest.TestCase):
+    overlay = "dev"
+
+    def test_web_points_at_in_cluster_services(self):
+        env = web_env(self.objs, self.dep)
+        self.assertEqual(env["REDIS_URL"], ("ConfigMap", "redis://cache:6379/0"))
+        self.assertEqual(env["DATABASE_URL"], ("ConfigMap", "postgres://admin@db:5432/desafio3"))
+
+    def check_statefulset(self, name, image, port, mount, probe):
+        sts = one(self.objs, "StatefulSet", name)
+        svc = one(self.objs, "Service", name)
+        self.assertEqual(svc["spec"].get("clusterIP"), "None", f"Service {name} must be headless")
+        self.assertEqual(sts["spec"]["serviceName"], name)
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        self.assertTrue(matches({"matchLabels": svc["spec"]["selector"]}, labels))
+        self.assertEqual([p["port"] for p in svc["spec"]["ports"]], [port])
+        c = container(sts)
+        self.assertEqual(c["image"], image)
+        self.assertEqual(port_number(c, svc["spec"]["ports"][0]["targetPort"]), port)
+        claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+        data = [m for m in c["volumeMounts"] if m["mountPath"] == mount]
+        self.assertEqual(len(data), 1, f"{name}: nothing mounted at {mount}")
+        self.assertIn(data[0]["name"], claims, f"{name}: {mount} is not a PersistentVolumeClaim")
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            self.assertEqual(c[kind]["exec"]["command"], probe, f"{name} {kind}")
+        return sts, c
+
+    def test_cache_statefulset(self):
+        _, c = self.check_statefulset("cache", "redis:8.2", 6379, "/data", ["redis-cli", "ping"])
+        # compose's `command:` is the image's CMD, i.e. Kubernetes `args` (keeps the entrypoint)
+        self.assertNotIn("command", c)
+        self.assertEqual(
+            c["args"],
+            ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", "/data"],
+        )
+
+    def test_db_statefulset(self):
+        mount = "/var/lib/postgresql/data"
+        sts, c = self.check_statefulset(
+            "db", "postgres:17", 5432, mount, ["pg_isready", "-U", "admin", "-d", "desafio3"]
+        )
+        env = {e["name"]: e for e in c["env"]}
+        self.assertEqual(env["POSTGRES_USER"]["value"], "admin")
+        self.assertEqual(env["POSTGRES_DB"]["value"], "desafio3")
+        self.assertNotIn("POSTGRES_PASSWORD", env)
+        pgdata = env["PGDATA"]["value"]
+        self.assertTrue(pgdata.startswith(mount + "/") and len(pgdata) > len(mount) + 1, pgdata)
+        db_secret = mounted_secret_file(self.objs, sts, c, env["POSTGRES_PASSWORD_FILE"]["value"])
+        web_secret = mounted_secret_file(
+            self.objs, self.dep, self.c, web_env(self.objs, self.dep)["DATABASE_PASSWORD_FILE"][1]
+        )
+        self.assertEqual(db_secret[0]["metadata"]["name"], web_secret[0]["metadata"]["name"])
+        self.assertEqual(db_secret[1], web_secret[1])
+
+    def test_network_policies_admit_only_web(self):
+        for name in ("cache", "db"):
+            np = one(self.objs, "NetworkPolicy", name)
+            sources = [f["podSelector"] for rule in np["spec"]["ingress"] for f in rule["from"]]
+            self.assertTrue(sources and all(matches(s, self.pod_labels) for s in sources))
+
+    def test_generated_secret_is_the_example(self):
+        secret, key = mounted_secret_file(
+            self.objs, self.dep, self.c, web_env(self.objs, self.dep)["DATABASE_PASSWORD_FILE"][1]
+        )
+        example = (SOURCE / "overlays/dev/db_password.txt.example").read_text()
+        self.assertEqual(base64.b64decode(secret["data"][key]).decode(), example)
+
+
+class Managed(WebChecks, unittest.TestCase):
+    overlay = "managed"
+
+    def test_only_web(self):
+        self.assertEqual(find(self.objs, "StatefulSet"), [])
+        self.assertEqual(find(self.objs, "Service", "cache") + find(self.objs, "Service", "db"), [])
+        self.assertEqual({d["metadata"]["name"] for d in find(self.objs, "Deployment")}, {"web"})
+
+    def test_dependencies_come_from_a_secret(self):
+        env = web_env(self.objs, self.dep)
+        self.assertEqual(env["REDIS_URL"][0], "Secret")
+        self.assertEqual(env["DATABASE_URL"][0], "Secret")
+        for cm in find(self.objs, "ConfigMap"):
+            self.assertNotIn("REDIS_URL", cm.get("data", {}))
+            self.assertNotIn("DATABASE_URL", cm.get("data", {}))
+        self.assertRegex(env["REDIS_URL"][1], r"^rediss?://")
+        self.assertRegex(env["DATABASE_URL"][1], r"^postgres(ql)?://")
+        self.assertNotRegex(env["DATABASE_URL"][1], r"://[^/@]*:[^/@]*@", "password in DATABASE_URL")
+
+
+class Committed(unittest.TestCase):
+    """No plaintext secret values in the files that are committed."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ignored = [
+            line.strip()
+            for line in (SOURCE / ".gitignore").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
+
+    def committed_files(self):
+        for p in sorted(SOURCE.rglob("*")):
+            rel = p.relative_to(SOURCE).as_posix()
+            if p.is_file() and "__pycache__" not in rel:
+                if not any(fnmatch.fnmatch(rel, pat) for pat in self.ignored):
+                    yield rel, p
+
+    def test_base_renders_no_secret(self):
+        self.assertEqual(find(load("base"), "Secret"), [])
+
+    def test_no_secret_objects_with_values_in_sources(self):
+        for rel, p in self.committed_files():
+            if p.suffix not in (".yaml", ".yml"):
+                continue
+            for doc in yaml.safe_load_all(p.read_text()):
+                if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                    self.assertFalse(doc.get("data") or doc.get("stringData"), rel)
+                if isinstance(doc, dict) and doc.get("kind") == "Kustomization":
+                    for gen in doc.get("secretGenerator", []):
+                        self.assertNotIn("literals", gen, f"{rel}: secret literal committed")
+
+    def test_real_secret_files_are_git_ignored(self):
+        for rel in SECRET_FILES:
+            self.assertIn(rel, self.ignored)
+            self.assertTrue((SOURCE / (rel + ".example")).is_file(), rel + ".example")
+        repo = SOURCE.parent.parent
+        inside = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--is-inside-work-tree"],
+            capture_output=True, text=True,
+        )
+        if inside.returncode == 0:  # read-only check against git itself
+            for rel in SECRET_FILES:
+                path = f"deploy/kubernetes/{rel}"
+                r = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", path])
+                self.assertEqual(r.returncode, 0, f"git does not ignore {path}")
+                tracked = subprocess.run(
+                    ["git", "-C", str(repo), "ls-files", "--error-unmatch", path],
+                    capture_output=True,
+                )
+                self.assertNotEqual(tracked.returncode, 0, f"{path} is tracked")
+
+    def test_examples_hold_placeholders_only(self):
+        for rel in SECRET_FILES:
+            text = (SOURCE / (rel + ".example")).read_text()
+            values = [
+                line.split("=", 1)[1] if rel.endswith(".env") else line
+                for line in text.splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
+            self.assertTrue(values, rel)
+            for v in values:
+                self.assertRegex(v, PLACEHOLDER, f"{rel}.example: not an obvious placeholder")
+
+
+class Result(unittest.TextTestResult):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.passed = 0
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self.passed += 1
+
+
+def main():
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    verbosity = 2 if os.environ.get("K8S_VERBOSE") else 0
+    stream = open(os.devnull, "w") if verbosity == 0 else sys.stderr
+    result = unittest.TextTestRunner(stream=stream, verbosity=verbosity, resultclass=Result).run(suite)
+    for test, tb in result.failures + result.errors:
+        print(f"FAIL {test.id()}\n{tb}", file=sys.stderr)
+    failed = len(result.failures) + len(result.errors)
+    print(f"k8s: {result.passed} passed, {failed} failed")
+    return 0 if failed == 0 and result.passed > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
