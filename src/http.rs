@@ -154,7 +154,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let age = state.store.flush_age().await;
     metrics::gauge!("visit_counter_flush_age_seconds").set(age.as_secs_f64());
     let handle = telemetry::metrics();
-    handle.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

@@ -41,7 +41,7 @@ impl Application {
             .await
             .with_context(|| format!("binding {address}"))?;
         // Install the recorder before anything records.
-        telemetry::metrics();
+        telemetry::spawn_metrics_upkeep();
         let store = Store::new(&config)?;
         store.spawn_background(config.flush_interval);
         let visits = Visits::spawn(store.clone());

@@ -48,6 +48,21 @@ pub fn metrics() -> &'static PrometheusHandle {
     })
 }
 
+/// Histograms keep every sample until the exporter folds them into buckets, which it does
+/// on render and on upkeep. A process nobody scrapes would grow by every request it serves,
+/// so fold them regularly.
+pub fn spawn_metrics_upkeep() {
+    const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+    let handle = metrics();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            ticker.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
