@@ -1,0 +1,46 @@
+"""The same app, deployed as a careful Flask user would: under gunicorn (see gunicorn.conf.py),
+with one Redis client and one pooled, reused psycopg2 connection per worker process, created
+after the fork (a connection must never be shared across a fork).
+
+Run: gunicorn -c gunicorn.conf.py pooled_app:app
+"""
+
+import psycopg2
+import psycopg2.pool
+import redis
+from flask import Flask, jsonify
+
+from common import DATABASE_URL, DB_PASSWORD, REDIS_URL, fmt
+
+app = Flask(__name__)
+app.json.sort_keys = False
+
+cache = None
+pool = None
+
+
+def init_worker():
+    """Called from gunicorn's post_fork hook: per-worker clients."""
+    global cache, pool
+    cache = redis.Redis.from_url(REDIS_URL)
+    pool = psycopg2.pool.SimpleConnectionPool(1, 1, DATABASE_URL, password=DB_PASSWORD)
+
+
+@app.route("/")
+def index():
+    if pool is None:  # not under gunicorn (e.g. `flask run`): initialise lazily
+        init_worker()
+    visitas = cache.incr("visitas")
+    conn = pool.getconn()
+    broken = False
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT NOW();")
+            hora = cur.fetchone()[0]
+    except psycopg2.Error:
+        broken = True
+        raise
+    finally:
+        pool.putconn(conn, close=broken or conn.closed != 0)
+    return jsonify(status="ok", visitas_cache=str(visitas), hora_db=fmt(hora))
