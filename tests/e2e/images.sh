@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Builds the images the end-to-end suite needs, locally (no registry is needed):
+#
+#   desafio3-test/redis:latest     stand-in for the official redis image     } one Debian root
+#   desafio3-test/postgres:latest  stand-in for the official postgres image  } filesystem (debootstrap)
+#   desafio3-web:latest            the web service, FROM scratch, binary built on this host
+#   (desafio3-test/base:<hash>     the imported rootfs + tests/e2e/standins/*.sh; the two
+#                                  stand-ins add only configuration on top of it)
+#
+# Usage: tests/e2e/images.sh [all|standins|web|rootfs]   (default: all)
+#
+# The slow part, the Debian root filesystem, is cached outside the repository in
+# ${XDG_CACHE_HOME:-$HOME/.cache}/desafio3/rootfs-<hash of its recipe>.tar; the stand-in images
+# carry the hash of their inputs in the label org.desafio3.e2e.inputs and are not rebuilt while
+# it matches. Set DESAFIO3_E2E_REBUILD=1 to force a rebuild of the stand-in images (the rootfs
+# cache is kept; delete the tarball to rebuild it).
+#
+# The Debian mirror is read from this machine's apt sources at run time (none is written here);
+# without one, debootstrap's own default is used. Building the rootfs needs root (or sudo).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/desafio3"
+STANDINS="$HERE/standins"
+LABEL=org.desafio3.e2e.inputs
+
+SUITE="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
+ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
+# Packages of the stand-ins, on top of the minbase variant (which already has bash, dash and
+# util-linux's setpriv, used instead of gosu).
+PACKAGES="redis-server redis-tools postgresql postgresql-client procps tzdata"
+
+log() { printf 'images: %s\n' "$*" >&2; }
+die() { printf 'images: ERROR: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else die "building the root filesystem needs root (or sudo)"; fi
+}
+
+# First Debian mirror of the host's apt sources that serves $SUITE (not the security archive).
+host_mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        # deb822 stanzas: print URIs of a stanza with Types: deb whose Suites include $SUITE
+        awk -v suite="$SUITE" '
+            function flush() { if (deb && hit && uri != "" && uri !~ /security/) { print uri; found=1; exit } deb=0; hit=0; uri="" }
+            /^[[:space:]]*$/ { flush(); next }
+            tolower($1) == "types:" { for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
+            tolower($1) == "uris:"  { uri = $2 }
+            tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == suite) hit = 1 }
+            END { if (!found) flush() }' "$f"
+    done | head -n1 | grep . && return 0
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -r "$f" ] || continue
+        # "deb [options] URI suite components"
+        sed -E 's/\[[^]]*\]//' "$f" | awk -v suite="$SUITE" '$1 == "deb" && $3 == suite && $2 !~ /security/ { print $2; exit }'
+    done | head -n1
+}
+
+# ---------------------------------------------------------------------------------------------
+# The root filesystem. Its cache key is the hash of this function's text and its parameters.
+build_rootfs() {
+    local out="$1" mirror="$2" work
+    work="$(mktemp -d "$CACHE_DIR/rootfs-work.XXXXXX")"
+    local r="$work/root"
+    # shellcheck disable=SC2064
+    trap "as_root umount '$r/proc' 2>/dev/null || true; as_root rm -rf '$work'" EXIT
+    log "debootstrap $SUITE ($ARCH, minbase) ${mirror:-<debootstrap default mirror>} — a few minutes"
+    as_root debootstrap --variant=minbase --arch="$ARCH" "$SUITE" "$r" ${mirror:+"$mirror"} >"$work/debootstrap.log" 2>&1 \
+        || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
+    # No daemon may start inside the chroot while packages are installed.
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$r/usr/sbin/policy-rc.d" >/dev/null
+    as_root chmod 755 "$r/usr/sbin/policy-rc.d"
+    as_root mount -t proc proc "$r/proc"
+    local apt=(env DEBIAN_FRONTEND=noninteractive LC_ALL=C chroot "$r" apt-get -q -y
+               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
+               -o APT::Install-Recommends=false)
+    log "installing: $PACKAGES"
+    {
+        "${apt[@]}" update
+        # no default cluster: the entrypoint initialises $PGDATA on first start, like the official image
+        "${apt[@]}" install postgresql-common
+        as_root sed -i -E 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' \
+            "$r/etc/postgresql-common/createcluster.conf"
+        # shellcheck disable=SC2086
+        "${apt[@]}" install $PACKAGES
+        "${apt[@]}" clean
+    } >"$work/apt.log" 2>&1 || { tail -n 30 "$work/apt.log" >&2; die "apt-get in the chroot failed (log above)"; }
+    as_root umount "$r/proc"
+    as_root test -x "$r/usr/bin/setpriv" || die "setpriv missing from the root filesystem"
+    as_root ls "$r"/usr/lib/postgresql/*/bin/postgres >/dev/null || die "postgres missing from the root filesystem"
+    as_root rm -rf "$r/usr/sbin/policy-rc.d" "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin \
+        "$r"/var/log/*.log "$r"/var/log/apt/* "$r"/tmp/* "$r"/usr/share/doc/* "$r"/usr/share/man/* \
+        "$r"/usr/share/locale/* "$r"/usr/share/i18n
+    # PostgreSQL's optional LLVM JIT (~140 MB; the server runs without it, JIT simply stays off)
+    as_root rm -rf "$r"/usr/lib/postgresql/*/lib/llvmjit* "$r"/usr/lib/postgresql/*/lib/bitcode \
+        "$r"/usr/lib/*-linux-gnu/libLLVM-*.so* "$r"/usr/lib/*-linux-gnu/libz3.so*
+    as_root mkdir -p "$r/data" "$r/var/lib/postgresql/data" "$r/docker-entrypoint-initdb.d"
+    as_root chroot "$r" chown redis:redis /data
+    as_root chroot "$r" chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data
+    as_root chmod 700 "$r/var/lib/postgresql/data"
+    as_root tar --numeric-owner --xattrs -C "$r" -cf "$work/rootfs.tar" \
+        --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' .
+    as_root chown "$(id -u):$(id -g)" "$work/rootfs.tar"
+    mv "$work/rootfs.tar" "$out"
+    as_root rm -rf "$work"
+    trap - EXIT
+}
+
+rootfs_hash() {
+    { declare -f build_rootfs; echo "$SUITE $ARCH $PACKAGES"; } | sha256sum | cut -c1-16
+}
+
+ensure_rootfs() {
+    mkdir -p "$CACHE_DIR"
+    ROOTFS_TAR="$CACHE_DIR/rootfs-$(rootfs_hash).tar"
+    if [ -s "$ROOTFS_TAR" ]; then
+        log "root filesystem cached: $ROOTFS_TAR"
+        return
+    fi
+    command -v debootstrap >/dev/null || "$ROOT/scripts/ensure-packages" debootstrap \
+        || die "cannot install debootstrap"
+    local t0=$SECONDS
+    build_rootfs "$ROOTFS_TAR" "$(host_mirror || true)"
+    log "root filesystem built in $((SECONDS - t0)) s: $ROOTFS_TAR ($(du -m "$ROOTFS_TAR" | cut -f1) MB)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The stand-in images: one layer (rootfs + tests/e2e/standins/*.sh), stored once; they differ
+# only in their configuration.
+PG_BIN_DIR=""
+changes_redis() {
+    printf '%s\n' \
+        'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        'ENV LANG=C.UTF-8' \
+        'WORKDIR /data' \
+        'VOLUME /data' \
+        'EXPOSE 6379' \
+        'STOPSIGNAL SIGTERM' \
+        'ENTRYPOINT ["/usr/local/bin/redis-entrypoint.sh"]' \
+        'CMD ["redis-server"]'
+}
+changes_postgres() {
+    printf '%s\n' \
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:$PG_BIN_DIR:/usr/sbin:/usr/bin:/sbin:/bin" \
+        'ENV LANG=C.UTF-8' \
+        'ENV PGDATA=/var/lib/postgresql/data' \
+        'WORKDIR /' \
+        'VOLUME /var/lib/postgresql/data' \
+        'EXPOSE 5432' \
+        'STOPSIGNAL SIGINT' \
+        'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' \
+        'CMD ["postgres"]'
+}
+
+image_label() { docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
+
+build_standins() {
+    ensure_rootfs
+    local pgver
+    pgver="$(tar -tf "$ROOTFS_TAR" | sed -nE 's#^\./usr/lib/postgresql/([0-9]+)/bin/postgres$#\1#p' | head -n1)"
+    [ -n "$pgver" ] || die "no postgres in $ROOTFS_TAR"
+    PG_BIN_DIR="/usr/lib/postgresql/$pgver/bin"
+    local standins_hash
+    standins_hash="$( (cd "$STANDINS" && sha256sum -- *.sh; basename "$ROOTFS_TAR") | sha256sum | cut -c1-16)"
+    local todo=() name
+    for name in redis postgres; do
+        local want
+        want="$( { echo "$standins_hash"; "changes_$name"; } | sha256sum | cut -c1-16)"
+        if [ "${DESAFIO3_E2E_REBUILD:-0}" != 1 ] && [ "$(image_label "desafio3-test/$name:latest")" = "$want" ]; then
+            log "desafio3-test/$name:latest is up to date ($want)"
+        else
+            todo+=("$name:$want")
+        fi
+    done
+    [ "${#todo[@]}" -gt 0 ] || return 0
+    # One base image: the cached rootfs plus the entrypoints, imported once (docker import cannot
+    # set STOPSIGNAL); each stand-in is then a metadata-only legacy `docker build` on top of it.
+    local base="desafio3-test/base:$standins_hash"
+    if ! docker image inspect "$base" >/dev/null 2>&1; then
+        local work
+        work="$(mktemp -d "$CACHE_DIR/import.XXXXXX")"
+        # shellcheck disable=SC2064
+        trap "rm -rf '$work'" EXIT
+        cp "$ROOTFS_TAR" "$work/image.tar"
+        mkdir -p "$work/add/usr/local/bin"
+        install -m 0755 "$STANDINS"/*.sh "$work/add/usr/local/bin/"
+        (cd "$work/add" && tar --numeric-owner --owner=0 --group=0 --mtime=@0 -rf "$work/image.tar" ./usr/local/bin/*.sh)
+        log "docker import $base"
+        docker import -m "desafio3 e2e stand-ins base (test-only)" "$work/image.tar" "$base" >/dev/null
+        rm -rf "$work"
+        trap - EXIT
+    fi
+    local item
+    for item in "${todo[@]}"; do
+        name="${item%%:*}"
+        local want="${item#*:}"
+        log "docker build desafio3-test/$name:latest ($want)"
+        { echo "FROM $base"; "changes_$name"; echo "LABEL $LABEL=$want"; } |
+            DOCKER_BUILDKIT=0 docker build -q -t "desafio3-test/$name:latest" - >/dev/null 2>"$CACHE_DIR/build.err" ||
+            { grep -v -e DEPRECATED -e BuildKit -e 'legacy builder' "$CACHE_DIR/build.err" >&2; die "docker build failed"; }
+    done
+    # drop older bases (untagged only if still in use)
+    docker image ls --format '{{.Repository}}:{{.Tag}}' desafio3-test/base | grep -vxF "$base" |
+        xargs -r docker image rm >/dev/null 2>&1 || true
+    docker image prune -f --filter "label=$LABEL" >/dev/null 2>&1 || true
+}
+
+# ---------------------------------------------------------------------------------------------
+# The web image: the static binary built here, packed FROM scratch by tests/e2e/web.Dockerfile.
+build_web() {
+    local target=x86_64-unknown-linux-gnu
+    case "$(uname -m)" in aarch64|arm64) target=aarch64-unknown-linux-gnu ;; esac
+    log "cargo build --release --bin web --target $target (static, +crt-static)"
+    (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+        cargo build --quiet --release --locked --bin web --target "$target")
+    local bin="$ROOT/target/$target/release/web"
+    [ -x "$bin" ] || die "no binary at $bin"
+    if command -v ldd >/dev/null && ldd "$bin" 2>&1 | grep -q '=>'; then
+        die "$bin is dynamically linked"
+    fi
+    local ca=/etc/ssl/certs/ca-certificates.crt
+    [ -s "$ca" ] || die "no CA bundle at $ca (install ca-certificates)"
+
+    local ctx
+    ctx="$(mktemp -d "${TMPDIR:-/tmp}/desafio3-web-ctx.XXXXXX")"
+    # shellcheck disable=SC2064
+    trap "rm -rf '$ctx'" EXIT
+    mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/etc/ssl/certs" "$ctx/rootfs/tmp"
+    install -m 0555 "$bin" "$ctx/rootfs/bin/web"
+    install -m 0444 "$ca" "$ctx/rootfs/etc/ssl/certs/ca-certificates.crt"
+    printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' >"$ctx/rootfs/etc/passwd"
+    printf 'web:x:65532:\n' >"$ctx/rootfs/etc/group"
+    chmod 0444 "$ctx/rootfs/etc/passwd" "$ctx/rootfs/etc/group"
+    chmod 1777 "$ctx/rootfs/tmp"
+    cp "$HERE/web.Dockerfile" "$ctx/Dockerfile"
+    log "docker build desafio3-web:latest (FROM scratch)"
+    DOCKER_BUILDKIT=0 docker build -q -t desafio3-web:latest "$ctx" >/dev/null 2>"$ctx/build.err" \
+        || { grep -v -i 'deprecated' "$ctx/build.err" >&2 || true; die "docker build failed"; }
+    rm -rf "$ctx"
+    trap - EXIT
+    log "desafio3-web:latest: $(docker image inspect -f '{{.Size}}' desafio3-web:latest) bytes"
+}
+
+case "${1:-all}" in
+    rootfs)   ensure_rootfs ;;
+    standins) build_standins ;;
+    web)      build_web ;;
+    all)      build_standins; build_web ;;
+    *) die "usage: $0 [all|standins|web|rootfs]" ;;
+esac
