@@ -432,3 +432,19 @@ async fn counting_in_redis_before_postgres_is_reached_then_catching_up_with_its_
         "lifted above the durable count: {counts:?}"
     );
 }
+
+#[tokio::test]
+async fn a_frozen_postgres_times_out_on_open_connections_and_recovers_when_thawed() {
+    let (_redis, pg, app) = healthy_app().await;
+    let app = Arc::new(app);
+    visits(&app, 3).await;
+    pg.pause();
+    let pages = assert_answers_promptly(&app).await;
+    for page in &pages {
+        assert_eq!(page["status"], "degraded", "{page}");
+        assert!(page["hora_db"].is_null(), "{page}");
+    }
+    pg.resume();
+    let (took, _) = until_ok(&app, RECOVERY).await;
+    println!("ok {took:?} after PostgreSQL was thawed");
+}

@@ -43,6 +43,8 @@ fn is_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
+pub const SIGCONT: i32 = 18;
+pub const SIGSTOP: i32 = 19;
 pub const SIGINT: i32 = 2;
 pub const SIGKILL: i32 = 9;
 pub const SIGTERM: i32 = 15;
@@ -52,8 +54,9 @@ pub const SIGTERM: i32 = 15;
 fn send_signal(target: i32, signal: i32) {
     assert!(target.abs() > 1, "refusing to signal {target}");
     // SAFETY: kill has no memory-safety preconditions.
-    unsafe {
-        kill(target, signal);
+    if unsafe { kill(target, signal) } != 0 {
+        let error = std::io::Error::last_os_error();
+        eprintln!("signal {signal} to {target}: {error}");
     }
 }
 
@@ -75,12 +78,50 @@ fn accepts_connections(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
-fn kill_group(child: &mut Child) {
-    // The servers run in their own process group so that PostgreSQL's backends die with the
-    // postmaster, as they would with a container.
-    let pid = i32::try_from(child.id()).expect("pid fits i32");
-    send_signal(-pid, SIGKILL);
-    let _ = child.kill();
+/// `pid` and every process descending from it. PostgreSQL's children each start a session
+/// of their own, so a process group would not reach them.
+fn process_tree(pid: u32) -> Vec<i32> {
+    let parent_of = |p: &str| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let pid = name.parse().ok()?;
+            Some((pid, parent_of(&name)?))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    tree.into_iter()
+        .filter_map(|p| i32::try_from(p).ok())
+        .collect()
+}
+
+/// Signals a server and all its processes at once, as when its container is killed.
+fn signal_tree(child: &Child, signal: i32) {
+    for pid in process_tree(child.id()) {
+        send_signal(pid, signal);
+    }
+}
+
+fn kill_tree(child: &mut Child) {
+    signal_tree(child, SIGKILL);
     let _ = child.wait();
 }
 
@@ -116,7 +157,6 @@ impl Redis {
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
             .spawn()
             .expect("starting redis-server (is it installed and on PATH?)");
         self.child = Some(child);
@@ -133,7 +173,7 @@ impl Redis {
     /// SIGKILL: no goodbye, no data kept (persistence is off).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            kill_group(&mut child);
+            kill_tree(&mut child);
         }
     }
 
@@ -335,7 +375,6 @@ impl Postgres {
                 .args(["-c", "max_connections=200"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
-                .process_group(0)
                 .spawn()
                 .expect("starting postgres");
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -375,8 +414,22 @@ impl Postgres {
 
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            kill_group(&mut child);
+            kill_tree(&mut child);
         }
+    }
+
+    /// Freezes every PostgreSQL process (as `docker pause` does): connections stay open,
+    /// the kernel still accepts and acknowledges, and nothing answers.
+    pub fn pause(&self) {
+        self.signal_all(SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal_all(SIGCONT);
+    }
+
+    fn signal_all(&self, signal: i32) {
+        signal_tree(self.child.as_ref().expect("postgres is running"), signal);
     }
 
     /// Same data directory, same port: a crash and a restart.
