@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Blackhole, Env, Postgres, Redis, TestApp, count_of, free_port};
+use support::{Blackhole, Env, Partition, Postgres, Redis, TestApp, count_of, free_port};
 
 /// What `Env` sets: every dependency call gives up after this long.
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -447,4 +447,28 @@ async fn a_frozen_postgres_times_out_on_open_connections_and_recovers_when_thawe
     pg.resume();
     let (took, _) = until_ok(&app, RECOVERY).await;
     println!("ok {took:?} after PostgreSQL was thawed");
+}
+
+#[tokio::test]
+async fn a_network_cut_to_redis_is_survived_and_healed_within_two_seconds() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let network = Partition::start(redis.port);
+    let env = Env::new(&format!("redis://127.0.0.1:{}/0", network.port), &pg.url());
+    let app = Arc::new(TestApp::spawn_ready(env).await);
+    let mut counts: Vec<i64> = Vec::new();
+    for (_, page) in visits(&app, 3).await {
+        counts.extend(count_of(&page));
+    }
+    network.cut();
+    for page in assert_answers_promptly(&app).await {
+        assert_eq!(page["status"], "degraded", "{page}");
+    }
+    // Long enough for the watcher to reach its longest backoff.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    network.heal();
+    let (took, more) = until_ok(&app, RECOVERY).await;
+    counts.extend(more);
+    assert_increasing(&counts);
+    println!("ok {took:?} after the network healed");
 }

@@ -1,5 +1,6 @@
 //! Redis: the live visit counter.
 
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -29,7 +30,10 @@ return redis.call('INCRBY', KEYS[1], ARGV[1])
 ";
 
 pub struct Cache {
-    connection: ConnectionManager,
+    /// The live, multiplexed connection; replaced only by a recovery probe (see `ping`).
+    connection: RwLock<ConnectionManager>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
     increment: redis::Script,
     pub dependency: Dependency,
 }
@@ -45,10 +49,12 @@ impl Cache {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .context("creating the Redis connection manager")?;
         Ok(Self {
-            connection,
+            connection: RwLock::new(connection),
+            client,
+            config,
             increment: redis::Script::new(INCREMENT_WITH_FLOOR),
             dependency: Dependency::new("cache", timeout),
         })
@@ -57,7 +63,7 @@ impl Cache {
     /// Counts `n` visits at once and returns the new total; the caller hands out the `n` values
     /// ending there.
     pub async fn increment(&self, n: u64, floor: i64) -> Result<i64, DepError> {
-        let mut conn = self.connection.clone();
+        let mut conn = self.connection();
         let mut invocation = self.increment.key(COUNTER_KEY);
         invocation.arg(n).arg(floor);
         self.dependency
@@ -67,7 +73,7 @@ impl Cache {
 
     /// The counter as Redis holds it now (0 when absent), for the write-behind flush.
     pub async fn current(&self) -> Result<i64, DepError> {
-        let mut conn = self.connection.clone();
+        let mut conn = self.connection();
         let value: Option<i64> = self
             .dependency
             .call(redis::cmd("GET").arg(COUNTER_KEY).query_async(&mut conn))
@@ -75,12 +81,41 @@ impl Cache {
         Ok(value.unwrap_or(0))
     }
 
-    /// One round trip, tried even while the cache is marked down.
+    fn connection(&self) -> ConnectionManager {
+        self.connection
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// One round trip, tried even while the cache is marked down: the readiness check, and
+    /// the watcher's probe during an outage.
+    ///
+    /// While the cache is down the probe goes over a new connection, and that connection
+    /// replaces the live one when it answers. The connection manager reconnects by itself
+    /// only when a connection is reported closed; one cut off by the network just times
+    /// out, and after the network heals TCP's retransmission backoff can keep it silent
+    /// for seconds longer than a fresh connection needs.
     pub async fn ping(&self) -> Result<(), DepError> {
-        let mut conn = self.connection.clone();
-        self.dependency
-            .attempt(redis::cmd("PING").query_async::<String>(&mut conn))
-            .await
-            .map(drop)
+        if self.dependency.is_up() {
+            let mut conn = self.connection();
+            return self
+                .dependency
+                .attempt(redis::cmd("PING").query_async::<String>(&mut conn))
+                .await
+                .map(drop);
+        }
+        let fresh = async {
+            let mut conn =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await?;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        let conn = self.dependency.attempt(fresh).await?;
+        *self
+            .connection
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = conn;
+        Ok(())
     }
 }

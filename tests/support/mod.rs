@@ -12,7 +12,9 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use desafio3::Application;
@@ -525,6 +527,79 @@ impl Blackhole {
         Self {
             port,
             _thread: thread,
+        }
+    }
+}
+
+/// A TCP relay in front of a server that can cut the network: after `cut`, connections that
+/// were open stay open but silent for good (as when a container comes back with a new
+/// address), and new ones are accepted and ignored until `heal`.
+pub struct Partition {
+    pub port: u16,
+    generation: Arc<AtomicU64>,
+    cut: Arc<AtomicBool>,
+}
+
+impl Partition {
+    pub fn start(upstream: u16) -> Self {
+        let listener = StdListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let generation = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let (gen_, cut_) = (generation.clone(), cut.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for client in listener.incoming().flatten() {
+                if cut_.load(SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let born = gen_.load(SeqCst);
+                for (from, to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ] {
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
+                    let generation = gen_.clone();
+                    std::thread::spawn(move || relay(from, to, born, &generation));
+                }
+            }
+        });
+        Self {
+            port,
+            generation,
+            cut,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, SeqCst);
+        self.generation.fetch_add(1, SeqCst);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, SeqCst);
+    }
+}
+
+/// Copies bytes until either side closes; drops them once the network was cut after this
+/// connection was opened.
+fn relay(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    born: u64,
+    generation: &AtomicU64,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if generation.load(SeqCst) == born && to.write_all(&buf[..n]).is_err() {
+            return;
         }
     }
 }
