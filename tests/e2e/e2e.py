@@ -115,7 +115,7 @@ def find_compose() -> list[str]:
 
 def inspect(*names: str) -> dict[str, dict]:
     """docker inspect of the existing ones among names (missing ones are left out)."""
-    p = run(["docker", "inspect", *names], timeout=30)
+    p = run(["docker", "inspect", "--type", "container", *names], timeout=30)
     try:
         data = json.loads(p.stdout or "[]")
     except json.JSONDecodeError:
