@@ -40,9 +40,13 @@ unsafe extern "C" {
     fn kill(pid: i32, signal: i32) -> i32;
 }
 
-fn is_root() -> bool {
+fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { geteuid() == 0 }
+    unsafe { geteuid() }
+}
+
+fn is_root() -> bool {
+    euid() == 0
 }
 
 pub const SIGCONT: i32 = 18;
@@ -274,10 +278,13 @@ fn template_cluster() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let ready = base.join(format!(
-            "pg-template-v1-uid{}",
-            if is_root() { NOBODY } else { 0 }
-        ));
+        // Named after the uid that owns (and runs) the cluster.
+        let owner = if is_root() {
+            NOBODY
+        } else {
+            unsafe { geteuid() }
+        };
+        let ready = base.join(format!("pg-template-v1-uid{owner}"));
         if ready.join("data/PG_VERSION").is_file() {
             return ready;
         }
