@@ -121,20 +121,16 @@ def main():
     extra = sorted(set(entries) - set(files) - set(dirs) - parents)
     if extra:
         fail(f"unexpected entries in the image: {extra}")
+    for specs, is_kind, kind in ((files, "isfile", "a regular file"), (dirs, "isdir", "a directory")):
+        for name, spec in specs.items():
+            m = entries.get(name)
+            if m is None or not getattr(m, is_kind)():
+                fail(f"/{name} missing or not {kind}")
+            if m.mode & 0o7777 != int(spec["mode"], 8):
+                fail(f"/{name} has mode {oct(m.mode & 0o7777)}, expected {spec['mode']}")
     for name, spec in files.items():
-        m = entries.get(name)
-        if m is None or not m.isfile():
-            fail(f"/{name} missing or not a regular file")
-        if m.mode & 0o7777 != int(spec["mode"], 8):
-            fail(f"/{name} has mode {oct(m.mode & 0o7777)}, expected {spec['mode']}")
         if "content" in spec and contents[name].decode() != spec["content"]:
             fail(f"/{name} content {contents[name]!r} != {spec['content']!r}")
-    for name, spec in dirs.items():
-        m = entries.get(name)
-        if m is None or not m.isdir():
-            fail(f"/{name} missing or not a directory")
-        if m.mode & 0o7777 != int(spec["mode"], 8):
-            fail(f"/{name} has mode {oct(m.mode & 0o7777)}, expected {spec['mode']}")
     for name in parents:
         if name in entries and not entries[name].isdir():
             fail(f"/{name} is not a directory")
