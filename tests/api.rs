@@ -97,6 +97,35 @@ async fn two_hundred_concurrent_visits_get_two_hundred_consecutive_counts() {
 }
 
 #[tokio::test]
+async fn connections_are_reused_not_opened_per_request() {
+    let (redis, pg, app) = healthy_app().await;
+    let app = std::sync::Arc::new(app);
+    app.visit().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (pg_before, redis_before) = (pg.sessions_opened(), redis.connections_accepted());
+    for _ in 0..3 {
+        let burst: Vec<_> = (0..100)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { app.visit().await })
+            })
+            .collect();
+        for request in burst {
+            assert_eq!(request.await.unwrap().0, 200);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 300 visits, and no new connection at all beyond the two these checks open.
+    let pg_new = pg.sessions_opened() - pg_before - 1;
+    let redis_new = redis.connections_accepted() - redis_before - 1;
+    assert_eq!(
+        (pg_new, redis_new),
+        (0, 0),
+        "connections opened during 300 visits"
+    );
+}
+
+#[tokio::test]
 async fn only_get_root_counts_a_visit() {
     let (redis, _pg, app) = healthy_app().await;
     let head = app

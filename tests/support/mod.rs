@@ -210,6 +210,18 @@ impl Redis {
             .expect("SET visitas");
     }
 
+    /// Connections ever accepted by the server, this query's own included.
+    pub fn connections_accepted(&self) -> i64 {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query(&mut self.client())
+            .expect("INFO stats");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("total_connections_received")
+    }
+
     pub fn flushall(&self) {
         let _: () = redis::cmd("FLUSHALL")
             .query(&mut self.client())
@@ -450,6 +462,16 @@ impl Postgres {
     /// The counter of record, read directly; `None` before the service created its table.
     pub fn counter(&self) -> Option<i64> {
         query_i64(self.port, "SELECT value FROM visit_counter WHERE id = 1")
+    }
+
+    /// Sessions ever opened to the database, this query's own included. PostgreSQL
+    /// publishes the figure with up to a second of delay.
+    pub fn sessions_opened(&self) -> i64 {
+        query_i64(
+            self.port,
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .expect("pg_stat_database")
     }
 
     /// Runs SQL as the superuser, for tests that arrange state behind the service's back.
