@@ -109,13 +109,14 @@ impl Cache {
             let mut conn =
                 ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
             redis::cmd("PING").query_async::<String>(&mut conn).await?;
-            Ok::<_, redis::RedisError>(conn)
+            // Swapped in before `attempt` marks the cache up, so that no batch sees the
+            // cache up while it still holds the dead connection.
+            *self
+                .connection
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = conn;
+            Ok::<_, redis::RedisError>(())
         };
-        let conn = self.dependency.attempt(fresh).await?;
-        *self
-            .connection
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = conn;
-        Ok(())
+        self.dependency.attempt(fresh).await
     }
 }
