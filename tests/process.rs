@@ -70,13 +70,17 @@ async fn sigterm_drains_flushes_exits_zero_and_a_restart_continues() {
     }
     assert_eq!(pg.counter(), Some(0), "not flushed before shutdown");
 
-    // A request in flight when the signal arrives still gets its answer.
+    // A request in flight when the signal arrives still gets its answer. Redis is frozen so
+    // the request is surely inside the service (waiting on its increment) at the signal.
+    redis.pause();
     let in_flight = {
         let (client, address) = (client.clone(), web.address());
         tokio::spawn(async move { get_page(&client, &address).await })
     };
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     web.signal(SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.resume();
     let (code, took) = web.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));
     println!("SIGTERM to exit: {took:?}");

@@ -176,6 +176,15 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Freezes the server: connections stay open and nothing answers until `resume`.
+    pub fn pause(&self) {
+        signal_tree(self.child.as_ref().expect("redis is running"), SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        signal_tree(self.child.as_ref().expect("redis is running"), SIGCONT);
+    }
+
     /// SIGKILL: no goodbye, no data kept (persistence is off).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
