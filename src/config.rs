@@ -69,6 +69,9 @@ pub const DEFAULT_REDIS_URL: &str = "redis://cache:6379/0";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://admin@db:5432/desafio3";
 const DEFAULT_TIMEZONE: &str = "UTC";
 const DEFAULT_DEPENDENCY_TIMEOUT_MS: u64 = 1000;
+/// The shutdown budget is a multiple of this timeout and must fit Docker's 10 s grace period
+/// (see `ShutdownBudget`); a dependency that needs longer than a second per call is down.
+pub const MAX_DEPENDENCY_TIMEOUT_MS: u64 = 1000;
 const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
 const DEFAULT_LOG_FILTER: &str = "info";
 
@@ -115,8 +118,7 @@ impl Config {
 
         let db_timezone = match env.get("DB_TIMEZONE")? {
             None => DEFAULT_TIMEZONE.to_owned(),
-            Some(name) => name
-                .parse::<chrono_tz::Tz>()
+            Some(name) => chrono_tz::Tz::from_str_insensitive(&name)
                 .map(|tz| tz.name().to_owned())
                 .map_err(|_| {
                     ConfigError::new(
@@ -131,7 +133,7 @@ impl Config {
         let dependency_timeout = Duration::from_millis(env.number(
             "DEPENDENCY_TIMEOUT_MS",
             DEFAULT_DEPENDENCY_TIMEOUT_MS,
-            1..=60_000,
+            1..=MAX_DEPENDENCY_TIMEOUT_MS,
         )?);
         let flush_interval = Duration::from_millis(env.number(
             "FLUSH_INTERVAL_MS",
@@ -210,8 +212,14 @@ impl Env<'_> {
 
 /// Docker secrets end with a newline more often than not; it is not part of the password.
 fn read_password_file(var: &'static str, path: &str) -> Result<String, ConfigError> {
-    let content = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(var, format!("cannot read {path:?}: {e}")))?;
+    let content = std::fs::read_to_string(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (the image runs web as uid 65532: the file must be readable by it)"
+        } else {
+            ""
+        };
+        ConfigError::new(var, format!("cannot read {path:?}: {e}{hint}"))
+    })?;
     let password = content.trim_end_matches(['\r', '\n']);
     if password.is_empty() {
         return Err(ConfigError::new(var, format!("{path:?} is empty")));
@@ -291,8 +299,39 @@ mod tests {
     }
 
     #[test]
-    fn timezone_is_canonicalised() {
-        let c = parse(&[("DB_TIMEZONE", "America/Sao_Paulo")]).unwrap();
+    fn timezone_spelling_is_canonicalised() {
+        let c = parse(&[("DB_TIMEZONE", "america/sao_PAULO")]).unwrap();
         assert_eq!(c.db_timezone, "America/Sao_Paulo");
+    }
+
+    #[test]
+    fn dependency_timeout_is_bounded_by_the_shutdown_budget() {
+        let c = parse(&[("DEPENDENCY_TIMEOUT_MS", "1000")]).unwrap();
+        assert_eq!(c.dependency_timeout, Duration::from_secs(1));
+        let err = parse(&[("DEPENDENCY_TIMEOUT_MS", "1001")]).unwrap_err();
+        assert_eq!(err.var, "DEPENDENCY_TIMEOUT_MS");
+    }
+
+    #[test]
+    fn database_password_file_wins_over_postgres_password_file_and_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+        std::fs::write(&ours, "from-database-file\n").unwrap();
+        std::fs::write(&theirs, "from-postgres-file\n").unwrap();
+        let c = parse(&[
+            ("DATABASE_URL", "postgres://u:from-url@h/db"),
+            ("DATABASE_PASSWORD_FILE", ours.to_str().unwrap()),
+            ("POSTGRES_PASSWORD_FILE", theirs.to_str().unwrap()),
+        ])
+        .unwrap();
+        assert_eq!(c.database.get_password(), Some(&b"from-database-file"[..]));
+        let c = parse(&[
+            ("DATABASE_URL", "postgres://u:from-url@h/db"),
+            ("POSTGRES_PASSWORD_FILE", theirs.to_str().unwrap()),
+        ])
+        .unwrap();
+        assert_eq!(c.database.get_password(), Some(&b"from-postgres-file"[..]));
+        let c = parse(&[("DATABASE_URL", "postgres://u:from-url@h/db")]).unwrap();
+        assert_eq!(c.database.get_password(), Some(&b"from-url"[..]));
     }
 }

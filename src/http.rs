@@ -5,21 +5,22 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::store::Store;
-use crate::telemetry;
-use crate::visits::{Visit, Visits};
+use crate::store::{Readiness, Store};
+use crate::visits::{NotRunning, Visit, Visits};
 
 /// Nothing here reads a body; anything bigger than this is not a request we want.
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -31,9 +32,14 @@ const MAX_HEADER_BYTES: usize = 8 * 1024;
 pub struct AppState {
     pub store: Arc<Store>,
     pub visits: Visits,
+    /// Renders the metrics recorder that `main` installed.
+    pub metrics: PrometheusHandle,
+    /// Longest a request may take; also what bounds the drain at shutdown.
+    pub request_timeout: Duration,
 }
 
 pub fn router(state: AppState) -> Router {
+    let request_timeout = state.request_timeout;
     Router::new()
         .route("/", get(index).head(index_head))
         .route("/healthz", get(healthz))
@@ -63,7 +69,11 @@ pub fn router(state: AppState) -> Router {
                 .layer(middleware::from_fn(record_metrics))
                 .layer(middleware::from_fn(json_errors))
                 .layer(middleware::from_fn(reject_oversized))
-                .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)),
+                .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    request_timeout,
+                )),
         )
         .with_state(state)
 }
@@ -126,13 +136,19 @@ async fn index_head() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], ())
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// Alive while the process can still count visits: the batching task is running. Says
+/// nothing about Redis or PostgreSQL, so an outage of theirs never restarts `web`.
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.visits.is_running() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        error_response(StatusCode::SERVICE_UNAVAILABLE, &NotRunning.to_string())
+    }
 }
 
 /// Ready only when both dependencies answer now; the body names whichever did not.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let (cache, db) = tokio::join!(state.store.cache.ping(), state.store.probe_db());
+    let Readiness { cache, db } = state.store.readiness().await;
     let mut erros = serde_json::Map::new();
     for (name, result) in [("cache", cache), ("db", db)] {
         if let Err(e) = result {
@@ -151,12 +167,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let age = state.store.flush_age().await;
+    let age = state.store.flush_age();
     metrics::gauge!("visit_counter_flush_age_seconds").set(age.as_secs_f64());
-    let handle = telemetry::metrics();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
+        state.metrics.render(),
     )
         .into_response()
 }
@@ -165,24 +180,28 @@ fn error_response(code: StatusCode, message: &str) -> Response {
     (code, Json(json!({"status": "error", "erro": message}))).into_response()
 }
 
-/// Counts and times every request by route template (never the raw path, which a client
-/// could use to create unbounded label values).
+/// The `method` label: the methods the router serves, `other` for the rest. A client can
+/// send any token as a method, and each distinct label value is a new series kept forever.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
+/// Counts and times every request by route template, as the router matched it (never the
+/// raw path, which a client could use to create unbounded label values).
 async fn record_metrics(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched", |p| match p.as_str() {
-            "/" => "/",
-            "/healthz" => "/healthz",
-            "/readyz" => "/readyz",
-            "/metrics" => "/metrics",
-            _ => "other",
-        });
-    let method = request.method().as_str().to_owned();
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "method" => method, "route" => route, "status" => status)
+    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
@@ -238,6 +257,138 @@ async fn reject_oversized(request: Request, next: Next) -> Response {
 mod tests {
     use super::*;
     use crate::store::DepError;
+    use crate::test_support::{metrics, unreachable_store};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+    use tower::ServiceExt;
+
+    /// The router with a store that is never reached: the HTTP contract alone.
+    fn app() -> (Router, CancellationToken) {
+        let store = unreachable_store();
+        let close = CancellationToken::new();
+        let visits = Visits::spawn(Arc::clone(&store), &TaskTracker::new(), close.clone());
+        let state = AppState {
+            store,
+            visits,
+            metrics: metrics(),
+            request_timeout: Duration::from_secs(5),
+        };
+        (router(state), close)
+    }
+
+    async fn send(router: &Router, request: Request) -> (StatusCode, String, serde_json::Value) {
+        let response = router.clone().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, content_type, json)
+    }
+
+    fn request(method: &str, uri: &str) -> axum::http::request::Builder {
+        Request::builder().method(method).uri(uri)
+    }
+
+    #[tokio::test]
+    async fn every_client_error_is_a_small_json_answer() {
+        let (router, _close) = app();
+        let big_body = vec![b'x'; 64 * 1024];
+        let cases = [
+            (request("GET", "/favicon.ico").body(Body::empty()), 404),
+            (request("GET", "/does/not/exist").body(Body::empty()), 404),
+            (request("POST", "/").body(Body::empty()), 405),
+            (request("DELETE", "/healthz").body(Body::empty()), 405),
+            (
+                request("POST", "/")
+                    .header(header::CONTENT_LENGTH, big_body.len())
+                    .body(Body::from(big_body)),
+                413,
+            ),
+            (
+                request("GET", &format!("/?q={}", "a".repeat(4096))).body(Body::empty()),
+                414,
+            ),
+            (
+                request("GET", "/")
+                    .header("x-big", "b".repeat(16 * 1024))
+                    .body(Body::empty()),
+                431,
+            ),
+        ];
+        for (built, expected) in cases {
+            let (status, content_type, body) = send(&router, built.unwrap()).await;
+            assert_eq!(status.as_u16(), expected, "{body}");
+            assert_eq!(content_type, "application/json");
+            assert_eq!(body["status"], "error", "{body}");
+            assert!(body["erro"].is_string(), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hundred_invented_methods_add_no_metric_series() {
+        let (router, _close) = app();
+        for i in 0..100 {
+            let method = format!("FOO{i}");
+            let (status, _, _) =
+                send(&router, request(&method, "/").body(Body::empty()).unwrap()).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let (_, _, _) = send(
+            &router,
+            request("GET", "/nope").body(Body::empty()).unwrap(),
+        )
+        .await;
+        let text = metrics().render();
+        assert!(!text.contains("FOO"), "a client's method became a label");
+        assert!(
+            text.contains(r#"method="other",route="/",status="405""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"method="GET",route="unmatched",status="404""#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn liveness_fails_once_the_batching_task_is_gone() {
+        let (router, close) = app();
+        let (status, _, body) = send(
+            &router,
+            request("GET", "/healthz").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (StatusCode::OK, Some("ok"))
+        );
+        close.cancel();
+        tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                let (status, _, _) = send(
+                    &router,
+                    request("GET", "/healthz").body(Body::empty()).unwrap(),
+                )
+                .await;
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("/healthz fails once no visit can be counted");
+        let (status, _, body) =
+            send(&router, request("GET", "/").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["status"], "error");
+    }
 
     fn visit(count: Option<i64>, time: bool, cache: bool, db: bool) -> Visit {
         Visit {

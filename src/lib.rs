@@ -4,6 +4,7 @@
 pub mod config;
 pub mod healthcheck;
 pub mod http;
+pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
@@ -11,43 +12,102 @@ pub mod visits;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::http::AppState;
 use crate::store::Store;
 use crate::visits::Visits;
 
-/// In-flight requests get this long to finish after a shutdown signal; with dependency
-/// calls bounded by their timeout they need far less. Together with the final flush it stays
-/// inside the 10 s that Docker and Kubernetes wait before SIGKILL.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
+/// What Docker waits between SIGTERM and SIGKILL (`stop_grace_period` in docker-compose.yml;
+/// Kubernetes' `terminationGracePeriodSeconds` is longer). The whole shutdown must fit in it,
+/// for every dependency timeout `Config` accepts.
+pub const STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 
-/// A bound, not yet serving, instance of the service.
+/// How long each step of the shutdown may take, all derived from the dependency timeout `t`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownBudget {
+    /// Longest a request may take (its answer is then a 503): a first request waits for the
+    /// connection attempt in flight (`t`), then the increment and clock (`t`), then
+    /// PostgreSQL counting in place of a failed Redis (`t`).
+    pub request: Duration,
+    /// In-flight requests finish within `request`; the margin lets their answers go out.
+    pub drain: Duration,
+    /// The batch still running after the drain, if requests timed out on it.
+    pub batch: Duration,
+    /// The final flush: read Redis (`t`), write PostgreSQL (`t`).
+    pub flush: Duration,
+}
+
+impl ShutdownBudget {
+    pub fn for_timeout(t: Duration) -> Self {
+        Self {
+            request: 3 * t,
+            drain: 3 * t + Duration::from_millis(250),
+            batch: 3 * t,
+            flush: 2 * t,
+        }
+    }
+
+    pub fn total(&self) -> Duration {
+        self.drain + self.batch + self.flush
+    }
+}
+
+/// A bound, not yet serving, instance of the service. It owns every task it starts: the
+/// batching task, the dependency watchers, the flush ticker and the metrics upkeep.
 pub struct Application {
     listener: TcpListener,
-    state: AppState,
+    router: Router,
+    store: Arc<Store>,
+    budget: ShutdownBudget,
+    /// The batching task alone: closed and awaited after the drain, before the final flush,
+    /// so that every visit answered is in a store the flush reads.
+    batching: TaskTracker,
+    close_queue: CancellationToken,
+    /// Watchers, flush ticker, metrics upkeep: cancelled and joined last.
+    background: TaskTracker,
+    stop_background: CancellationToken,
 }
 
 impl Application {
-    /// Binds the port and starts the background tasks (reconnection, flushing). Does not
-    /// wait for Redis or PostgreSQL: the service serves `/healthz` before they exist.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// Binds the port and starts the background tasks. Does not wait for Redis or
+    /// PostgreSQL: the service serves `/healthz` before they exist.
+    pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Self> {
         let address = SocketAddr::from(([0, 0, 0, 0], config.port));
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("binding {address}"))?;
-        // Install the recorder before anything records.
-        telemetry::spawn_metrics_upkeep();
         let store = Store::new(&config)?;
-        store.spawn_background(config.flush_interval);
-        let visits = Visits::spawn(store.clone());
+        let (background, stop_background) = (TaskTracker::new(), CancellationToken::new());
+        telemetry::spawn_metrics_upkeep(metrics.clone(), &background, stop_background.clone());
+        store.spawn_tasks(&background, &stop_background, config.flush_interval);
+        let (batching, close_queue) = (TaskTracker::new(), CancellationToken::new());
+        let visits = Visits::spawn(Arc::clone(&store), &batching, close_queue.clone());
+        let budget = ShutdownBudget::for_timeout(config.dependency_timeout);
+        let router = http::router(AppState {
+            store: Arc::clone(&store),
+            visits,
+            metrics,
+            request_timeout: budget.request,
+        });
         Ok(Self {
             listener,
-            state: AppState { store, visits },
+            router,
+            store,
+            budget,
+            batching,
+            close_queue,
+            background,
+            stop_background,
         })
     }
 
@@ -55,38 +115,117 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
-    /// and writes the counter to PostgreSQL one last time.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let Self { listener, state } = self;
-        let store = state.store.clone();
+    /// Serves until `shutdown` completes, then: stops accepting, drains (each request bounded
+    /// by the request timeout), closes the batch queue and awaits it, flushes the counter to
+    /// PostgreSQL once more (tried even if it is marked down), and cancels and joins the
+    /// background tasks. If this future is dropped instead, the tasks are cancelled too.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            router,
+            store,
+            budget,
+            batching,
+            close_queue,
+            background,
+            stop_background,
+        } = self;
+        let _cancel_on_drop = (
+            close_queue.clone().drop_guard(),
+            stop_background.clone().drop_guard(),
+        );
         tracing::info!(port = listener.local_addr()?.port(), "listening");
+        server::serve(listener, router, shutdown, budget.drain).await;
 
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining");
-            let _ = stopping_tx.send(true);
-        };
-        let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(signal);
-        let drain_deadline = async move {
-            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
-        };
-        tokio::select! {
-            served = server => served.context("serving HTTP")?,
-            () = drain_deadline => tracing::warn!("drain timed out; closing remaining connections"),
+        close_queue.cancel();
+        batching.close();
+        if tokio::time::timeout(budget.batch, batching.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the last batch did not finish in time");
         }
 
-        match store.flush().await {
-            Ok(durable) => tracing::info!(counter = durable, "counter flushed; bye"),
-            Err(e) => {
+        match tokio::time::timeout(budget.flush, store.final_flush()).await {
+            Ok(Ok(durable)) => tracing::info!(counter = durable, "counter flushed"),
+            Ok(Err(e)) => {
                 tracing::error!(reason = %e, "final flush failed; the last counts live only in Redis")
             }
+            Err(_) => tracing::error!("final flush timed out; the last counts live only in Redis"),
         }
+
+        stop_background.cancel();
+        background.close();
+        background.wait().await;
+        tracing::info!("stopped; bye");
         Ok(())
+    }
+}
+
+/// What unit tests share: a store whose dependencies refuse connections (closed loopback
+/// ports: real refusals, no servers needed) and the metrics recorder.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::{Arc, OnceLock};
+
+    use metrics_exporter_prometheus::PrometheusHandle;
+
+    use crate::config::Config;
+    use crate::store::Store;
+
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    pub fn unreachable_config() -> Config {
+        let (redis_port, pg_port) = (closed_port(), closed_port());
+        Config::from_lookup(|name| match name {
+            "REDIS_URL" => Some(format!("redis://127.0.0.1:{redis_port}/0").into()),
+            "DATABASE_URL" => Some(format!("postgres://u@127.0.0.1:{pg_port}/d").into()),
+            "DEPENDENCY_TIMEOUT_MS" => Some("300".into()),
+            _ => None,
+        })
+        .expect("config")
+    }
+
+    pub fn unreachable_store() -> Arc<Store> {
+        Store::new(&unreachable_config()).expect("store")
+    }
+
+    pub fn metrics() -> PrometheusHandle {
+        static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+        HANDLE
+            .get_or_init(|| crate::telemetry::install_metrics().expect("one recorder"))
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_fits_the_grace_period_for_every_accepted_timeout() {
+        let longest = Duration::from_millis(config::MAX_DEPENDENCY_TIMEOUT_MS);
+        let budget = ShutdownBudget::for_timeout(longest);
+        assert!(
+            budget.total() < STOP_GRACE_PERIOD,
+            "{budget:?} totals {:?}",
+            budget.total()
+        );
+    }
+
+    #[test]
+    fn the_compose_file_gives_web_the_grace_period_the_budget_assumes() {
+        let compose = include_str!("../docker-compose.yml");
+        let web = compose
+            .split("\n  cache:")
+            .next()
+            .expect("the web service comes first");
+        let expected = format!("stop_grace_period: {}s", STOP_GRACE_PERIOD.as_secs());
+        assert!(web.contains(&expected), "web lacks {expected}");
     }
 }

@@ -29,7 +29,14 @@ fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(&config.log_filter);
+    let _flush_logs_on_exit = telemetry::init_logging(&config.log_filter);
+    let metrics = match telemetry::install_metrics() {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            eprintln!("web: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -38,7 +45,7 @@ fn serve() -> ExitCode {
         }
     };
     let served = runtime.block_on(async {
-        Application::build(config)
+        Application::build(config, metrics)
             .await?
             .run_until(shutdown::signal())
             .await

@@ -1,13 +1,19 @@
 //! Logs (JSON lines on stdout) and metrics (a Prometheus recorder rendered on `/metrics`).
 
-use std::sync::OnceLock;
-
+use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the JSON log subscriber. `filter` was validated by `Config`.
-pub fn init_logging(filter: &str) {
+/// Installs the JSON log subscriber. Lines go through a background writer thread, so a slow
+/// stdout (a full pipe, a busy log collector) never stalls a request; if it falls more than
+/// its buffer behind, lines are dropped rather than requests slowed. Keep the guard until
+/// exit: dropping it flushes what is buffered. `filter` was validated by `Config`.
+pub fn init_logging(filter: &str) -> WorkerGuard {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -15,8 +21,9 @@ pub fn init_logging(filter: &str) {
         .with_span_list(false)
         .with_target(false)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 /// Latency buckets, in seconds, around what a coalesced request costs on a loopback network.
@@ -25,40 +32,39 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
-/// The process-wide metrics recorder, installed on first use. A process has one recorder,
-/// so every `Application` in it (tests start several) shares it.
-pub fn metrics() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full("http_request_duration_seconds".into()),
-                LATENCY_BUCKETS,
-            )
-            .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Full("visit_batch_size".into()), BATCH_BUCKETS)
-            })
-            .expect("bucket lists are non-empty constants")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Fails only if another recorder was installed first; its metrics then go there.
-        let _ = metrics::set_global_recorder(recorder);
-        describe();
-        handle
-    })
+/// Installs the process-wide Prometheus recorder and returns the handle that renders it.
+/// Called once, by `main` (tests: once per test binary); the handle is then passed to the
+/// application explicitly.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("http_request_duration_seconds".into()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full("visit_batch_size".into()), BATCH_BUCKETS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    describe();
+    Ok(handle)
 }
 
 /// Histograms keep every sample until the exporter folds them into buckets, which it does
 /// on render and on upkeep. A process nobody scrapes would grow by every request it serves,
-/// so fold them regularly.
-pub fn spawn_metrics_upkeep() {
+/// so fold them every second, on `tasks`, until `stop`.
+pub fn spawn_metrics_upkeep(
+    handle: PrometheusHandle,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) {
     const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-    let handle = metrics();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
         loop {
-            ticker.tick().await;
-            handle.run_upkeep();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticker.tick() => handle.run_upkeep(),
+            }
         }
     });
 }
@@ -85,6 +91,10 @@ fn describe() {
     describe_histogram!(
         "visit_batch_size",
         "Visits served by one coalesced round trip"
+    );
+    describe_gauge!(
+        "dependency_up",
+        "1 while the dependency (cache, db) is up, 0 while it is down"
     );
     describe_gauge!(
         "visit_counter_flush_age_seconds",

@@ -11,6 +11,8 @@
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::store::{CountedIn, DepError, Store};
 
@@ -69,34 +71,58 @@ pub struct Visits {
     queue: mpsc::Sender<oneshot::Sender<Visit>>,
 }
 
-/// Returned when the batching task is gone, which only happens during shutdown.
+/// Returned when the batching task is gone: during shutdown, or if it died.
 #[derive(Debug, thiserror::Error)]
-#[error("the service is shutting down")]
-pub struct ShuttingDown;
+#[error("the visit counter is not running")]
+pub struct NotRunning;
 
 impl Visits {
-    pub fn spawn(store: Arc<Store>) -> Self {
-        let (queue, mut waiting) = mpsc::channel::<oneshot::Sender<Visit>>(QUEUE_DEPTH);
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(MAX_BATCH);
-            while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let outcome = run_batch(&store, batch.len()).await;
-                for (index, reply) in batch.drain(..).enumerate() {
-                    // A visitor who hung up still used its count; that is the bounded
-                    // over-count the contract allows.
-                    let _ = reply.send(outcome.visit(index));
-                }
-            }
-        });
+    /// Starts the batching task on `tasks`. Once `close` is cancelled the queue takes no new
+    /// visit; the task answers those already queued, then returns.
+    pub fn spawn(store: Arc<Store>, tasks: &TaskTracker, close: CancellationToken) -> Self {
+        let (queue, waiting) = mpsc::channel::<oneshot::Sender<Visit>>(QUEUE_DEPTH);
+        tasks.spawn(batch_loop(store, waiting, close));
         Self { queue }
+    }
+
+    /// False once the batching task is gone (closed at shutdown, or died): `/healthz` then
+    /// fails, since no visit could be counted any more.
+    pub fn is_running(&self) -> bool {
+        !self.queue.is_closed()
     }
 
     /// Counts one visit and reads the database clock, sharing the round trips with every
     /// visit that arrives meanwhile.
-    pub async fn record(&self) -> Result<Visit, ShuttingDown> {
+    pub async fn record(&self) -> Result<Visit, NotRunning> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send(reply).await.map_err(|_| ShuttingDown)?;
-        answer.await.map_err(|_| ShuttingDown)
+        self.queue.send(reply).await.map_err(|_| NotRunning)?;
+        answer.await.map_err(|_| NotRunning)
+    }
+}
+
+async fn batch_loop(
+    store: Arc<Store>,
+    mut waiting: mpsc::Receiver<oneshot::Sender<Visit>>,
+    close: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let received = tokio::select! {
+            received = waiting.recv_many(&mut batch, MAX_BATCH) => received,
+            () = close.cancelled(), if !waiting.is_closed() => {
+                waiting.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
+        let outcome = run_batch(&store, batch.len()).await;
+        for (index, reply) in batch.drain(..).enumerate() {
+            // A visitor who hung up still used its count; that is the bounded
+            // over-count the contract allows.
+            let _ = reply.send(outcome.visit(index));
+        }
     }
 }
 

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{
-    Blackhole, DB_PASSWORD, Env, Postgres, Redis, SIGINT, SIGTERM, WebProcess, count_of, free_port,
-    get_page, http_client,
+    Blackhole, DB_PASSWORD, Env, Postgres, Redis, Signal, WebProcess, count_of, free_port,
+    get_page, http_client, inject,
 };
 
 #[test]
@@ -53,7 +53,7 @@ fn unknown_arguments_are_a_usage_error() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("usage"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_flushes_exits_zero_and_a_restart_continues() {
     let redis = Redis::start();
     let pg = Postgres::start();
@@ -62,8 +62,6 @@ async fn sigterm_drains_flushes_exits_zero_and_a_restart_continues() {
     let mut web = WebProcess::spawn(env());
     web.wait_ready(Duration::from_secs(10)).await;
     let client = http_client();
-    // The first flush runs right at start; make sure it is behind us.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     for expected in 1..=5 {
         let (_, page) = get_page(&client, &web.address()).await;
         assert_eq!(count_of(&page), Some(expected));
@@ -72,15 +70,15 @@ async fn sigterm_drains_flushes_exits_zero_and_a_restart_continues() {
 
     // A request in flight when the signal arrives still gets its answer. Redis is frozen so
     // the request is surely inside the service (waiting on its increment) at the signal.
-    redis.pause();
+    inject(|| redis.pause());
     let in_flight = {
         let (client, address) = (client.clone(), web.address());
         tokio::spawn(async move { get_page(&client, &address).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    web.signal(SIGTERM);
+    web.signal(Signal::TERM);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    redis.resume();
+    inject(|| redis.resume());
     let (code, took) = web.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));
     println!("SIGTERM to exit: {took:?}");
@@ -89,25 +87,25 @@ async fn sigterm_drains_flushes_exits_zero_and_a_restart_continues() {
     assert_eq!(pg.counter(), Some(6), "flushed on shutdown");
 
     // Redis loses everything while web is down; the new process continues from PostgreSQL.
-    redis.flushall();
+    inject(|| redis.flushall());
     let web = WebProcess::spawn(env());
     web.wait_ready(Duration::from_secs(10)).await;
     let (_, page) = get_page(&client, &web.address()).await;
     assert_eq!(count_of(&page), Some(7));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigint_also_stops_cleanly() {
     let redis = Redis::start();
     let pg = Postgres::start();
     let mut web = WebProcess::spawn(Env::for_servers(&redis, &pg));
     web.wait_ready(Duration::from_secs(10)).await;
-    web.signal(SIGINT);
+    web.signal(Signal::INT);
     let (code, _) = web.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_exits_promptly_even_when_dependencies_are_gone() {
     let mut web = WebProcess::spawn(Env::new(
         &format!("redis://127.0.0.1:{}/0", free_port()),
@@ -124,7 +122,7 @@ async fn sigterm_exits_promptly_even_when_dependencies_are_gone() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    web.signal(SIGTERM);
+    web.signal(Signal::TERM);
     let (code, took) = web.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(3), "{took:?}");
@@ -145,7 +143,7 @@ fn healthcheck(port: u16) -> (Option<i32>, Duration, String) {
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn healthcheck_subcommand_answers_within_two_seconds() {
     // Dependencies absent on purpose: liveness does not need them.
     let web = WebProcess::spawn(Env::new(
@@ -178,7 +176,7 @@ async fn healthcheck_subcommand_answers_within_two_seconds() {
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logs_are_json_lines_per_request_and_per_state_change_without_secrets() {
     let mut redis = Redis::start();
     let pg = Postgres::start();
@@ -191,9 +189,9 @@ async fn logs_are_json_lines_per_request_and_per_state_change_without_secrets() 
         .send()
         .await
         .unwrap();
-    redis.kill();
+    inject(|| redis.kill());
     get_page(&client, &web.address()).await;
-    web.signal(SIGTERM);
+    web.signal(Signal::TERM);
     assert_eq!(web.wait_exit(Duration::from_secs(10)).0, Some(0));
 
     let (stdout, stderr) = web.logs();
@@ -228,7 +226,7 @@ async fn logs_are_json_lines_per_request_and_per_state_change_without_secrets() 
     assert!(!stdout.contains(DB_PASSWORD) && !stderr.contains(DB_PASSWORD));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_password_is_reported_but_never_printed() {
     let redis = Redis::start();
     let pg = Postgres::start();
@@ -264,7 +262,7 @@ async fn a_wrong_password_is_reported_but_never_printed() {
         reason.contains("password authentication failed"),
         "{reason}"
     );
-    web.signal(SIGTERM);
+    web.signal(Signal::TERM);
     web.wait_exit(Duration::from_secs(10));
     let (stdout, stderr) = web.logs();
     for text in [&stdout, &stderr, &page.to_string()] {
@@ -272,7 +270,7 @@ async fn a_wrong_password_is_reported_but_never_printed() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_processes_share_one_counter() {
     let redis = Redis::start();
     let pg = Postgres::start();
@@ -306,4 +304,76 @@ async fn three_processes_share_one_counter() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_the_database_marked_down_still_attempts_the_final_flush() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let env = Env::for_servers(&redis, &pg).set("FLUSH_INTERVAL_MS", "3600000");
+    let mut web = WebProcess::spawn(env);
+    web.wait_ready(Duration::from_secs(10)).await;
+    let client = http_client();
+    for expected in 1..=3 {
+        let (_, page) = get_page(&client, &web.address()).await;
+        assert_eq!(count_of(&page), Some(expected));
+    }
+    // The recovery probe takes the schema lock, which we hold: once the database is marked
+    // down it stays marked down, though it answers.
+    let _lock = inject(|| pg.hold_schema_lock());
+    inject(|| pg.pause());
+    let (_, page) = get_page(&client, &web.address()).await;
+    assert!(page["erros"]["db"].is_string(), "db marked down: {page}");
+    inject(|| pg.resume());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, page) = get_page(&client, &web.address()).await;
+    assert!(
+        page["erros"]["db"].is_string(),
+        "db still marked down: {page}"
+    );
+    let last = count_of(&page).expect("counted in Redis");
+    assert_eq!(pg.counter(), Some(0), "nothing flushed so far");
+
+    web.signal(Signal::TERM);
+    assert_eq!(web.wait_exit(Duration::from_secs(10)).0, Some(0));
+    assert_eq!(
+        pg.counter(),
+        Some(last),
+        "the final flush was attempted, and landed"
+    );
+}
+
+#[test]
+fn an_unreadable_password_file_exits_2_naming_the_variable_and_the_permission_problem() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = dir.path().join("db_password");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    // As the README's old recipe made it: readable by its owner only.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut web = if rustix::process::geteuid().is_root() {
+        // Root reads anything: run web as the image's user, from a copy it may execute.
+        let binary = dir.path().join("web");
+        std::fs::copy(env!("CARGO_BIN_EXE_web"), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut command = Command::new(binary);
+        command.uid(65532).gid(65532);
+        command
+    } else {
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_web"))
+    };
+    let output = web
+        .env_clear()
+        .env("DATABASE_PASSWORD_FILE", &secret)
+        .output()
+        .expect("web runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("DATABASE_PASSWORD_FILE"), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
 }

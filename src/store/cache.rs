@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
 
 use super::dependency::{DepError, Dependency};
 
@@ -35,7 +36,7 @@ pub struct Cache {
     client: redis::Client,
     config: ConnectionManagerConfig,
     increment: redis::Script,
-    pub dependency: Dependency,
+    dependency: Dependency,
 }
 
 impl Cache {
@@ -88,35 +89,35 @@ impl Cache {
             .clone()
     }
 
-    /// One round trip, tried even while the cache is marked down: the readiness check, and
-    /// the watcher's probe during an outage.
-    ///
-    /// While the cache is down the probe goes over a new connection, and that connection
+    /// Keeps the cache's state up to date until `stop` (see [`Dependency::watch`]).
+    pub async fn watch(&self, stop: CancellationToken) {
+        self.dependency.watch(|| self.reconnect(), stop).await;
+    }
+
+    /// Readiness: one `PING` over the live connection. While the cache is down this fails
+    /// fast with the reason; it never opens a connection of its own.
+    pub async fn check(&self) -> Result<(), DepError> {
+        let mut conn = self.connection();
+        self.dependency
+            .call(redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    /// The watcher's probe while the cache is not up: a `PING` over a new connection, which
     /// replaces the live one when it answers. The connection manager reconnects by itself
-    /// only when a connection is reported closed; one cut off by the network just times
-    /// out, and after the network heals TCP's retransmission backoff can keep it silent
-    /// for seconds longer than a fresh connection needs.
-    pub async fn ping(&self) -> Result<(), DepError> {
-        if self.dependency.is_up() {
-            let mut conn = self.connection();
-            return self
-                .dependency
-                .attempt(redis::cmd("PING").query_async::<String>(&mut conn))
-                .await
-                .map(drop);
-        }
-        let fresh = async {
-            let mut conn =
-                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await?;
-            // Swapped in before `attempt` marks the cache up, so that no batch sees the
-            // cache up while it still holds the dead connection.
-            *self
-                .connection
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = conn;
-            Ok::<_, redis::RedisError>(())
-        };
-        self.dependency.attempt(fresh).await
+    /// only when a connection is reported closed; one cut off by the network just times out,
+    /// and after the network heals TCP's retransmission backoff can keep it silent for
+    /// seconds longer than a fresh connection needs. The swap happens before the watcher marks
+    /// the cache up, so no batch sees the cache up while it still holds the dead connection.
+    async fn reconnect(&self) -> Result<(), redis::RedisError> {
+        let mut conn =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        *self
+            .connection
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = conn;
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 
 use super::dependency::{DepError, Dependency};
 
@@ -13,7 +14,7 @@ const POOL_SIZE: usize = 8;
 
 /// Serialises schema set-up between replicas that start at the same moment: two concurrent
 /// `CREATE TABLE IF NOT EXISTS` can both decide to create and one then fails.
-const SCHEMA_LOCK_ID: i64 = 0x6465_7361_6669_6f33; // "desafio3"
+pub const SCHEMA_LOCK_ID: i64 = 0x6465_7361_6669_6f33; // "desafio3"
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS visit_counter (
@@ -34,7 +35,7 @@ const RAISE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), updat
 pub struct Db {
     pool: Pool,
     timezone: String,
-    pub dependency: Dependency,
+    dependency: Dependency,
 }
 
 impl Db {
@@ -97,6 +98,37 @@ impl Db {
         self.dependency.call(self.update(RAISE, &[&value])).await
     }
 
+    /// Like [`raise`](Self::raise), but tried even while the database is marked down: the
+    /// final flush at shutdown has no later chance.
+    pub async fn raise_once_more(&self, value: i64) -> Result<i64, DepError> {
+        if !self.dependency.is_up() {
+            // Pooled connections may be half-open, or stuck behind a probe that timed out.
+            self.pool.retain(|_, _| false);
+        }
+        self.dependency.attempt(self.update(RAISE, &[&value])).await
+    }
+
+    /// Keeps the database's state up to date until `stop` (see [`Dependency::watch`]); every
+    /// successful probe hands the durable count to `learn`.
+    pub async fn watch(&self, learn: impl Fn(i64), stop: CancellationToken) {
+        let probe = || async {
+            learn(self.prepare().await?);
+            Ok::<(), anyhow::Error>(())
+        };
+        self.dependency.watch(probe, stop).await;
+    }
+
+    /// Readiness: `SELECT 1` on a pooled connection; fails fast while the database is down.
+    pub async fn check(&self) -> Result<(), DepError> {
+        self.dependency
+            .call(async {
+                let client = self.pool.get().await?;
+                client.query_one("SELECT 1", &[]).await?;
+                Ok::<(), anyhow::Error>(())
+            })
+            .await
+    }
+
     async fn update(
         &self,
         sql: &str,
@@ -107,15 +139,13 @@ impl Db {
         Ok(client.query_one(&statement, params).await?.try_get(0)?)
     }
 
-    /// Creates the schema if needed and returns the durable count. This is the probe for the
-    /// database (see `Store::probe_db`): it runs at start and after every outage, which also
-    /// repairs a dropped table.
-    pub async fn prepare(&self) -> anyhow::Result<i64> {
-        if !self.dependency.is_up() {
-            // Idle connections from before the outage may be half-open: they would time out
-            // instead of failing, and the database would never look up again.
-            self.pool.retain(|_, _| false);
-        }
+    /// The watcher's probe while the database is not up (see `Store::probe_db`): creates the
+    /// schema if needed and returns the durable count. It runs at start and after every
+    /// outage, which also repairs a dropped table.
+    async fn prepare(&self) -> anyhow::Result<i64> {
+        // Idle connections from before the outage may be half-open: they would time out
+        // instead of failing, and the database would never look up again.
+        self.pool.retain(|_, _| false);
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_ID])

@@ -1,15 +1,20 @@
 //! Health state of one dependency, shared by every request and by its watcher task.
 //!
-//! A failed call marks the dependency down; while it is down, callers get an immediate
-//! [`DepError::Unavailable`] instead of each waiting out the timeout, and a watcher task probes
-//! it with backoff until it answers again. This is what keeps a blackholed dependency from
-//! stacking up requests or exhausting the pool.
+//! A dependency is `Connecting` until its watcher's first attempt ends, then `Up` or `Down`.
+//! Only the watcher's probe makes it `Up`, because only the probe does the recovery work
+//! (a fresh connection, a purged pool, the durable count read again). A failed call makes it
+//! `Down`, but only if it started in the current `Up` epoch: a call that began before an
+//! outage and ends after the recovery changes nothing, so the state never flaps on stale news.
+//!
+//! While a dependency is down, callers get an immediate [`DepError::Unavailable`] instead of
+//! each waiting out the timeout, which keeps a blackholed dependency from stacking up requests
+//! or exhausting the pool; while it is connecting, they wait for the attempt in flight.
 
 use std::future::Future;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// First and longest pause between probes of a dependency that is down. The ceiling keeps
 /// recovery under two seconds after the dependency returns.
@@ -45,22 +50,74 @@ impl DepError {
         }
         Self::Failed(text.split_whitespace().collect::<Vec<_>>().join(" "))
     }
+
+    /// The reason shown while the dependency is down: the error that brought it down.
+    fn as_unavailable(&self) -> Self {
+        match self {
+            Self::Unavailable(_) => self.clone(),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    /// The first attempt has not ended yet: callers wait for it (bounded).
+    Connecting,
+    Up,
+    Down(DepError),
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    /// Bumped on every change of health, so an outcome can be tied to the state it saw.
+    epoch: u64,
+    health: Health,
+}
+
+/// Runs `call` for at most `timeout`.
+async fn bounded<T, E: Into<anyhow::Error>>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, DepError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(DepError::failed(e)),
+        Err(_) => Err(DepError::Timeout(timeout)),
+    }
+}
+
+/// The pauses between probes while a dependency stays down: doubling from the minimum up to
+/// the ceiling, back to the minimum once it is up.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(PROBE_BACKOFF_MIN)
+    }
+
+    fn next_pause(&mut self) -> Duration {
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(PROBE_BACKOFF_MAX);
+        pause
+    }
 }
 
 pub struct Dependency {
     name: &'static str,
-    up: watch::Sender<bool>,
-    last_error: Mutex<String>,
+    state: watch::Sender<State>,
     timeout: Duration,
 }
 
 impl Dependency {
-    /// A dependency starts down: nothing is known about it until its watcher reaches it.
     pub fn new(name: &'static str, timeout: Duration) -> Self {
         Self {
             name,
-            up: watch::Sender::new(false),
-            last_error: Mutex::new("not connected yet".into()),
+            state: watch::Sender::new(State {
+                epoch: 0,
+                health: Health::Connecting,
+            }),
             timeout,
         }
     }
@@ -70,98 +127,345 @@ impl Dependency {
     }
 
     pub fn is_up(&self) -> bool {
-        *self.up.borrow()
+        self.state.borrow().health == Health::Up
     }
 
-    /// Runs one call against the dependency, bounded by the configured timeout, and keeps the
-    /// health state in step with the outcome. Fails fast while the dependency is down.
+    /// Runs one call against the dependency, bounded by the configured timeout. Fails fast
+    /// while the dependency is down; while its first attempt is in flight, waits for it (at
+    /// most the timeout). A failure marks it down unless the state changed since the call
+    /// started; a success changes nothing (only the watcher's probe heals).
     pub async fn call<T, E: Into<anyhow::Error>>(
         &self,
         call: impl Future<Output = Result<T, E>>,
     ) -> Result<T, DepError> {
-        if !self.is_up() {
-            return Err(self.unavailable());
-        }
-        self.attempt(call).await
-    }
-
-    /// Like [`call`](Self::call) but tries even when the dependency is marked down: for
-    /// probes and readiness checks, whose job is to find out.
-    pub async fn attempt<T, E: Into<anyhow::Error>>(
-        &self,
-        call: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, DepError> {
-        let result = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(DepError::failed(e)),
-            Err(_) => Err(DepError::Timeout(self.timeout)),
-        };
-        match &result {
-            Ok(_) => self.mark_up(),
-            Err(e) => self.mark_down(e),
+        let epoch = self.admit().await?;
+        let result = bounded(self.timeout, call).await;
+        if let Err(e) = &result {
+            metrics::counter!("dependency_errors_total", "dependency" => self.name).increment(1);
+            self.set_health(epoch, Health::Down(e.clone()));
         }
         result
     }
 
-    pub fn unavailable(&self) -> DepError {
-        let last = self
-            .last_error
-            .lock()
-            .map(|e| e.clone())
-            .unwrap_or_default();
-        DepError::Unavailable(last)
+    /// A bounded call that ignores and keeps the state: for the final flush at shutdown, which
+    /// must be tried even when the dependency looks down.
+    pub async fn attempt<T, E: Into<anyhow::Error>>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, DepError> {
+        bounded(self.timeout, call).await
     }
 
-    fn mark_up(&self) {
-        if !self.up.send_replace(true) {
-            tracing::info!(
-                dependency = self.name,
-                state = "up",
-                "dependency state changed"
-            );
+    /// The epoch in which a call may proceed, or why it may not.
+    async fn admit(&self) -> Result<u64, DepError> {
+        let mut state = self.state.subscribe();
+        let settled = tokio::time::timeout(
+            self.timeout,
+            state.wait_for(|s| s.health != Health::Connecting),
+        )
+        .await;
+        match settled {
+            Err(_) => Err(DepError::Timeout(self.timeout)),
+            // The sender lives in `self`, so the channel cannot close while we borrow it.
+            Ok(Err(_)) => Err(DepError::Unavailable("shutting down".into())),
+            Ok(Ok(state)) => match &state.health {
+                Health::Up => Ok(state.epoch),
+                Health::Down(e) => Err(e.as_unavailable()),
+                Health::Connecting => Err(DepError::Timeout(self.timeout)),
+            },
         }
     }
 
-    pub fn mark_down(&self, error: &DepError) {
-        metrics::counter!("dependency_errors_total", "dependency" => self.name).increment(1);
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = error.to_string();
-        }
-        if self.up.send_replace(false) {
-            tracing::warn!(
-                dependency = self.name,
-                state = "down",
-                reason = %error,
-                "dependency state changed"
-            );
-        }
+    /// Moves to `health` if the state is still the one of `epoch`; logs real changes.
+    fn set_health(&self, epoch: u64, health: Health) {
+        let name = self.name;
+        self.state.send_if_modified(|state| {
+            if state.epoch != epoch || state.health == health {
+                return false;
+            }
+            match (&state.health, &health) {
+                // A new reason for a dependency still down: no new epoch, no log line.
+                (Health::Down(_), Health::Down(_)) => {}
+                (_, Health::Down(reason)) => {
+                    tracing::warn!(dependency = name, state = "down", reason = %reason, "dependency state changed");
+                    state.epoch += 1;
+                }
+                (_, _) => {
+                    tracing::info!(dependency = name, state = "up", "dependency state changed");
+                    state.epoch += 1;
+                }
+            }
+            state.health = health;
+            true
+        });
+        metrics::gauge!("dependency_up", "dependency" => name)
+            .set(f64::from(u8::from(self.is_up())));
     }
 
-    /// Runs `probe` with backoff whenever the dependency is down, for the life of the
-    /// process. The probe goes through [`attempt`](Self::attempt), which marks it up again.
-    pub async fn watch<F, Fut>(&self, mut probe: F)
+    /// Probes the dependency, with backoff, whenever it is not up, until `stop` is cancelled.
+    /// The probe does the recovery work (fresh connections, the durable count); its success is
+    /// the only way the dependency becomes up.
+    pub async fn watch<F, Fut, E>(&self, mut probe: F, stop: CancellationToken)
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<(), DepError>>,
+        Fut: Future<Output = Result<(), E>>,
+        E: Into<anyhow::Error>,
     {
-        let mut state = self.up.subscribe();
-        let mut backoff = PROBE_BACKOFF_MIN;
-        let mut first_attempt = true;
+        let mut state = self.state.subscribe();
+        let mut backoff = Backoff::new();
         loop {
-            if *state.borrow_and_update() {
-                backoff = PROBE_BACKOFF_MIN;
-                if state.changed().await.is_err() {
-                    return;
+            let seen = state.borrow_and_update().clone();
+            if seen.health == Health::Up {
+                backoff = Backoff::new();
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = state.changed() => if changed.is_err() { return },
                 }
                 continue;
             }
-            if let Err(e) = probe().await {
-                if std::mem::take(&mut first_attempt) {
-                    tracing::warn!(dependency = self.name, state = "down", reason = %e, "dependency not reachable yet, retrying");
+            let outcome = tokio::select! {
+                () = stop.cancelled() => return,
+                outcome = bounded(self.timeout, probe()) => outcome,
+            };
+            match outcome {
+                Ok(()) => self.set_health(seen.epoch, Health::Up),
+                Err(e) => {
+                    metrics::counter!("dependency_errors_total", "dependency" => self.name)
+                        .increment(1);
+                    if seen.health == Health::Connecting {
+                        tracing::warn!(dependency = self.name, reason = %e, "dependency not reachable yet, retrying");
+                    }
+                    self.set_health(seen.epoch, Health::Down(e));
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff.next_pause()) => {}
+                    }
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::time::{Instant, advance, sleep};
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(500);
+
+    fn ok() -> std::future::Ready<Result<u32, anyhow::Error>> {
+        std::future::ready(Ok(7))
+    }
+
+    fn boom() -> std::future::Ready<Result<u32, anyhow::Error>> {
+        std::future::ready(Err(anyhow::anyhow!("boom")))
+    }
+
+    /// A dependency whose watcher probes with `healthy` deciding each probe's outcome.
+    fn watched(
+        healthy: Arc<std::sync::atomic::AtomicBool>,
+        probes: Arc<AtomicUsize>,
+    ) -> (Arc<Dependency>, CancellationToken) {
+        let dep = Arc::new(Dependency::new("test", TIMEOUT));
+        let stop = CancellationToken::new();
+        let (d, s) = (dep.clone(), stop.clone());
+        tokio::spawn(async move {
+            d.watch(
+                || {
+                    probes.fetch_add(1, Ordering::SeqCst);
+                    let up = healthy.load(Ordering::SeqCst);
+                    async move {
+                        if up {
+                            Ok(())
+                        } else {
+                            Err(anyhow::anyhow!("refused"))
+                        }
+                    }
+                },
+                s,
+            )
+            .await;
+        });
+        (dep, stop)
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_ceiling() {
+        let mut backoff = Backoff::new();
+        let pauses: Vec<u128> = (0..8).map(|_| backoff.next_pause().as_millis()).collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waits_for_the_first_attempt_then_proceeds() {
+        let dep = Arc::new(Dependency::new("test", TIMEOUT));
+        let d = dep.clone();
+        tokio::spawn(async move {
+            sleep(Duration::from_millis(200)).await;
+            d.set_health(0, Health::Up);
+        });
+        let started = Instant::now();
+        assert_eq!(dep.call(ok()).await, Ok(7));
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waits_at_most_the_timeout_for_the_first_attempt() {
+        let dep = Dependency::new("test", TIMEOUT);
+        let started = Instant::now();
+        assert_eq!(dep.call(ok()).await, Err(DepError::Timeout(TIMEOUT)));
+        assert_eq!(started.elapsed(), TIMEOUT);
+        assert!(!dep.is_up(), "waiting is not a verdict: still connecting");
+        assert_eq!(dep.state.borrow().health, Health::Connecting);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_down_dependency_fails_fast_with_the_reason() {
+        let dep = Dependency::new("test", TIMEOUT);
+        dep.set_health(0, Health::Down(DepError::Failed("refused".into())));
+        let started = Instant::now();
+        let err = dep.call(ok()).await.unwrap_err();
+        assert_eq!(err, DepError::Unavailable("refused".into()));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_or_slow_call_marks_it_down_and_a_success_never_marks_it_up() {
+        let dep = Dependency::new("test", TIMEOUT);
+        dep.set_health(0, Health::Up);
+        assert_eq!(dep.call(boom()).await, Err(DepError::Failed("boom".into())));
+        assert!(!dep.is_up());
+
+        let dep = Dependency::new("test", TIMEOUT);
+        dep.set_health(0, Health::Up);
+        let slow = async {
+            sleep(TIMEOUT * 2).await;
+            Ok::<_, anyhow::Error>(1)
+        };
+        assert_eq!(dep.call(slow).await, Err(DepError::Timeout(TIMEOUT)));
+        assert!(!dep.is_up());
+        // `attempt` runs even now, and its success does not heal.
+        assert_eq!(dep.attempt(ok()).await, Ok(7));
+        assert!(!dep.is_up());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_failure_after_recovery_changes_nothing() {
+        let dep = Arc::new(Dependency::new("test", TIMEOUT));
+        dep.set_health(0, Health::Up);
+        // A call starts in epoch 1 and hangs...
+        let d = dep.clone();
+        let stale = tokio::spawn(async move {
+            d.call(async {
+                sleep(Duration::from_millis(300)).await;
+                Err::<(), _>(anyhow::anyhow!("late news"))
+            })
+            .await
+        });
+        tokio::task::yield_now().await;
+        // ...meanwhile the dependency goes down and a probe heals it.
+        dep.set_health(1, Health::Down(DepError::Failed("cut".into())));
+        dep.set_health(2, Health::Up);
+        assert!(stale.await.unwrap().is_err());
+        assert!(
+            dep.is_up(),
+            "a failure from an old epoch must not flip the state"
+        );
+        assert_eq!(dep.state.borrow().epoch, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watcher_probes_with_backoff_and_alone_heals() {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (dep, stop) = watched(healthy.clone(), probes.clone());
+        // Probes at 0, 50, 150, 350, 750 ms: five in the first 0.8 s.
+        sleep(Duration::from_millis(800)).await;
+        assert_eq!(probes.load(Ordering::SeqCst), 5);
+        assert!(matches!(dep.state.borrow().health, Health::Down(_)));
+        // Calls meanwhile fail fast and never reach the dependency.
+        let started = Instant::now();
+        assert!(
+            matches!(dep.call(ok()).await, Err(DepError::Unavailable(r)) if r.contains("refused"))
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        healthy.store(true, Ordering::SeqCst);
+        // The next probe is due at 1550 ms (750 + 800): healed by then, not before.
+        advance(Duration::from_millis(700)).await;
+        assert!(!dep.is_up());
+        sleep(Duration::from_millis(100)).await;
+        assert!(dep.is_up());
+        let healed_probes = probes.load(Ordering::SeqCst);
+        // Up: no probing at all.
+        sleep(Duration::from_secs(10)).await;
+        assert_eq!(probes.load(Ordering::SeqCst), healed_probes);
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failure_the_watcher_recovers_within_its_first_pause() {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (dep, stop) = watched(healthy, probes.clone());
+        sleep(Duration::from_millis(1)).await;
+        assert!(dep.is_up());
+        assert_eq!(
+            dep.call(boom()).await.unwrap_err(),
+            DepError::Failed("boom".into())
+        );
+        // Down now; the watcher probes at once and the (healthy) probe heals it.
+        sleep(Duration::from_millis(1)).await;
+        assert!(dep.is_up());
+        assert_eq!(probes.load(Ordering::SeqCst), 2);
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_watcher_returns() {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dep = Arc::new(Dependency::new("test", TIMEOUT));
+        let stop = CancellationToken::new();
+        let (d, s) = (dep.clone(), stop.clone());
+        let watcher = tokio::spawn(async move {
+            d.watch(
+                move || {
+                    let up = healthy.load(Ordering::SeqCst);
+                    async move {
+                        if up {
+                            Ok(())
+                        } else {
+                            Err(anyhow::anyhow!("no"))
+                        }
+                    }
+                },
+                s,
+            )
+            .await;
+        });
+        sleep(Duration::from_millis(120)).await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_millis(1), watcher)
+            .await
+            .expect("the watcher stops at once when cancelled")
+            .unwrap();
+    }
+
+    #[test]
+    fn driver_errors_become_one_line_without_repeats() {
+        let chain = anyhow::anyhow!("connection refused").context("pool: connection refused");
+        assert_eq!(
+            DepError::failed(chain),
+            DepError::Failed("pool: connection refused".into())
+        );
+        let multiline = anyhow::anyhow!("ERR script\n  line 3").context("script failed");
+        assert_eq!(
+            DepError::failed(multiline),
+            DepError::Failed("script failed: ERR script line 3".into())
+        );
     }
 }

@@ -35,35 +35,41 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral port")
 }
 
-unsafe extern "C" {
-    fn geteuid() -> u32;
-    fn kill(pid: i32, signal: i32) -> i32;
-}
+pub use rustix::process::Signal;
 
 fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 fn is_root() -> bool {
     euid() == 0
 }
 
-pub const SIGCONT: i32 = 18;
-pub const SIGSTOP: i32 = 19;
-pub const SIGINT: i32 = 2;
-pub const SIGKILL: i32 = 9;
-pub const SIGTERM: i32 = 15;
-
-/// Signals one process (`target` > 0) or the process group `-target`. Never 0 or -1, which
-/// would reach the test runner itself or every process we may signal.
-fn send_signal(target: i32, signal: i32) {
-    assert!(target.abs() > 1, "refusing to signal {target}");
-    // SAFETY: kill has no memory-safety preconditions.
-    if unsafe { kill(target, signal) } != 0 {
-        let error = std::io::Error::last_os_error();
-        eprintln!("signal {signal} to {target}: {error}");
+/// Signals one process. A process that already exited is not an error here.
+fn send_signal(pid: i32, signal: Signal) {
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        panic!("refusing to signal pid {pid}");
+    };
+    if let Err(error) = rustix::process::kill_process(pid, signal) {
+        eprintln!("signal {signal:?} to {pid:?}: {error}");
     }
+}
+
+/// Runs a blocking fault injection (a server killed, restarted, frozen) without stopping the
+/// runtime: the app under test and its clients go on being served on the other workers.
+/// Panics on a single-threaded runtime, where that cannot hold.
+pub fn inject<T>(fault: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(fault)
+}
+
+/// The process-wide metrics recorder, installed once per test binary.
+pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            desafio3::telemetry::install_metrics().expect("one recorder per test binary")
+        })
+        .clone()
 }
 
 /// Uid/gid PostgreSQL runs as when the tests run as root.
@@ -120,14 +126,14 @@ fn process_tree(pid: u32) -> Vec<i32> {
 }
 
 /// Signals a server and all its processes at once, as when its container is killed.
-fn signal_tree(child: &Child, signal: i32) {
+fn signal_tree(child: &Child, signal: Signal) {
     for pid in process_tree(child.id()) {
         send_signal(pid, signal);
     }
 }
 
 fn kill_tree(child: &mut Child) {
-    signal_tree(child, SIGKILL);
+    signal_tree(child, Signal::KILL);
     let _ = child.wait();
 }
 
@@ -178,11 +184,11 @@ impl Redis {
 
     /// Freezes the server: connections stay open and nothing answers until `resume`.
     pub fn pause(&self) {
-        signal_tree(self.child.as_ref().expect("redis is running"), SIGSTOP);
+        signal_tree(self.child.as_ref().expect("redis is running"), Signal::STOP);
     }
 
     pub fn resume(&self) {
-        signal_tree(self.child.as_ref().expect("redis is running"), SIGCONT);
+        signal_tree(self.child.as_ref().expect("redis is running"), Signal::CONT);
     }
 
     /// SIGKILL: no goodbye, no data kept (persistence is off).
@@ -193,6 +199,11 @@ impl Redis {
     }
 
     /// A fresh, empty server on the same port, as after a restart without a volume.
+    /// Starts a killed server again, empty, on the same port.
+    pub fn relaunch_empty(&mut self) {
+        self.launch();
+    }
+
     pub fn restart_empty(&mut self) {
         self.kill();
         self.launch();
@@ -300,11 +311,7 @@ fn template_cluster() -> &'static Path {
     TEMPLATE.get_or_init(|| {
         let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
         // Named after the uid that owns (and runs) the cluster.
-        let owner = if is_root() {
-            NOBODY
-        } else {
-            unsafe { geteuid() }
-        };
+        let owner = if is_root() { NOBODY } else { euid() };
         let ready = base.join(format!("pg-template-v1-uid{owner}"));
         if ready.join("data/PG_VERSION").is_file() {
             return ready;
@@ -397,6 +404,11 @@ impl Postgres {
         // A restart right after SIGKILL can find the old shared memory still attached for a
         // moment; PostgreSQL then refuses to start, and a retry succeeds.
         for _ in 0..50 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("postgres.log"))
+                .expect("postgres log file");
             let mut child = pg_command("postgres")
                 .arg("-D")
                 .arg(self.dir.path().join("data"))
@@ -404,25 +416,16 @@ impl Postgres {
                 .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
                 .args(["-c", "max_connections=200"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(log)
                 .spawn()
                 .expect("starting postgres");
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 if let Ok(Some(_)) = child.try_wait() {
-                    let mut err = String::new();
-                    use std::io::Read;
-                    let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
-                    last_error = err;
+                    last_error = self.log();
                     break;
                 }
                 if self.answers() {
-                    // Drain stderr in the background so a chatty server never blocks.
-                    if let Some(mut stderr) = child.stderr.take() {
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
-                        });
-                    }
                     self.child = Some(child);
                     return;
                 }
@@ -451,18 +454,23 @@ impl Postgres {
     /// Freezes every PostgreSQL process (as `docker pause` does): connections stay open,
     /// the kernel still accepts and acknowledges, and nothing answers.
     pub fn pause(&self) {
-        self.signal_all(SIGSTOP);
+        self.signal_all(Signal::STOP);
     }
 
     pub fn resume(&self) {
-        self.signal_all(SIGCONT);
+        self.signal_all(Signal::CONT);
     }
 
-    fn signal_all(&self, signal: i32) {
+    fn signal_all(&self, signal: Signal) {
         signal_tree(self.child.as_ref().expect("postgres is running"), signal);
     }
 
     /// Same data directory, same port: a crash and a restart.
+    /// Starts a killed server again on the same data and port.
+    pub fn relaunch(&mut self) {
+        self.launch();
+    }
+
     pub fn restart(&mut self) {
         self.kill();
         self.launch();
@@ -473,14 +481,63 @@ impl Postgres {
         query_i64(self.port, "SELECT value FROM visit_counter WHERE id = 1")
     }
 
-    /// Sessions ever opened to the database, this query's own included. PostgreSQL
-    /// publishes the figure with up to a second of delay.
-    pub fn sessions_opened(&self) -> i64 {
-        query_i64(
-            self.port,
-            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
-        )
-        .expect("pg_stat_database")
+    /// Server processes of the service's connections now open (by `application_name`),
+    /// sorted: a new connection shows as a new pid.
+    pub fn web_backends(&self) -> Vec<i32> {
+        with_client(self.port, |client| async move {
+            let rows = client
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'desafio3-web' \
+                     ORDER BY pid",
+                    &[],
+                )
+                .await?;
+            rows.iter().map(|r| r.try_get(0)).collect()
+        })
+        .expect("pg_stat_activity")
+    }
+
+    /// Takes the service's schema lock from a session of our own and holds it until the
+    /// guard is dropped: the service's database probe (which takes it) then times out.
+    pub fn hold_schema_lock(&self) -> HeldLock {
+        let (taken, is_taken) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let port = self.port;
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let (client, conn) =
+                    tokio_postgres::connect(&pg_conn_string(port), tokio_postgres::NoTls)
+                        .await
+                        .expect("connecting to hold the lock");
+                tokio::spawn(conn);
+                client
+                    .execute(
+                        "SELECT pg_advisory_lock($1)",
+                        &[&desafio3::store::db::SCHEMA_LOCK_ID],
+                    )
+                    .await
+                    .expect("taking the schema lock");
+                let _ = taken.send(());
+                // Blocks this thread only; the session (and the lock) ends when it returns.
+                let _ = released.recv();
+            });
+        });
+        is_taken
+            .recv_timeout(Duration::from_secs(10))
+            .expect("schema lock taken");
+        HeldLock {
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+
+    /// Everything the server logged so far (statements too, once `log_statement` is set).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
 
     /// Runs SQL as the superuser, for tests that arrange state behind the service's back.
@@ -540,6 +597,21 @@ fn query_i64(port: u16, sql: &'static str) -> Option<i64> {
             .transpose()
     })
     .flatten()
+}
+
+/// A PostgreSQL advisory lock held by a session of the test's own; released on drop.
+pub struct HeldLock {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// A listener that accepts connections and never says a word: the worst kind of outage.
@@ -706,7 +778,9 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(env: Env) -> Self {
-        let app = Application::build(env.config()).await.expect("app builds");
+        let app = Application::build(env.config(), metrics())
+            .await
+            .expect("app builds");
         let address = format!("http://127.0.0.1:{}", app.port());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
@@ -853,7 +927,7 @@ impl WebProcess {
         wait_ready(&http_client(), &self.address(), timeout).await;
     }
 
-    pub fn signal(&self, signal: i32) {
+    pub fn signal(&self, signal: Signal) {
         send_signal(
             i32::try_from(self.child.id()).expect("pid fits i32"),
             signal,
