@@ -1,0 +1,147 @@
+"""Redis and PostgreSQL for the Python tools: throwaway servers (bench/) and the compose
+stack's containers (tests/e2e/), queried the same way. Standard library only.
+
+    with throwaway(workdir) as (redis, pg):           # free loopback ports, stopped at exit
+        redis.cmd("PING"); pg.value("SELECT now()")
+    Redis.container("cache").cmd("GET", "visitas")    # `docker exec cache redis-cli ...`
+    Postgres.container("db", "admin", "desafio3").value("SELECT 1")
+
+(The Rust tests have their own harness, tests/support/.)
+"""
+
+import contextlib
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+
+class Redis:
+    def __init__(self, cli, port=None):
+        self.cli, self.port = cli, port
+
+    @classmethod
+    def container(cls, name):
+        return cls(["docker", "exec", name, "redis-cli"])
+
+    def cmd(self, *args, timeout=30):
+        p = subprocess.run([*self.cli, "--raw", *args], capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0 or p.stdout.startswith("ERR"):
+            raise RuntimeError(f"redis-cli {' '.join(args)}: {(p.stderr or p.stdout).strip()}")
+        return p.stdout.strip()
+
+
+class Postgres:
+    def __init__(self, psql, port=None, password=None, password_file=None, bindir=None):
+        self.psql, self.port, self.password = psql, port, password
+        self.password_file, self.bindir = password_file, bindir
+
+    @classmethod
+    def container(cls, name, user, db):
+        return cls(["docker", "exec", name, "psql", "-U", user, "-d", db])
+
+    def value(self, sql, timeout=30):
+        p = subprocess.run([*self.psql, "-v", "ON_ERROR_STOP=1", "-tAc", sql], capture_output=True,
+                           text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"psql: {p.stderr.strip()}")
+        return p.stdout.strip()
+
+
+def pg_bindir():
+    """Directory of initdb/postgres: PATH first, then the newest /usr/lib/postgresql/*/bin."""
+    found = shutil.which("initdb")
+    if found and shutil.which("postgres"):
+        return os.path.dirname(os.path.realpath(found))
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if not cands:
+        raise RuntimeError("PostgreSQL server binaries (initdb, postgres) not found")
+    return os.path.dirname(cands[-1])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unprivileged(argv):
+    """initdb and postgres refuse root: run them as `nobody` when we are root."""
+    if os.geteuid() != 0:
+        return argv
+    pw = pwd.getpwnam("nobody")
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--", *argv]
+
+
+def _wait(ready, proc, what, timeout=30):
+    end = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if ready():
+                return
+        except RuntimeError as e:
+            if time.monotonic() > end:
+                raise RuntimeError(f"{what} not ready after {timeout} s: {e}") from e
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
+    """redis-server and PostgreSQL on free loopback ports, data in workdir (an empty directory,
+    given to `nobody` when run as root). PostgreSQL: superuser `user` with a random password
+    (also in workdir/db_password, mode 0644), scram-sha-256 over TCP, trust on its socket in
+    workdir, database `db`. Both are stopped when the block ends, also on errors."""
+    procs = []
+    try:
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("nobody")
+            os.chown(workdir, pw.pw_uid, pw.pw_gid)
+        os.chmod(workdir, 0o755)
+        password = secrets.token_urlsafe(18)
+        pwfile = os.path.join(workdir, "db_password")
+        with open(pwfile, "w") as f:
+            f.write(password + "\n")
+        os.chmod(pwfile, 0o644)
+
+        def start(name, argv):
+            log = open(os.path.join(workdir, f"{name}.log"), "w")
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=workdir, start_new_session=True))
+            return procs[-1]
+
+        rport = free_port()
+        rproc = start("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", workdir, *redis_args])
+        redis = Redis(["redis-cli", "-p", str(rport)], port=rport)
+
+        bindir = pg_bindir()
+        subprocess.run(unprivileged([f"{bindir}/initdb", "-D", f"{workdir}/pgdata", "-U", user, "--pwfile", pwfile,
+                                     "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8",
+                                     "--locale=C", "--no-sync"]), check=True, stdout=subprocess.DEVNULL, cwd=workdir)
+        pport = free_port()
+        pproc = start("postgres", unprivileged([f"{bindir}/postgres", "-D", f"{workdir}/pgdata", "-p", str(pport),
+                                                "-c", "listen_addresses=127.0.0.1",
+                                                "-c", f"unix_socket_directories={workdir}", *pg_args]))
+        psql = shutil.which("psql", path=bindir) or "psql"
+        socket_psql = [psql, "-h", workdir, "-p", str(pport), "-U", user, "--no-psqlrc"]
+        _wait(lambda: redis.cmd("PING") == "PONG", rproc, "redis-server")
+        _wait(lambda: Postgres(socket_psql + ["-d", "postgres"]).value("SELECT 1") == "1", pproc, "postgres")
+        Postgres(socket_psql + ["-d", "postgres"]).value(f'CREATE DATABASE "{db}"')
+        yield redis, Postgres(socket_psql + ["-d", db], port=pport, password=password, password_file=pwfile,
+                              bindir=bindir)
+    finally:
+        for p, sig in zip(procs, (signal.SIGTERM, signal.SIGINT)):  # SIGINT: postgres' fast stop
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
