@@ -78,6 +78,27 @@ def unprivileged(argv):
     return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--", *argv]
 
 
+def spawn(argv, log_path, **kw):
+    """Popen in its own process group (stop() signals the whole group), output to log_path."""
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, **kw)
+    p.log_path = log_path
+    return p
+
+
+def stop(p, sig=signal.SIGTERM, timeout=15):
+    """Signal p's process group, wait, SIGKILL after timeout seconds; returns the exit code."""
+    for s in (sig, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, s)
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    return p.wait()
+
+
 def _wait(ready, proc, what, timeout=30):
     end = time.monotonic() + timeout
     while True:
@@ -111,9 +132,7 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
         os.chmod(pwfile, 0o644)
 
         def start(name, argv):
-            log = open(os.path.join(workdir, f"{name}.log"), "w")
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=workdir, start_new_session=True))
+            procs.append(spawn(argv, os.path.join(workdir, f"{name}.log"), cwd=workdir))
             return procs[-1]
 
         rport = free_port()
@@ -138,10 +157,4 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
                               bindir=bindir)
     finally:
         for p, sig in zip(procs, (signal.SIGTERM, signal.SIGINT)):  # SIGINT: postgres' fast stop
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            stop(p, sig)
