@@ -21,6 +21,13 @@ import subprocess
 import time
 
 
+def _output(argv, timeout):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0 or p.stdout.startswith("ERR"):  # redis-cli says ERR on stdout, rc 0
+        raise RuntimeError(f"{argv[-1]}: {(p.stderr or p.stdout).strip()}")
+    return p.stdout.strip()
+
+
 class Redis:
     def __init__(self, cli, port=None):
         self.cli, self.port = cli, port
@@ -30,27 +37,19 @@ class Redis:
         return cls(["docker", "exec", name, "redis-cli"])
 
     def cmd(self, *args, timeout=30):
-        p = subprocess.run([*self.cli, "--raw", *args], capture_output=True, text=True, timeout=timeout)
-        if p.returncode != 0 or p.stdout.startswith("ERR"):
-            raise RuntimeError(f"redis-cli {' '.join(args)}: {(p.stderr or p.stdout).strip()}")
-        return p.stdout.strip()
+        return _output([*self.cli, "--raw", *args], timeout)
 
 
 class Postgres:
     def __init__(self, psql, port=None, password=None, password_file=None, bindir=None):
-        self.psql, self.port, self.password = psql, port, password
-        self.password_file, self.bindir = password_file, bindir
+        self.psql, self.port, self.password, self.password_file, self.bindir = psql, port, password, password_file, bindir
 
     @classmethod
     def container(cls, name, user, db):
         return cls(["docker", "exec", name, "psql", "-U", user, "-d", db])
 
     def value(self, sql, timeout=30):
-        p = subprocess.run([*self.psql, "-v", "ON_ERROR_STOP=1", "-tAc", sql], capture_output=True,
-                           text=True, timeout=timeout)
-        if p.returncode != 0:
-            raise RuntimeError(f"psql: {p.stderr.strip()}")
-        return p.stdout.strip()
+        return _output([*self.psql, "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout)
 
 
 def pg_bindir():
@@ -72,10 +71,9 @@ def free_port():
 
 def unprivileged(argv):
     """initdb and postgres refuse root: run them as `nobody` when we are root."""
-    if os.geteuid() != 0:
-        return argv
     pw = pwd.getpwnam("nobody")
-    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--", *argv]
+    return argv if os.geteuid() else ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                                      "--", *argv]
 
 
 def spawn(argv, log_path, **kw):
@@ -122,14 +120,12 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
     procs = []
     try:
         if os.geteuid() == 0:
-            pw = pwd.getpwnam("nobody")
-            os.chown(workdir, pw.pw_uid, pw.pw_gid)
+            os.chown(workdir, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
         os.chmod(workdir, 0o755)
-        password = secrets.token_urlsafe(18)
-        pwfile = os.path.join(workdir, "db_password")
+        password, pwfile = secrets.token_urlsafe(18), os.path.join(workdir, "db_password")
         with open(pwfile, "w") as f:
             f.write(password + "\n")
-        os.chmod(pwfile, 0o644)
+        os.chmod(pwfile, 0o644)  # initdb reads it as nobody
 
         def start(name, argv):
             procs.append(spawn(argv, os.path.join(workdir, f"{name}.log"), cwd=workdir))

@@ -113,16 +113,16 @@ class Resp:
 
 
 class Ledger:
-    """Every GET / since the volumes were created: what the service acknowledged as counted."""
+    """Every GET / since the volumes were created: what the service acknowledged as counted.
+    counted: answers carrying a count; nocount: 200 degraded without a number (counted in Postgres
+    per the contract); failed: transport error / timeout / non-200 (counted or not, unknown)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.reset()
 
     def reset(self):
-        self.counted = 0   # responses carrying a count (visitas_cache)
-        self.nocount = 0   # 200 degraded without a number: counted in Postgres per the contract
-        self.failed = 0    # transport error / timeout / non-200: counted or not, unknown
+        self.counted = self.nocount = self.failed = 0
         self.values: list[int] = []
 
     def add(self, r: Resp):
@@ -130,10 +130,9 @@ class Ledger:
             if r.count is not None:
                 self.counted += 1
                 self.values.append(r.count)
-            elif r.status == 200 and r.state == "degraded":
-                self.nocount += 1
             else:
-                self.failed += 1
+                self.nocount += r.status == 200 and r.state == "degraded"
+                self.failed += not (r.status == 200 and r.state == "degraded")
 
 
 LEDGER = Ledger()

@@ -119,27 +119,14 @@ ensure_rootfs() {
 # only in their configuration.
 PG_BIN_DIR=""
 changes_redis() {
-    printf '%s\n' \
-        'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        'ENV LANG=C.UTF-8' \
-        'WORKDIR /data' \
-        'VOLUME /data' \
-        'EXPOSE 6379' \
-        'STOPSIGNAL SIGTERM' \
-        'ENTRYPOINT ["/usr/local/bin/redis-entrypoint.sh"]' \
-        'CMD ["redis-server"]'
+    printf '%s\n' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'ENV LANG=C.UTF-8' \
+        'WORKDIR /data' 'VOLUME /data' 'EXPOSE 6379' 'STOPSIGNAL SIGTERM' \
+        'ENTRYPOINT ["/usr/local/bin/redis-entrypoint.sh"]' 'CMD ["redis-server"]'
 }
 changes_postgres() {
-    printf '%s\n' \
-        "ENV PATH=/usr/local/sbin:/usr/local/bin:$PG_BIN_DIR:/usr/sbin:/usr/bin:/sbin:/bin" \
-        'ENV LANG=C.UTF-8' \
-        'ENV PGDATA=/var/lib/postgresql/data' \
-        'WORKDIR /' \
-        'VOLUME /var/lib/postgresql/data' \
-        'EXPOSE 5432' \
-        'STOPSIGNAL SIGINT' \
-        'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' \
-        'CMD ["postgres"]'
+    printf '%s\n' "ENV PATH=/usr/local/sbin:/usr/local/bin:$PG_BIN_DIR:/usr/sbin:/usr/bin:/sbin:/bin" 'ENV LANG=C.UTF-8' \
+        'ENV PGDATA=/var/lib/postgresql/data' 'WORKDIR /' 'VOLUME /var/lib/postgresql/data' 'EXPOSE 5432' \
+        'STOPSIGNAL SIGINT' 'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' 'CMD ["postgres"]'
 }
 
 image_label() { docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
