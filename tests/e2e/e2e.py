@@ -191,43 +191,6 @@ class Load:
 # ------------------------------------------------------------------------------------------
 # the stack
 
-class HealthWatch(threading.Thread):
-    """Polls docker inspect during `up`: keeps every health probe result (the engine keeps only
-    the last 5) and the moment all three containers were healthy."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.stop_ev = threading.Event()
-        self.probes: dict[str, dict[str, dict]] = {n: {} for n in NAMES}
-        self.started: dict[str, str] = {}
-        self.all_healthy_at: float | None = None
-        self.start()
-
-    def run(self):
-        while not self.stop_ev.is_set():
-            self.poll()
-            self.stop_ev.wait(0.25)
-
-    def poll(self):
-        healthy = 0
-        for n, d in inspect(*NAMES).items():
-            st = d.get("State", {})
-            if not st.get("StartedAt", "").startswith("0001"):
-                self.started[n] = st.get("StartedAt")
-                for e in (st.get("Health") or {}).get("Log") or []:
-                    self.probes[n][e["Start"]] = e
-                healthy += (st.get("Health") or {}).get("Status") == "healthy"
-        if healthy == len(NAMES) and self.all_healthy_at is None:
-            self.all_healthy_at = time.time()
-
-    def first_healthy(self, name: str) -> float | None:
-        return min((ts(e["End"]) for e in self.probes[name].values() if e.get("ExitCode") == 0), default=None)
-
-    def stop(self):
-        self.stop_ev.set()
-        self.join(timeout=5)
-
-
 def health(name: str) -> str:
     d = inspect(name).get(name)
     return "missing" if not d else (d["State"].get("Health") or d["State"])["Status"]
@@ -242,23 +205,26 @@ def wait_healthy(timeout: float = HEALTHY_TIMEOUT_S) -> bool:
     return True
 
 
-def stack_up(label: str, up=None) -> tuple[bool, float, HealthWatch]:
-    """compose up -d (or up(), which must start the stack); returns (all healthy, seconds from
-    `up` to all healthy, the watch)."""
-    watch, t0 = HealthWatch(), time.time()
+def stack_up(label: str, up=None) -> tuple[bool, float, dict]:
+    """compose up -d (or up(), which must start the stack); returns (all healthy, seconds from `up`
+    to all healthy, {container: {"started": t, "healthy": t}} from the engine's events)."""
+    t0 = time.time()
     p = up() if up else compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
-    while p.returncode == 0 and watch.all_healthy_at is None and time.time() < t0 + HEALTHY_TIMEOUT_S:
-        time.sleep(0.25)
-    watch.stop()
-    watch.poll()
+    ok = p.returncode == 0 and wait_healthy()
+    times: dict[str, dict] = {n: {} for n in NAMES}
+    events = run(["docker", "events", "--since", f"{t0:.3f}", "--until", f"{time.time():.3f}", "--filter",
+                  f"label=com.docker.compose.project={PROJECT}", "--format", "{{json .}}"], timeout=60).stdout
+    for e in map(json.loads, events.splitlines()):
+        key = {"start": "started", "health_status: healthy": "healthy"}.get(e.get("Action"))
+        if key and e["Actor"]["Attributes"].get("name") in times:  # the first of each
+            times[e["Actor"]["Attributes"]["name"]].setdefault(key, e["timeNano"] / 1e9)
     if p.returncode != 0:
         check(label, False, f"{' '.join(p.args[:3])} → rc {p.returncode}: {last_lines(p.stdout + p.stderr, 6)}")
-    elif watch.all_healthy_at is None:
+    elif not ok:
         check(label, False, f"not all healthy after {HEALTHY_TIMEOUT_S} s: { {n: health(n) for n in NAMES} }")
-    else:  # exact moment: end of the probe that made the last of the three healthy
-        last = max(filter(None, (watch.first_healthy(n) for n in NAMES)), default=watch.all_healthy_at)
-        return True, min(last, watch.all_healthy_at) - t0, watch
-    return False, 0.0, watch
+    else:
+        return True, max(t.get("healthy", time.time()) for t in times.values()) - t0, times
+    return False, 0.0, times
 
 
 LOGS: list[str] = []
@@ -323,7 +289,7 @@ def run_recipe(home: Path):
 def sec_up(home: Path) -> str:
     """Starts the stack with the password recipe; returns the password it made."""
     recipe = []
-    ok, dt, watch = stack_up("1.up", lambda: recipe.append(run_recipe(home)) or recipe[0])
+    ok, dt, times = stack_up("1.up", lambda: recipe.append(run_recipe(home)) or recipe[0])
     made = re.search(r"^recipe-file=(.+)$", recipe[0].stdout, re.M) if recipe else None
     if not ok or not made:
         raise Abort("the stack did not come up")
@@ -332,11 +298,11 @@ def sec_up(home: Path) -> str:
     check("1.up", True, f"the recipe's `docker compose up -d` → web, cache and db all healthy in {dt:.1f} s "
           f"(fresh volumes, first db init); password file {oct(pwfile.stat().st_mode & 0o777)} "
           f"in a {oct(pwfile.parent.stat().st_mode & 0o777)} directory")
-    web_start, c_ok, d_ok = ts(watch.started["web"]), watch.first_healthy("cache"), watch.first_healthy("db")
-    rel = lambda t: "never" if t is None else f"{web_start - t:+.2f} s"  # noqa: E731
-    check("1.order", c_ok is not None and d_ok is not None and web_start > max(c_ok, d_ok),
-          f"web StartedAt {watch.started['web']}; cache healthy {rel(c_ok)} before, db healthy {rel(d_ok)} "
-          "before (docker inspect State.StartedAt vs Health.Log)")
+    web_start, c_ok, d_ok = times["web"].get("started"), times["cache"].get("healthy"), times["db"].get("healthy")
+    rel = lambda t: "never" if t is None or web_start is None else f"{web_start - t:+.2f} s"  # noqa: E731
+    check("1.order", None not in (web_start, c_ok, d_ok) and web_start > max(c_ok, d_ok),
+          f"web started {rel(c_ok)} after cache was healthy and {rel(d_ok)} after db was (docker events: "
+          "start, health_status)")
 
     r1 = get("/")
     j = r1.json if isinstance(r1.json, dict) else {}
@@ -632,22 +598,7 @@ def cleanup():
 
 
 def main(mode: str) -> int:
-    if mode in ("up", "down"):
-        try:
-            preflight()
-            if mode == "down":
-                cleanup()
-                print(f"e2e: project {PROJECT} removed (containers, networks, volumes)")
-                return 0
-            sec_images()
-            ok, dt, _ = stack_up("up")
-        except Abort as e:
-            print(f"e2e: {e}", file=sys.stderr)
-            return 1
-        print(f"e2e: stack {PROJECT} up (all healthy in {dt:.1f} s): curl http://localhost:8080/ ; "
-              "remove it with tests/e2e/run down" if ok else "e2e: the stack did not come up")
-        return 0 if ok else 1
-    if mode != "suite":
+    if mode not in ("suite", "up", "down"):
         print("usage: tests/e2e/run [up|down]", file=sys.stderr)
         return 2
     home = Path(tempfile.mkdtemp(prefix="desafio3-e2e-home-"))  # the recipe's $HOME
@@ -656,6 +607,16 @@ def main(mode: str) -> int:
     created, t_start = False, time.time()
     try:
         preflight()
+        if mode != "suite":  # `up` for a person to poke at (dev password), `down` to remove it
+            cleanup()
+            if mode == "up":
+                sec_images()
+                ok, dt, _ = stack_up("up")
+                print(f"e2e: stack {PROJECT} up in {dt:.1f} s: curl http://localhost:8080/ ; remove it with "
+                      "tests/e2e/run down" if ok else "e2e: the stack did not come up")
+                return 0 if ok else 1
+            print(f"e2e: project {PROJECT} removed (containers, networks, volumes)")
+            return 0
         info(f"project {PROJECT}: {' '.join(COMPOSE)}")
         cleanup()  # a stack left by `tests/e2e/run up`
         created = True
