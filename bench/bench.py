@@ -1,16 +1,6 @@
 #!/usr/bin/env python3
-"""desafio3 benchmark driver (run through bench/run, which installs what this needs).
-
-Starts a throwaway Redis and PostgreSQL (password auth, scram-sha-256 over TCP on loopback,
-as in the compose stack), then measures with wrk, at each concurrency after a warm-up:
-  web GET /          the product
-  web GET /healthz   the HTTP ceiling of the same binary
-  flask-dev GET /    the seed's app (reference/seed_app.py, Flask's development server)
-  gunicorn GET /     the same app deployed carefully (reference/pooled_app.py)
-and the floors of the two dependencies at the same concurrency:
-  pgbench            SELECT now(); -M prepared
-  redis-benchmark    INCR
-Writes <out>/<date>.{json,md,png} and <out>/latest.md, a one-line pointer to them.
+"""desafio3 benchmark driver, run through bench/run (which installs what this needs); what it
+measures and writes (<out>/<date>.{json,md,png}, <out>/latest.md pointing at them): bench/README.md.
 """
 
 import argparse
@@ -469,35 +459,27 @@ def write_outputs(doc, outdir, stamp):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="c=64 only, a few seconds each; results to bench/results/quick/")
-    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="comma list (default 1,16,64,256)")
-    ap.add_argument("--duration", type=int, default=None, help="seconds measured per point")
-    ap.add_argument("--warmup", type=int, default=None, help="seconds of warm-up per point")
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], help="comma list (default 1,16,64,256)")
+    ap.add_argument("--duration", type=int, help="seconds measured per point")
+    ap.add_argument("--warmup", type=int, help="seconds of warm-up per point")
     ap.add_argument("--http-timeout", type=int, default=5, help="wrk --timeout seconds")
     ap.add_argument("--systems", type=lambda s: s.split(","), default=ORDER, help="comma list of: " + ",".join(ORDER))
-    ap.add_argument("--out", default=None, help="output directory")
+    ap.add_argument("--out", help="output directory")
     ap.add_argument("--skip-build", action="store_true", help="use target/release/web as is")
     a = ap.parse_args()
     if set(a.systems) - set(ORDER):
         ap.error(f"unknown systems: {', '.join(sorted(set(a.systems) - set(ORDER)))}")
     quick = a.quick and {"concurrency": [64], "duration": 3, "warmup": 1, "out": os.path.join(HERE, "results", "quick")}
     full = {"concurrency": [1, 16, 64, 256], "duration": 10, "warmup": 2, "out": os.path.join(HERE, "results")}
-    for k, v in full.items():
-        if getattr(a, k) is None:
-            setattr(a, k, (quick or full)[k])
+    for k in full:
+        setattr(a, k, (quick or full)[k] if getattr(a, k) is None else getattr(a, k))
 
-    b = Bench(a)
-
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    today = dt.date.today().isoformat()
+    b, today = Bench(a), dt.date.today().isoformat()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the servers as Ctrl-C does
     try:
         b.run()
     except KeyboardInterrupt:
         log("interrupted: stopping the servers")
-        b.close()
         sys.exit(130)
     finally:
         b.close()

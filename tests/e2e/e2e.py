@@ -1,11 +1,7 @@
 #!/usr/bin/env python3
-"""desafio3 end-to-end suite: the unchanged docker-compose.yml on the machine's Docker engine.
-
-Driven by tests/e2e/run (see there and tests/e2e/README.md). Standard library only (Python 3.11+).
-Every check prints one line ("PASS"/"FAIL"), the last line is "e2e: N passed, M failed", the exit
-status is 1 on any failure. The stack runs as compose project desafio3-e2e; docker-compose.yml
-fixes container_name web/cache/db, so the suite refuses to start while another project owns them.
-"""
+"""desafio3 end-to-end suite, driven by tests/e2e/run; what it proves: tests/e2e/README.md.
+One line per check ("PASS"/"FAIL"), then "e2e: N passed, M failed"; exit status 1 on any failure.
+Standard library only (Python 3.11+)."""
 
 from __future__ import annotations
 

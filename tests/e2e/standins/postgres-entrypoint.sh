@@ -36,15 +36,12 @@ if [ "$(id -u)" = 0 ]; then
     exec setpriv --reuid=postgres --regid=postgres --init-groups "$BASH_SOURCE" "$@"
 fi
 
-if [ -s "$PGDATA/PG_VERSION" ]; then
-    echo "stand-in: $PGDATA holds a database; skipping initialisation"
-    exec "$@"
-fi
+# docker_setup_env's DATABASE_ALREADY_EXISTS: a data directory with PG_VERSION is used as it is
+[ ! -s "$PGDATA/PG_VERSION" ] || { echo "stand-in: $PGDATA holds a database; skipping initialisation"; exec "$@"; }
 
 # docker_verify_minimum_env
 if [ -z "$POSTGRES_PASSWORD" ] && [ "${POSTGRES_HOST_AUTH_METHOD:-}" != trust ]; then
-    echo "Error: Database is uninitialized and superuser password is not specified." >&2
-    exit 1
+    echo "Error: Database is uninitialized and superuser password is not specified." >&2; exit 1
 fi
 ls /docker-entrypoint-initdb.d/ >/dev/null   # fail before initdb if the directory is unreadable
 
