@@ -98,17 +98,16 @@ def stop(p, sig=signal.SIGTERM, timeout=15):
 
 
 def _wait(ready, proc, what, timeout=30):
-    end = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
+    end, last = time.monotonic() + timeout, None
+    while proc.poll() is None and time.monotonic() < end:
         try:
             if ready():
                 return
         except RuntimeError as e:
-            if time.monotonic() > end:
-                raise RuntimeError(f"{what} not ready after {timeout} s: {e}") from e
+            last = e
         time.sleep(0.1)
+    raise RuntimeError(f"{what} exited with {proc.returncode}" if proc.poll() is not None else
+                       f"{what} not ready after {timeout} s: {last}")
 
 
 @contextlib.contextmanager
