@@ -1,22 +1,8 @@
 #!/usr/bin/env bash
-# Builds the images the end-to-end suite needs, locally (no registry is needed):
-#
-#   desafio3-test/redis:latest     stand-in for the official redis image     } one Debian root
-#   desafio3-test/postgres:latest  stand-in for the official postgres image  } filesystem (debootstrap)
-#   desafio3-web:latest            the web service: binary built on this host, nothing else
-#   (desafio3-test/base:<hash>     the imported rootfs + tests/e2e/standins/*.sh; the two
-#                                  stand-ins add only configuration on top of it)
-#
-# Usage: tests/e2e/images.sh [all|standins|web|rootfs]   (default: all)
-#
-# The slow part, the Debian root filesystem, is cached outside the repository in
-# ${XDG_CACHE_HOME:-$HOME/.cache}/desafio3/rootfs-<hash of its recipe>.tar; the stand-in images
-# carry the hash of their inputs in the label org.desafio3.e2e.inputs and are not rebuilt while
-# it matches. Set DESAFIO3_E2E_REBUILD=1 to force a rebuild of the stand-in images (the rootfs
-# cache is kept; delete the tarball to rebuild it).
-#
-# The Debian mirror is read from this machine's apt sources at run time (none is written here);
-# without one, debootstrap's own default is used. Building the rootfs needs root (or sudo).
+# Builds the images of the end-to-end suite locally: desafio3-web:latest (the static binary built
+# here, nothing else) and the stand-ins desafio3-test/{redis,postgres}:latest (a debootstrap root
+# filesystem, cached in ~/.cache/desafio3, plus standins/*.sh). See tests/e2e/README.md.
+#   tests/e2e/images.sh [all|standins|web|rootfs]      DESAFIO3_E2E_REBUILD=1 rebuilds the stand-ins
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,41 +41,31 @@ build_rootfs() {
     # shellcheck disable=SC2064
     trap "as_root umount '$r/proc' 2>/dev/null || true; as_root rm -rf '$work'" EXIT
     log "debootstrap $SUITE ($ARCH, minbase) ${mirror:-<debootstrap default mirror>} — a few minutes"
-    as_root debootstrap --variant=minbase --arch="$ARCH" "$SUITE" "$r" ${mirror:+"$mirror"} >"$work/debootstrap.log" 2>&1 \
-        || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
-    # No daemon may start inside the chroot while packages are installed.
-    printf '#!/bin/sh\nexit 101\n' | as_root tee "$r/usr/sbin/policy-rc.d" >/dev/null
-    as_root chmod 755 "$r/usr/sbin/policy-rc.d"
+    as_root debootstrap --variant=minbase --arch="$ARCH" "$SUITE" "$r" ${mirror:+"$mirror"} >"$work/log" 2>&1 ||
+        { tail -n 30 "$work/log" >&2; die "debootstrap failed (log above)"; }
+    printf '#!/bin/sh\nexit 101\n' | as_root install -m 755 /dev/stdin "$r/usr/sbin/policy-rc.d"  # no daemon starts
     as_root mount -t proc proc "$r/proc"
-    local apt=(env DEBIAN_FRONTEND=noninteractive LC_ALL=C chroot "$r" apt-get -q -y
-               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
-               -o APT::Install-Recommends=false)
+    local apt=(env DEBIAN_FRONTEND=noninteractive LC_ALL=C chroot "$r" apt-get -q -y -o APT::Install-Recommends=false
+               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
     log "installing: $PACKAGES"
-    {
-        "${apt[@]}" update
-        # no default cluster: the entrypoint initialises $PGDATA on first start, like the official image
-        "${apt[@]}" install postgresql-common
+    # postgresql-common first, set to make no cluster: the entrypoint initialises $PGDATA, like the official one
+    { "${apt[@]}" update && "${apt[@]}" install postgresql-common &&
         as_root sed -i -E 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' \
-            "$r/etc/postgresql-common/createcluster.conf"
-        # shellcheck disable=SC2086
-        "${apt[@]}" install $PACKAGES
-        "${apt[@]}" clean
-    } >"$work/apt.log" 2>&1 || { tail -n 30 "$work/apt.log" >&2; die "apt-get in the chroot failed (log above)"; }
+            "$r/etc/postgresql-common/createcluster.conf" &&
+        "${apt[@]}" install $PACKAGES && "${apt[@]}" clean; } >>"$work/log" 2>&1 ||
+        { tail -n 30 "$work/log" >&2; die "apt-get in the chroot failed (log above)"; }
     as_root umount "$r/proc"
-    as_root test -x "$r/usr/bin/setpriv" || die "setpriv missing from the root filesystem"
-    as_root ls "$r"/usr/lib/postgresql/*/bin/postgres >/dev/null || die "postgres missing from the root filesystem"
-    as_root rm -rf "$r/usr/sbin/policy-rc.d" "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin \
-        "$r"/var/log/*.log "$r"/var/log/apt/* "$r"/tmp/* "$r"/usr/share/doc/* "$r"/usr/share/man/* \
-        "$r"/usr/share/locale/* "$r"/usr/share/i18n
-    # PostgreSQL's optional LLVM JIT (~140 MB; the server runs without it, JIT simply stays off)
-    as_root rm -rf "$r"/usr/lib/postgresql/*/lib/llvmjit* "$r"/usr/lib/postgresql/*/lib/bitcode \
+    as_root test -x "$r/usr/bin/setpriv" -a -d "$r/usr/lib/postgresql" || die "setpriv or postgres missing"
+    # docs, caches, and PostgreSQL's optional LLVM JIT (~140 MB; without it JIT simply stays off)
+    as_root rm -rf "$r/usr/sbin/policy-rc.d" "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin "$r"/var/log/*.log \
+        "$r"/var/log/apt/* "$r"/tmp/* "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/locale/* \
+        "$r"/usr/share/i18n "$r"/usr/lib/postgresql/*/lib/llvmjit* "$r"/usr/lib/postgresql/*/lib/bitcode \
         "$r"/usr/lib/*-linux-gnu/libLLVM-*.so* "$r"/usr/lib/*-linux-gnu/libz3.so*
     as_root mkdir -p "$r/data" "$r/var/lib/postgresql/data" "$r/docker-entrypoint-initdb.d"
-    as_root chroot "$r" chown redis:redis /data
-    as_root chroot "$r" chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data
+    as_root chroot "$r" sh -c 'chown redis:redis /data && chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data'
     as_root chmod 700 "$r/var/lib/postgresql/data"
-    as_root tar --numeric-owner --xattrs -C "$r" -cf "$work/rootfs.tar" \
-        --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' .
+    as_root tar --numeric-owner --xattrs -C "$r" -cf "$work/rootfs.tar" --exclude='./proc/*' --exclude='./sys/*' \
+        --exclude='./dev/*' .
     as_root chown "$(id -u):$(id -g)" "$work/rootfs.tar"
     mv "$work/rootfs.tar" "$out"
     as_root rm -rf "$work"
@@ -137,36 +113,26 @@ build_standins() {
     pgver="$(tar -tf "$ROOTFS_TAR" | sed -nE 's#^\./usr/lib/postgresql/([0-9]+)/bin/postgres$#\1#p' | head -n1)"
     [ -n "$pgver" ] || die "no postgres in $ROOTFS_TAR"
     PG_BIN_DIR="/usr/lib/postgresql/$pgver/bin"
-    # one hash of every input: the rootfs, the entrypoints and the images' configuration
+    # one hash of every input: the rootfs, the entrypoints, the images' configuration and this recipe
     local hash name
-    hash="$( { (cd "$STANDINS" && sha256sum -- *.sh); basename "$ROOTFS_TAR"; changes_redis; changes_postgres; } |
-        sha256sum | cut -c1-16)"
+    hash="$( { (cd "$STANDINS" && sha256sum -- *.sh); basename "$ROOTFS_TAR"; changes_redis; changes_postgres
+        declare -f build_standins; } | sha256sum | cut -c1-16)"
     if [ "${DESAFIO3_E2E_REBUILD:-0}" != 1 ] && [ "$(image_label desafio3-test/redis:latest)" = "$hash" ] &&
         [ "$(image_label desafio3-test/postgres:latest)" = "$hash" ]; then
         log "desafio3-test/redis and desafio3-test/postgres are up to date ($hash)"
         return
     fi
-    # One base image, the rootfs plus the entrypoints (docker import cannot set STOPSIGNAL); each
-    # stand-in is a metadata-only legacy `docker build` on top of it.
-    local base="desafio3-test/base:$hash"
+    # One base image, the root filesystem as it is; each stand-in adds the entrypoints and its
+    # configuration with a legacy `docker build` (docker import cannot set STOPSIGNAL).
+    local base="desafio3-test/base:$(basename "$ROOTFS_TAR" .tar)"
     if ! docker image inspect "$base" >/dev/null 2>&1; then
-        local work
-        work="$(mktemp -d "$CACHE_DIR/import.XXXXXX")"
-        # shellcheck disable=SC2064
-        trap "rm -rf '$work'" EXIT
-        cp "$ROOTFS_TAR" "$work/image.tar"
-        mkdir -p "$work/add/usr/local/bin"
-        install -m 0755 "$STANDINS"/*.sh "$work/add/usr/local/bin/"
-        (cd "$work/add" && tar --numeric-owner --owner=0 --group=0 --mtime=@0 -rf "$work/image.tar" ./usr/local/bin/*.sh)
         log "docker import $base"
-        docker import -m "desafio3 e2e stand-ins base (test-only)" "$work/image.tar" "$base" >/dev/null
-        rm -rf "$work"
-        trap - EXIT
+        docker import -m "desafio3 e2e stand-ins base (test-only)" "$ROOTFS_TAR" "$base" >/dev/null
     fi
     for name in redis postgres; do
         log "docker build desafio3-test/$name:latest ($hash)"
-        { echo "FROM $base"; "changes_$name"; echo "LABEL $LABEL=$hash"; } |
-            DOCKER_BUILDKIT=0 docker build -q -t "desafio3-test/$name:latest" - >/dev/null 2>"$CACHE_DIR/build.err" ||
+        { echo "FROM $base"; echo "COPY *-entrypoint.sh /usr/local/bin/"; "changes_$name"; echo "LABEL $LABEL=$hash"; } |
+            DOCKER_BUILDKIT=0 docker build -q -t "desafio3-test/$name:latest" -f - "$STANDINS" >/dev/null 2>"$CACHE_DIR/build.err" ||
             { grep -v -e DEPRECATED -e BuildKit -e 'legacy builder' "$CACHE_DIR/build.err" >&2; die "docker build failed"; }
     done
     # drop older bases (untagged only if still in use)
