@@ -213,7 +213,7 @@ class Bench:
         while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
             if p.poll() is not None or time.monotonic() > end:
                 self.stop(p)
-                raise RuntimeError(f"{name} did not become ready: {st}; log tail:\n{tail(p.log_path)}")
+                raise RuntimeError(f"{name} did not become ready: {st}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
             time.sleep(0.1)
         return p, port
 
@@ -291,14 +291,6 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def tail(path, n=20):
-    try:
-        with open(path) as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
 def fmt_ms(v):
     return "—" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
@@ -315,20 +307,21 @@ def get(results, system, c):
 def ratios(doc):
     res, out = doc["results"], []
 
-    def ratio(name, num, den, target, better="ge"):
+    def ratio(name, num, den, target, better="ge", fmt="{:.2f}×"):
         val = None if (num is None or den in (None, 0)) else num / den
         met = None if val is None else (val >= target if better == "ge" else val <= target)
-        out.append({"name": name, "value": val, "target": target, "cmp": better, "met": met})
+        out.append({"name": name, "value": val, "target": target, "cmp": better, "met": met,
+                    "shown": "—" if val is None else fmt.format(val)})
 
     w = get(res, "web", 64)
     rps = lambda k: (get(res, k, 64) or {}).get("rps")  # noqa: E731
     ratio("web GET / ÷ flask-dev (seed), c=64", w and w["rps"], rps("flask-dev"), 100)
     ratio("web GET / ÷ gunicorn, c=64", w and w["rps"], rps("gunicorn"), 5)
     ratio("web GET / ÷ pgbench SELECT now(), c=64", w and w["rps"], rps("pgbench"), 0.9)
-    ratio("web GET / p99 (ms), c=64", w and w.get("p99_ms"), 1, 5, "le")
-    ratio("web GET / errors, c=64", w and w.get("errors"), 1, 0, "le")
+    ratio("web GET / p99 (ms), c=64", w and w.get("p99_ms"), 1, 5, "le", "{:.2f}")
+    ratio("web GET / errors, c=64", w and w.get("errors"), 1, 0, "le", "{:.0f}")
     rss = doc["meta"].get("web_peak_rss_kib")
-    ratio("web peak RSS (MiB)", rss and rss / 1024, 1, 20, "le")
+    ratio("web peak RSS (MiB)", rss and rss / 1024, 1, 20, "le", "{:.2f}")
     webs = [r["rps"] for r in res if r["system"] == "web" and "error" not in r]
     w256 = get(res, "web", 256)
     ratio("web GET / c=256 ÷ its best", w256 and w256["rps"], max(webs) if webs else None, 0.9)
@@ -362,14 +355,8 @@ def markdown(doc):
               "would slow the floor down.", "", "## Targets (c=64 unless noted)", "",
               "| measure | value | target | met |", "|---|---:|---:|:---:|"]
     for r in doc["ratios"]:
-        v = r["value"]
-        vs = "—" if v is None else (f"{v:.2f}" if abs(v) < 100 else f"{v:,.0f}")
-        if v is not None and (r["name"].startswith("web GET / ÷") or "÷ its best" in r["name"]):
-            vs = f"{v:.2f}×"
-        elif v is not None and "errors" in r["name"]:
-            vs = f"{v:.0f}"
         tgt = ("≥ " if r["cmp"] == "ge" else "≤ ") + f"{r['target']:g}"
-        lines.append(f"| {r['name']} | {vs} | {tgt} | {({True: 'yes', False: '**no**'}).get(r['met'], '—')} |")
+        lines.append(f"| {r['name']} | {r['shown']} | {tgt} | {({True: 'yes', False: '**no**'}).get(r['met'], '—')} |")
     lines.append("")
     extra = []
     if m.get("web_peak_rss_kib"):
