@@ -108,30 +108,10 @@ class Resp:
         return f"error {self.err}" if self.err else f"HTTP {self.status} {self.body[:300].decode(errors='replace')}"
 
 
-class Ledger:
-    """Every GET / since the volumes were created: what the service acknowledged as counted.
-    counted: answers carrying a count; nocount: 200 degraded without a number (counted in Postgres
-    per the contract); failed: transport error / timeout / non-200 (counted or not, unknown)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reset()
-
-    def reset(self):
-        self.counted = self.nocount = self.failed = 0
-        self.values: list[int] = []
-
-    def add(self, r: Resp):
-        with self.lock:
-            if r.count is not None:
-                self.counted += 1
-                self.values.append(r.count)
-            else:
-                self.nocount += r.status == 200 and r.state == "degraded"
-                self.failed += not (r.status == 200 and r.state == "degraded")
-
-
-LEDGER = Ledger()
+# Every GET / since the volumes were created: the counts answered; 200 degraded answers without a
+# number (counted in Postgres per the contract); transport errors, timeouts, non-200 (counted or not).
+LEDGER: dict = {"values": [], "nocount": 0, "failed": 0}
+LEDGER_LOCK = threading.Lock()
 
 
 def get(path: str = "/", timeout: float = 5.0) -> Resp:
@@ -153,7 +133,11 @@ def get(path: str = "/", timeout: float = 5.0) -> Resp:
         r.t_recv = time.time()
         conn.close()
     if path == "/":
-        LEDGER.add(r)
+        with LEDGER_LOCK:
+            if r.count is not None:
+                LEDGER["values"].append(r.count)
+            else:
+                LEDGER["nocount" if r.status == 200 and r.state == "degraded" else "failed"] += 1
     return r
 
 
@@ -503,15 +487,16 @@ def sec_faults():
         load.stop()
     check("4.all healthy again", wait_healthy(RECOVERY_TIMEOUT_S), "{" + ", ".join(f"{n}: {health(n)}" for n in NAMES) + "}")
     final, recs = get("/"), load.snapshot()
-    cf, lower = final.count, LEDGER.counted + LEDGER.nocount
-    info(f"load: {len(recs)} requests; since the volumes were created: {LEDGER.counted} answers carried a count, "
-         f"{LEDGER.nocount} degraded answers without a number (counted in Postgres per the contract), "
-         f"{LEDGER.failed} failed/unanswered; duplicate counts seen: {len(LEDGER.values) - len(set(LEDGER.values))}")
+    counted, nocount, values = len(LEDGER["values"]), LEDGER["nocount"], LEDGER["values"]
+    cf, lower = final.count, counted + nocount
+    info(f"load: {len(recs)} requests; since the volumes were created: {counted} answers carried a count, "
+         f"{nocount} degraded answers without a number (counted in Postgres per the contract), "
+         f"{LEDGER['failed']} failed/unanswered; duplicate counts seen: {len(values) - len(set(values))}")
     if cf is None:
         check("4.no visit lost", False, f"final GET / → {final.short()}")
         return
-    check("4.no visit lost", cf >= LEDGER.counted and cf >= lower, f"final counter {cf} ≥ {LEDGER.counted} answers "
-          "with a count" + (f" + {LEDGER.nocount} counted degraded answers" if LEDGER.nocount else ""))
+    check("4.no visit lost", cf >= counted and cf >= lower, f"final counter {cf} ≥ {counted} answers with a count"
+          + (f" + {nocount} counted degraded answers" if nocount else ""))
     check("4.over-count bounded", 0 <= cf - lower <= inflight_total,
           f"over-count {cf - lower} ≤ {inflight_total} requests in flight at the faults without a count")
     time.sleep(2.5)
@@ -555,7 +540,7 @@ def sec_persistence():
                timeout=30).stdout.split()
     check("3.down -v", p.returncode == 0 and not vols,
           f"docker compose down -v → rc {p.returncode}; project volumes left: {vols or 'none'}")
-    LEDGER.reset()
+    LEDGER.update(values=[], nocount=0, failed=0)
     if not stack_up("3.up fresh")[0]:
         raise Abort("the stack did not come back")
     r = get("/")
