@@ -66,8 +66,12 @@ impl Store {
     /// before Redis or PostgreSQL exist.
     pub fn new(config: &Config) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            cache: Cache::new(&config.redis_url, config.dependency_timeout)
-                .context("configuring Redis")?,
+            cache: Cache::new(
+                &config.redis_url,
+                config.redis_password.as_deref(),
+                config.dependency_timeout,
+            )
+            .context("configuring Redis")?,
             db: Db::new(
                 config.database.clone(),
                 config.db_timezone.clone(),
