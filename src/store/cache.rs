@@ -71,11 +71,13 @@ impl Cache {
     ///
     /// `password` (from `REDIS_PASSWORD_FILE`) is set on the connection info, never in a URL.
     pub fn new(url: &str, password: Option<&str>, timeout: Duration) -> anyhow::Result<Self> {
-        let mut info = redis::IntoConnectionInfo::into_connection_info(url).context("REDIS_URL")?;
+        let info = redis::IntoConnectionInfo::into_connection_info(url).context("REDIS_URL")?;
+        // No `CLIENT SETINFO` on connect: the ACL grants `web` only the commands it uses.
+        let mut settings = info.redis_settings().clone().set_skip_set_lib_name();
         if let Some(password) = password {
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
+            settings = settings.set_password(password);
         }
+        let info = info.set_redis_settings(settings);
         let client = redis::Client::open(info).context("REDIS_URL")?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
