@@ -212,6 +212,15 @@ pub fn port_from_env() -> Result<u16, ConfigError> {
     port(&Env(&|name| std::env::var_os(name)))
 }
 
+/// `ADMIN_PORT` alone, for `healthcheck --ready`.
+pub fn admin_port_from_env() -> Result<u16, ConfigError> {
+    admin_port(&Env(&|name| std::env::var_os(name)))
+}
+
+fn admin_port(env: &Env<'_>) -> Result<u16, ConfigError> {
+    Ok(env.number("ADMIN_PORT", DEFAULT_ADMIN_PORT.into(), 1..=65_535)? as u16)
+}
+
 fn port(env: &Env<'_>) -> Result<u16, ConfigError> {
     Ok(env.number("PORT", DEFAULT_PORT.into(), 1..=65_535)? as u16)
 }

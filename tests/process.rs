@@ -384,3 +384,35 @@ fn an_unreadable_password_file_exits_2_naming_the_variable_and_the_permission_pr
     assert!(stderr.contains("Permission denied"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn healthcheck_ready_follows_readyz_on_the_admin_port() {
+    let ready = |admin_port: u16| {
+        Command::new(env!("CARGO_BIN_EXE_web"))
+            .args(["healthcheck", "--ready"])
+            .env_clear()
+            .env("ADMIN_PORT", admin_port.to_string())
+            .output()
+            .unwrap()
+    };
+    let (redis_port, pg_port) = (free_port(), free_port());
+    let env = Env::new(
+        &format!("redis://127.0.0.1:{redis_port}/0"),
+        &format!("postgres://admin@127.0.0.1:{pg_port}/desafio3"),
+    );
+    let web = WebProcess::spawn(env);
+    // Alive, but not ready: no dependency exists yet.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while healthcheck(web.port).0 != Some(0) {
+        assert!(Instant::now() < deadline, "never alive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = ready(web.admin_port);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("503"));
+
+    let _redis = inject(|| Redis::start_on(redis_port));
+    let _pg = inject(|| Postgres::start_on(pg_port));
+    web.wait_ready(Duration::from_secs(10)).await;
+    assert_eq!(ready(web.admin_port).status.code(), Some(0));
+}
