@@ -26,7 +26,8 @@ VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import free_port, spawn, stop, throwaway  # noqa: E402 - the throwaway servers shared with tests/e2e
 
-SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "flask-dev": "flask-dev GET / (seed)",
+SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
+           "flask-dev": "flask-dev GET / (seed)",
            "gunicorn": "gunicorn GET /", "pgbench": "pgbench SELECT now()", "redis": "redis-benchmark INCR"}
 ORDER = list(SYSTEMS)
 
@@ -205,10 +206,10 @@ class Bench:
         the next run starts on an idle server (matters for the slow reference apps)."""
         return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
-    def serve(self, name, argv, **kw):
+    def serve(self, name, argv, env=None, **kw):
         """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
         port = free_port()
-        p = self.start(name, argv, env=dict(self.env, PORT=str(port)), **kw)
+        p = self.start(name, argv, env=dict(self.env, PORT=str(port), ADMIN_PORT=str(free_port()), **(env or {})), **kw)
         end = time.monotonic() + 30
         while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
             if p.poll() is not None or time.monotonic() > end:
@@ -236,6 +237,10 @@ class Bench:
         errs = [ln for ln in open(p.log_path) if '"ERROR"' in ln or '"WARN"' in ln]
         self.meta["web_log_warnings"] = len(errs)
         self.meta["web_log_sample"] = [ln.strip()[:300] for ln in errs[:5]]
+        if "web-info" in self.args.systems:  # the same binary logging every request (non-blocking)
+            p, port = self.serve("web-info", [os.path.join(ROOT, "target", "release", "web")], env={"RUST_LOG": "info"})
+            self.http_series("web-info", port, "/", lambda: [p.pid])
+            self.stop(p, signal.SIGTERM)
 
     def run_flask_dev(self):
         p, port = self.serve("flask-dev", [sys.executable, "seed_app.py"], cwd=REFERENCE)
@@ -272,7 +277,7 @@ class Bench:
         with open("/proc/loadavg") as f:
             self.meta["loadavg_at_start"] = f.read().split()[:3]
         self.start_deps()
-        steps = [({"web", "web-healthz"}, self.run_web), ({"flask-dev"}, self.run_flask_dev),
+        steps = [({"web", "web-healthz", "web-info"}, self.run_web), ({"flask-dev"}, self.run_flask_dev),
                  ({"gunicorn"}, self.run_gunicorn), ({"pgbench"}, self.run_pgbench), ({"redis"}, self.run_redis)]
         for keys, fn in steps:
             if keys & set(self.args.systems):
@@ -318,6 +323,7 @@ def ratios(doc):
     ratio("web GET / ÷ flask-dev (seed), c=64", w and w["rps"], rps("flask-dev"), 100)
     ratio("web GET / ÷ gunicorn, c=64", w and w["rps"], rps("gunicorn"), 5)
     ratio("web GET / ÷ pgbench SELECT now(), c=64", w and w["rps"], rps("pgbench"), 0.9)
+    ratio("web GET / RUST_LOG=info ÷ warn, c=64", rps("web-info"), w and w["rps"], 0.9)
     ratio("web GET / p99 (ms), c=64", w and w.get("p99_ms"), 1, 5, "le", "{:.2f}")
     ratio("web GET / errors, c=64", w and w.get("errors"), 1, 0, "le", "{:.0f}")
     rss = doc["meta"].get("web_peak_rss_kib")

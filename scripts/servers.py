@@ -33,8 +33,11 @@ class Redis:
         self.cli, self.port = cli, port
 
     @classmethod
-    def container(cls, name):
-        return cls(["docker", "exec", name, "redis-cli"])
+    def container(cls, name, user=None, password=None):
+        """redis-cli in the container; as an ACL user when given (password via the environment
+        of the exec, never on a command line)."""
+        auth = ["-e", f"REDISCLI_AUTH={password}"] if password else []
+        return cls(["docker", "exec", *auth, name, "redis-cli", *(["--user", user] if user else [])])
 
     def cmd(self, *args, timeout=30):
         return _output([*self.cli, "--raw", *args], timeout)

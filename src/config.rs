@@ -85,8 +85,8 @@ pub const DEFAULT_PORT: u16 = 5000;
 pub const DEFAULT_ADMIN_PORT: u16 = 9090;
 const DEFAULT_MAX_CONNECTIONS: u64 = 512;
 const DEFAULT_HTTP_HEADER_TIMEOUT_MS: u64 = 5000;
-pub const DEFAULT_REDIS_URL: &str = "redis://cache:6379/0";
-pub const DEFAULT_DATABASE_URL: &str = "postgres://admin@db:5432/desafio3";
+pub const DEFAULT_REDIS_URL: &str = "redis://web@cache:6379/0";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://web@db:5432/desafio3";
 const DEFAULT_TIMEZONE: &str = "UTC";
 const DEFAULT_DEPENDENCY_TIMEOUT_MS: u64 = 1000;
 /// The shutdown budget is a multiple of this timeout and must fit Docker's 10 s grace period
@@ -300,8 +300,8 @@ mod tests {
         assert_eq!(c.max_connections, 512);
         assert_eq!(c.http_header_timeout, Duration::from_secs(5));
         assert_eq!(c.redis_password, None);
-        assert_eq!(c.redis_url, "redis://cache:6379/0");
-        assert_eq!(c.database.get_user(), Some("admin"));
+        assert_eq!(c.redis_url, "redis://web@cache:6379/0");
+        assert_eq!(c.database.get_user(), Some("web"));
         assert_eq!(c.database.get_dbname(), Some("desafio3"));
         assert_eq!(c.db_timezone, "UTC");
         assert_eq!(c.dependency_timeout, Duration::from_millis(1000));

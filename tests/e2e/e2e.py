@@ -84,7 +84,7 @@ def ts(s: str) -> float:
 
 
 def durable_counter() -> int | None:
-    v = DB.value("SELECT value FROM visit_counter WHERE id = 1;")
+    v = DB.value("SELECT value FROM web.visit_counter WHERE id = 1;")  # in role web's schema
     return int(v) if v else None
 
 
@@ -233,7 +233,8 @@ def sec_images():
         if run(["docker", "image", "inspect", image], timeout=30).returncode != 0:
             p = run(["docker", "pull", "-q", image], timeout=900)
             if p.returncode != 0:
-                why = f"`docker pull {image}` failed ({last_lines(p.stderr, 1)[:120]})"
+                # the daemon's own words name the registry host: keep them out of the log
+                why = f"`docker pull {image}` failed (rc {p.returncode})"
                 break
     if not why:
         info(f"cache/db: the official images {' and '.join(images)}")
@@ -262,22 +263,25 @@ def run_recipe(home: Path):
     for line in m[1].strip().splitlines():
         info(f"  $ {line}")
     # one line after the recipe reports where it put the password file
-    return run(["bash", "-euo", "pipefail", "-c", m[1] + 'echo "recipe-file=$DESAFIO3_DB_PASSWORD_FILE"\n'],
+    return run(["bash", "-euo", "pipefail", "-c", m[1] + 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'],
                timeout=HEALTHY_TIMEOUT_S + 60, env=env)
 
 
-def sec_up(home: Path) -> str:
-    """Starts the stack with the password recipe; returns the password it made."""
+def sec_up(home: Path) -> dict[str, str]:
+    """Starts the stack with the password recipe; returns the passwords it made, by file."""
+    global CACHE
     recipe = []
     ok, dt, times = stack_up("1.up", lambda: recipe.append(run_recipe(home)) or recipe[0])
-    made = re.search(r"^recipe-file=(.+)$", recipe[0].stdout, re.M) if recipe else None
+    made = re.search(r"^recipe-dir=(.+)$", recipe[0].stdout, re.M) if recipe else None
     if not ok or not made:
         raise Abort("the stack did not come up")
-    pwfile = Path(made[1])
-    COMPOSE_ENV["DESAFIO3_DB_PASSWORD_FILE"] = str(pwfile)  # for the suite's later `up`s
+    secrets_dir = Path(made[1])
+    COMPOSE_ENV["DESAFIO3_SECRETS"] = str(secrets_dir)  # for the suite's later `up`s
+    secrets = {n: (secrets_dir / n).read_text().strip() for n in ("db_password", "web_db_password", "redis_password")}
+    CACHE = Redis.container("cache", "web", secrets["redis_password"])
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in sorted(secrets_dir.iterdir())}
     check("1.up", True, f"the recipe's `docker compose up -d` → web, cache and db all healthy in {dt:.1f} s "
-          f"(fresh volumes, first db init); password file {oct(pwfile.stat().st_mode & 0o777)} "
-          f"in a {oct(pwfile.parent.stat().st_mode & 0o777)} directory")
+          f"(fresh volumes, first db init); secrets {modes} in a {oct(secrets_dir.stat().st_mode & 0o777)} directory")
     web_start, c_ok, d_ok = times["web"].get("started"), times["cache"].get("healthy"), times["db"].get("healthy")
     rel = lambda t: "never" if t is None or web_start is None else f"{web_start - t:+.2f} s"  # noqa: E731
     check("1.order", None not in (web_start, c_ok, d_ok) and web_start > max(c_ok, d_ok),
@@ -304,12 +308,54 @@ def sec_up(home: Path) -> str:
         "; ".join(problems) + f" — {r1.short()}" if problems else f"200 application/json {r1.body.decode()}"))
     check("1.password recipe", j.get("status") == "ok",
           f"after {RECIPE_DOC.relative_to(ROOT)}'s recipe: status {j.get('status')!r} (web, uid 65532, "
-          "and db both read the recipe's password file; cache and db found by name)")
+          "db and cache read the recipe's secrets; web logs in as its own users; cache and db found by name)")
     seq = [r.json.get("visitas_cache") if isinstance(r.json, dict) else r.short() for r in (r1, get("/"), get("/"))]
     check("1.sequence", seq == ["1", "2", "3"], f"three requests gave {seq} (want ['1', '2', '3'])")
-    rz = get("/readyz")
-    check("1.readyz", rz.status == 200, f"GET /readyz → {rz.short()}")
-    return pwfile.read_text().strip()
+    rz = run(["docker", "exec", "web", "/bin/web", "healthcheck", "--ready"], timeout=30)
+    check("1.readyz", rz.returncode == 0, "docker exec web /bin/web healthcheck --ready (GET /readyz on the "
+          f"unpublished admin port) → rc {rz.returncode} {last_lines(rz.stderr, 1)}")
+    return secrets
+
+
+def sec_least_privilege(secrets: dict[str, str]):
+    """web's own users can do what web does and nothing more; the seed's admin checks still work."""
+    web_sql = lambda sql: run(["docker", "exec", "db", "psql", "-U", "web", "-d", "desafio3",  # noqa: E731
+                               "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout=30)
+    p = web_sql("SELECT rolsuper, current_schema() FROM pg_roles WHERE rolname = current_user")
+    check("8.db role", p.returncode == 0 and p.stdout.strip() == "f|web",
+          f"role web: superuser|schema → {p.stdout.strip() or last_lines(p.stderr)!r} (want 'f|web')")
+    p = web_sql("COPY (SELECT 1) TO PROGRAM 'id'")
+    check("8.db no programs", p.returncode != 0 and "pg_execute_server_program" in p.stderr,
+          f"as web: COPY (SELECT 1) TO PROGRAM 'id' → {last_lines(p.stderr, 1) or 'ran!'}")
+    p = web_sql("UPDATE visit_counter SET value = value WHERE id = 1 RETURNING value")
+    check("8.db own table", p.returncode == 0 and p.stdout.strip().isdigit(),
+          f"as web: web's own UPDATE → {p.stdout.strip() or last_lines(p.stderr)!r}")
+    default = Redis.container("cache")
+    tries = {"PING": ("PING",), "GET visitas": ("GET", "visitas")}
+    got = {k: run([*default.cli, *args], timeout=30).stdout.strip() for k, args in tries.items()}
+    check("8.redis default user", got["PING"] == "PONG" and got["GET visitas"].startswith("NOPERM"),
+          f"redis-cli without a user: {got}")
+    web = lambda *args: run([*CACHE.cli, *args], timeout=30).stdout.strip()  # noqa: E731
+    got = {"GET visitas": web("GET", "visitas"), "GET other": web("GET", "other"),
+           "FLUSHALL": web("FLUSHALL"), "CONFIG GET dir": web("CONFIG", "GET", "dir")}
+    check("8.redis web user", got["GET visitas"].isdigit() and all(v.startswith("NOPERM") for k, v in got.items()
+                                                                   if k != "GET visitas"),
+          f"redis-cli --user web: {got}")
+
+
+def sec_cache_db_hardening():
+    data = inspect("cache", "db")
+    for name, caps in (("cache", {"CHOWN", "DAC_READ_SEARCH", "SETGID", "SETUID"}),
+                       ("db", {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"})):
+        hc, pid = data[name]["HostConfig"], data[name]["State"]["Pid"]
+        status = {k: v.split() for k, _, v in (l.partition(":") for l in Path(f"/proc/{pid}/status").read_text().splitlines())}
+        added = {c.removeprefix("CAP_") for c in hc.get("CapAdd") or []}
+        check(f"5.{name} hardening", "ALL" in (hc.get("CapDrop") or []) and added == caps
+              and "no-new-privileges:true" in (hc.get("SecurityOpt") or []) and status.get("NoNewPrivs") == ["1"]
+              and status.get("CapEff") == ["0" * 16] and (hc.get("Memory") or 0) > 0,
+              f"CapDrop {hc.get('CapDrop')} CapAdd {sorted(added)}; server process uid {status.get('Uid', ['?'])[0]} "
+              f"CapEff={status.get('CapEff', ['?'])[0]} NoNewPrivs={status.get('NoNewPrivs', ['?'])[0]}; "
+              f"memory limit {(hc.get('Memory') or 0) // 2**20} MiB")
 
 
 def sec_seed():
@@ -322,7 +368,7 @@ def sec_seed():
           + (" / ".join(l.strip() for l in p.stdout.strip().splitlines()) if p.returncode == 0 else last_lines(p.stderr)))
 
 
-def sec_hardening(secret: str):
+def sec_hardening(secrets: dict[str, str]):
     data = inspect(*NAMES)
     web = data["web"]
     hc, cfg, pid = web["HostConfig"], web["Config"], web["State"]["Pid"]
@@ -364,19 +410,19 @@ def sec_hardening(secret: str):
                        for b in v or []}) for n, d in data.items()}
     check("5.ports", not pubs["cache"] and not pubs["db"] and pubs["web"] and
           all(p.endswith("->5000/tcp") and ":8080->" in p for p in pubs["web"]),
-          f"published: web {pubs['web']}, cache {pubs['cache'] or 'none'}, db {pubs['db'] or 'none'}")
+          f"published (the admin port 9090 is not): web {pubs['web']}, cache {pubs['cache'] or 'none'}, db {pubs['db'] or 'none'}")
     backend = network_id("backend")
     nets = {n: sorted(d["NetworkSettings"]["Networks"]) for n, d in data.items()}
     internal = run(["docker", "network", "inspect", "-f", "{{.Internal}}", backend], timeout=30).stdout.strip()
     check("5.networks", internal == "true" and all(len(nets[n]) == 1 for n in ("cache", "db")),
           f"backend internal={internal}; {nets}")
-    leaked = [n for n, d in data.items() if secret in json.dumps(d)]
+    leaked = [n for n, d in data.items() for v in secrets.values() if v in json.dumps(d)]
     pw_env = [e.split("=")[0] for d in data.values() for e in d["Config"].get("Env") or []
               if re.match(r"[A-Z_]*PASSWORD=", e)]
     check("5.secret not in inspect", not leaked and not pw_env,
-          f"db password value absent from docker inspect of {', '.join(NAMES)}"
+          f"no password value ({', '.join(secrets)}) in docker inspect of {', '.join(NAMES)}"
           + (f"; FOUND in {leaked}" if leaked else "") + (f"; password variables {pw_env}" if pw_env else "")
-          + "; web gets DATABASE_PASSWORD_FILE, db POSTGRES_PASSWORD_FILE (secret files under /run/secrets)")
+          + "; only *_PASSWORD_FILE paths and an --aclfile under /run/secrets")
     size = int(run(["docker", "image", "inspect", "-f", "{{.Size}}", cfg["Image"]], timeout=30).stdout.strip() or 0)
     check("7.image size", 0 < size <= IMAGE_SIZE_TARGET,
           f"{cfg['Image']} is {size / 1e6:.2f} MB ({size} bytes; target ≤ 10 MB)")
@@ -547,11 +593,11 @@ def sec_persistence():
     check("3.reset", r.count == 1, f"after down -v and up: visitas_cache={r.count if r.count is not None else r.short()}")
 
 
-def sec_logs(secret: str):
+def sec_logs(secrets: dict[str, str]):
     collect_logs()
     text = "\n".join(LOGS)
-    check("5.secret not in logs", secret not in text and text.count("\n") > 0,
-          f"db password value absent from {text.count(chr(10))} log lines of web, cache and db (whole run)")
+    check("5.secret not in logs", not any(v in text for v in secrets.values()) and text.count("\n") > 0,
+          f"no password value in {text.count(chr(10))} log lines of web, cache and db (whole run)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -583,7 +629,7 @@ def main(mode: str) -> int:
         print("usage: tests/e2e/run [up|down]", file=sys.stderr)
         return 2
     home = Path(tempfile.mkdtemp(prefix="desafio3-e2e-home-"))  # the recipe's $HOME
-    COMPOSE_ENV.pop("DESAFIO3_DB_PASSWORD_FILE", None)
+    COMPOSE_ENV.pop("DESAFIO3_SECRETS", None)
     COMPOSE_ENV.pop("DB_TIMEZONE", None)  # hora_db is checked against the host clock in UTC
     created, t_start = False, time.time()
     try:
@@ -602,13 +648,15 @@ def main(mode: str) -> int:
         cleanup()  # a stack left by `tests/e2e/run up`
         created = True
         sec_images()
-        secret = sec_up(home)
+        secrets = sec_up(home)
         sec_seed()
-        sec_hardening(secret)
+        sec_least_privilege(secrets)
+        sec_hardening(secrets)
+        sec_cache_db_hardening()
         sec_stop()
         sec_faults()
         sec_persistence()
-        sec_logs(secret)
+        sec_logs(secrets)
     except Abort as e:
         check("aborted", False, str(e))
     except BaseException as e:  # a bug in the suite, an unexpected answer, Ctrl-C: fail, still clean up
