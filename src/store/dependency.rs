@@ -123,6 +123,14 @@ fn summarise(detail: &str) -> &'static str {
             "tls: handshake failed",
         ),
         (&["connection refused"], "connection refused"),
+        (
+            &[
+                "the database system is",
+                "loading the dataset",
+                "loading redis",
+            ],
+            "server not ready",
+        ),
         (&["timed out", "timeout"], "timeout"),
         (
             &[
@@ -581,6 +589,14 @@ mod tests {
                 "connection refused",
             ),
             ("broken pipe", "connection lost"),
+            (
+                "db error: FATAL: the database system is shutting down",
+                "server not ready",
+            ),
+            (
+                "LOADING Redis is loading the dataset in memory",
+                "server not ready",
+            ),
             (
                 "ERR user_script:3: Script attempted to access a non local key f_8c1e",
                 "error",
