@@ -31,19 +31,17 @@ SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "w
            "gunicorn": "gunicorn GET /", "pgbench": "pgbench SELECT now()", "redis": "redis-benchmark INCR"}
 ORDER = list(SYSTEMS)
 
+# wrk's report as one line: WRKJSON [requests, duration_us, errors.{connect,read,write,status,timeout},
+# p50_us, p99_us, max_us, mean_us]
 WRK_LUA = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d," ..
-    "\"connect\":%d,\"read\":%d,\"write\":%d,\"status\":%d,\"timeout\":%d," ..
-    "\"p50_us\":%d,\"p90_us\":%d,\"p99_us\":%d,\"max_us\":%d,\"mean_us\":%.1f}\n",
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.max, latency.mean))
+done = function(s, lat, requests)
+  local e = s.errors
+  io.write(string.format("WRKJSON [%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%.1f]\n", s.requests, s.duration, e.connect,
+    e.read, e.write, e.status, e.timeout, lat:percentile(50), lat:percentile(99), lat.max, lat.mean))
 end
 """
+WRK_FIELDS = ("requests", "duration_us", "connect", "read", "write", "status", "timeout", "p50_us", "p99_us",
+              "max_us", "mean_us")
 
 
 def log(msg):
@@ -58,6 +56,12 @@ def http_get(url, timeout=2.0):
         return e.code, e.read().decode("utf-8", "replace")
     except Exception as e:  # noqa: BLE001 - any failure means "not yet"
         return None, str(e)
+
+
+def settle(port, path):
+    """One request after a run: it queues behind whatever the run left in flight, so the next
+    run starts on an idle server (matters for the slow reference apps)."""
+    return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
 
 def proc_status_kib(pid, field):
@@ -124,7 +128,7 @@ class Bench:
         m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M) if not isinstance(r, dict) else None
         if not m:
             return r if isinstance(r, dict) else {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
-        d = json.loads(m.group(1))
+        d = dict(zip(WRK_FIELDS, json.loads(m.group(1))))
         dur, kinds = d["duration_us"] / 1e6, ("connect", "read", "write", "status", "timeout")
         res = {"requests": d["requests"], "duration_s": round(dur, 3), "errors": sum(d[k] for k in kinds),
                "error_detail": {k: d[k] for k in kinds if d[k]}}
@@ -181,7 +185,7 @@ class Bench:
         for c in a.concurrency:
             if a.warmup:
                 self.wrk(port, path, c, a.warmup)
-                self.settle(port, path)
+                settle(port, path)
             v0 = self.visits()
             res = self.wrk(port, path, c, a.duration)
             extra = {}
@@ -197,18 +201,14 @@ class Bench:
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
             extra["peak_rss_kib"] = sum(proc_status_kib(p, "VmHWM") or 0 for p in pids())
-            st, body = self.settle(port, path)
+            st, body = settle(port, path)
             extra["check_after"] = {"status": st, "body": body[:200]}
             self.record(key, c, res, extra)
-
-    def settle(self, port, path):
-        """One request after a run: it queues behind whatever the run left in flight, so
-        the next run starts on an idle server (matters for the slow reference apps)."""
-        return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
     def serve(self, name, argv, env=None, **kw):
         """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
         port = free_port()
+        argv = [a.format(port=port) for a in argv]
         p = self.start(name, argv, env=dict(self.env, PORT=str(port), ADMIN_PORT=str(free_port()), **(env or {})), **kw)
         end = time.monotonic() + 30
         while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
@@ -249,7 +249,8 @@ class Bench:
         self.stop(p)
 
     def run_gunicorn(self):
-        p, port = self.serve("gunicorn", [os.path.join(VENV_BIN, "gunicorn"), "-c", "gunicorn.conf.py",
+        p, port = self.serve("gunicorn", [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1),
+                                          "-b", "127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning",
                                           "pooled_app:app"], cwd=REFERENCE)
         self.meta["gunicorn_workers"] = len(tree_pids(p.pid)) - 1
         self.http_series("gunicorn", port, "/", lambda: tree_pids(p.pid))
