@@ -5,6 +5,7 @@ Standard library only (Python 3.11+)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -98,9 +99,8 @@ def durable_counter() -> int | None:
 # HTTP, the visit ledger, the load
 
 class Resp:
-    def __init__(self, path):
-        self.path, self.status, self.ctype, self.body, self.json, self.err = path, None, "", b"", None, None
-        self.t_send = self.t_recv = 0.0
+    """One GET / of the load or of a check."""
+    status, ctype, body, json, err, t_send, t_recv = None, "", b"", None, None, 0.0, 0.0
 
     latency = property(lambda self: self.t_recv - self.t_send)
     state = property(lambda self: self.json.get("status") if isinstance(self.json, dict) else None)
@@ -120,30 +120,28 @@ LEDGER: dict = {"values": [], "nocount": 0, "failed": 0}
 LEDGER_LOCK = threading.Lock()
 
 
-def get(path: str = "/", timeout: float = 5.0) -> Resp:
-    r = Resp(path)
+def get(timeout: float = 5.0) -> Resp:
+    """GET http://localhost:8080/, recorded in the ledger."""
+    r = Resp()
     r.t_send = time.time()
     conn = http.client.HTTPConnection("localhost", 8080, timeout=timeout)
     try:
-        conn.request("GET", path, headers={"Connection": "close", "Accept": "application/json"})
+        conn.request("GET", "/", headers={"Connection": "close", "Accept": "application/json"})
         resp = conn.getresponse()
         r.body, r.status, r.ctype = resp.read(), resp.status, resp.getheader("Content-Type", "")
         if "json" in r.ctype:
-            try:
+            with contextlib.suppress(ValueError):
                 r.json = json.loads(r.body)
-            except ValueError:
-                pass
     except Exception as e:  # connection refused/reset, timeout, ...
         r.err = f"{type(e).__name__}: {e}"
     finally:
         r.t_recv = time.time()
         conn.close()
-    if path == "/":
-        with LEDGER_LOCK:
-            if r.count is not None:
-                LEDGER["values"].append(r.count)
-            else:
-                LEDGER["nocount" if r.status == 200 and r.state == "degraded" else "failed"] += 1
+    with LEDGER_LOCK:
+        if r.count is not None:
+            LEDGER["values"].append(r.count)
+        else:
+            LEDGER["nocount" if r.status == 200 and r.state == "degraded" else "failed"] += 1
     return r
 
 
@@ -159,7 +157,7 @@ class Load:
 
     def _work(self):
         while not self.stop_ev.is_set() and len(self.records) < self.max:
-            r = get("/", timeout=self.timeout)
+            r = get(self.timeout)
             with self.lock:
                 self.records.append(r)
             self.stop_ev.wait(self.pause)
@@ -294,7 +292,7 @@ def sec_up(home: Path) -> dict[str, str]:
           f"web started {rel(c_ok)} after cache was healthy and {rel(d_ok)} after db was (docker events: "
           "start, health_status)")
 
-    r1 = get("/")
+    r1 = get()
     j = r1.json if isinstance(r1.json, dict) else {}
     hora = j.get("hora_db")
     problems = [msg for bad, msg in (
@@ -312,7 +310,7 @@ def sec_up(home: Path) -> dict[str, str]:
             problems.append(f"hora_db {hora} is {skew:.0f} s from now (UTC)")
     check("1.contract", not problems, "after the recipe, GET http://localhost:8080/ → " + (
         "; ".join(problems) + f" — {r1.short()}" if problems else f"200 application/json {r1.body.decode()}"))
-    seq = [r.json.get("visitas_cache") if isinstance(r.json, dict) else r.short() for r in (r1, get("/"), get("/"))]
+    seq = [r.json.get("visitas_cache") if isinstance(r.json, dict) else r.short() for r in (r1, get(), get())]
     check("1.sequence", seq == ["1", "2", "3"], f"three requests gave {seq} (want ['1', '2', '3'])")
     rz = run(["docker", "exec", "web", "/bin/web", "healthcheck", "--ready"], timeout=30)
     check("1.readyz", rz.returncode == 0, "docker exec web /bin/web healthcheck --ready (GET /readyz on the "
@@ -427,7 +425,7 @@ def sec_hardening(secrets: dict[str, str]):
 
 
 def sec_stop():
-    last = [get("/") for _ in range(3)][-1].count
+    last = [get() for _ in range(3)][-1].count
     t0 = time.monotonic()
     p = compose("stop", "web", timeout=60)
     dt = time.monotonic() - t0
@@ -480,7 +478,7 @@ def sec_faults():
     backend = network_id("backend")
     if not backend:
         raise Abort("backend network not found")
-    info(f"fault phase starts at visitas_cache={get('/').count}; load: 3 loopback workers, 50 ms pause, "
+    info(f"fault phase starts at visitas_cache={get().count}; load: 3 loopback workers, 50 ms pause, "
          "5 s client timeout")
     load = Load()
     time.sleep(2)
@@ -505,14 +503,12 @@ def sec_faults():
             inflight = [r for r in load.snapshot()
                         if any(r.t_send <= b and r.t_recv >= a for a, b in windows) and r.count is None]
             inflight_total += len(inflight)
-            figures = (f"{len(recs)} requests: {len(answered) - len(degraded) - len(bad)} ok, {len(degraded)} degraded, "
-                       f"{len(bad)} other, {len(errors)} transport errors; slowest answer "
-                       f"{max((r.latency for r in answered), default=0.0) * 1000:.0f} ms; in flight at the fault without "
-                       f"a count: {len(inflight)}; " + (f"recovered {rec_at - fault_end:.1f} s after the fault" if rec_at
-                                                        else f"NOT recovered within {RECOVERY_TIMEOUT_S} s"))
+            slowest = max((r.latency for r in answered), default=0.0)
+            recovered = f"recovered after {rec_at - fault_end:.1f} s" if rec_at else "NOT recovered"
             restarted = inspect(target)[target]["RestartCount"] > restarts_before
-            if how == "kill":
-                figures += f"; restart policy restarted {target}: {'yes' if restarted else 'NO'}"
+            figures = (f"{len(recs)} requests: {len(degraded)} degraded, {len(bad)} other, {len(errors)} transport "
+                       f"errors; slowest {slowest * 1000:.0f} ms; {len(inflight)} in flight without a count; {recovered}"
+                       + (f"; restarted by its policy: {restarted}" if how == "kill" else ""))
             good = rec_at is not None and not slow and (how != "kill" or restarted)
             if target != "web":
                 good = good and not errors and not bad and (how != "disconnect" or len(degraded) > 0)
@@ -530,7 +526,7 @@ def sec_faults():
     finally:
         load.stop()
     check("4.all healthy again", wait_healthy(RECOVERY_TIMEOUT_S), "{" + ", ".join(f"{n}: {health(n)}" for n in NAMES) + "}")
-    final, recs = get("/"), load.snapshot()
+    final, recs = get(), load.snapshot()
     counted, nocount, values = len(LEDGER["values"]), LEDGER["nocount"], LEDGER["values"]
     cf, lower = final.count, counted + nocount
     info(f"load: {len(recs)} requests; since the volumes were created: {counted} answers carried a count, "
@@ -566,7 +562,7 @@ def wait_recovered(load: Load, since: float) -> float | None:
 
 
 def sec_persistence():
-    before = get("/").count
+    before = get().count
     collect_logs()
     p = compose("down", timeout=120)
     check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} "
@@ -575,7 +571,7 @@ def sec_persistence():
     if not ok:
         raise Abort("the stack did not come back")
     info(f"warm start: docker compose up → all healthy in {dt:.1f} s (existing volumes)")
-    r = get("/")
+    r = get()
     check("3.count continues", before is not None and r.count == before + 1,
           f"last count before down {before}; first after up {r.count if r.count is not None else r.short()}")
     collect_logs()
@@ -587,7 +583,7 @@ def sec_persistence():
     LEDGER.update(values=[], nocount=0, failed=0)
     if not stack_up("3.up fresh")[0]:
         raise Abort("the stack did not come back")
-    r = get("/")
+    r = get()
     check("3.reset", r.count == 1, f"after down -v and up: visitas_cache={r.count if r.count is not None else r.short()}")
 
 
