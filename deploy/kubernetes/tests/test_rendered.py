@@ -1,11 +1,6 @@
-"""Holds the rendered Kubernetes manifests to the lists of issues 6 and 14.
-
-Run by ci/check-kubernetes, which renders the overlays into K8S_RENDERED_DIR
-(base.yaml, dev.yaml, managed.yaml) with `kubectl kustomize`, and points
-K8S_SOURCE_DIR at the committed deploy/kubernetes/ directory; the overlays' secrets are
-the files of scripts/make-secrets. Standard library unittest plus PyYAML (a dependency of
-kubernetes-validate). Closes with the line `k8s: N passed, M failed`.
-"""
+"""Holds the rendered Kubernetes manifests (K8S_RENDERED_DIR/{base,dev,managed}.yaml, made by
+ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to the lists of
+issues 6 and 14. unittest plus PyYAML; closes with the line `k8s: N passed, M failed`."""
 
 import base64
 import hashlib
@@ -48,8 +43,7 @@ def find(objs, kind, name=None):
 
 def one(objs, kind, name):
     found = find(objs, kind, name)
-    if len(found) != 1:
-        raise AssertionError(f"expected exactly one {kind}/{name}, found {len(found)}")
+    assert len(found) == 1, f"expected exactly one {kind}/{name}, found {len(found)}"
     return found[0]
 
 
@@ -74,9 +68,8 @@ def effective_security(workload, c):
 
 
 def port_number(c, port):
-    if isinstance(port, int):
-        return port
-    return next(p["containerPort"] for p in c.get("ports", []) if p.get("name") == port)
+    names = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    return port if isinstance(port, int) else names[port]
 
 
 def mounted_secrets(objs, workload, c):
@@ -97,7 +90,7 @@ def mounted_secrets(objs, workload, c):
 
 
 def mounted_secret_file(objs, workload, c, path):
-    """Resolve a file path inside the container to (Secret object, key), or fail."""
+    """(Secret object, key) of a file path inside the container, or fail."""
     files = mounted_secrets(objs, workload, c)
     assert path in files, f"{path} is not a mounted Secret key of {c['name']} ({sorted(files)})"
     secret, key = files[path]
@@ -232,21 +225,15 @@ class WebChecks:
     def test_pod_disruption_budget(self):
         pdb = one(self.objs, "PodDisruptionBudget", "web")
         self.assertTrue(matches(pdb["spec"]["selector"], self.pod_labels))
-        replicas = self.dep["spec"]["replicas"]
-        if "maxUnavailable" in pdb["spec"]:
-            self.assertTrue(1 <= int(pdb["spec"]["maxUnavailable"]) < replicas)
-        else:
-            self.assertTrue(1 <= int(pdb["spec"]["minAvailable"]) < replicas)
+        budget = pdb["spec"].get("maxUnavailable", pdb["spec"].get("minAvailable"))
+        self.assertTrue(1 <= int(budget) < self.dep["spec"]["replicas"])
 
     def test_hpa_on_cpu(self):
         hpa = one(self.objs, "HorizontalPodAutoscaler", "web")
-        self.assertEqual(hpa["apiVersion"], "autoscaling/v2")
-        ref = hpa["spec"]["scaleTargetRef"]
-        self.assertEqual((ref["kind"], ref["name"]), ("Deployment", "web"))
-        self.assertGreaterEqual(hpa["spec"]["minReplicas"], 2)
-        self.assertGreater(hpa["spec"]["maxReplicas"], hpa["spec"]["minReplicas"])
-        cpu = [m for m in hpa["spec"]["metrics"] if m.get("resource", {}).get("name") == "cpu"]
-        self.assertTrue(cpu, "no CPU metric")
+        spec, ref = hpa["spec"], hpa["spec"]["scaleTargetRef"]
+        self.assertEqual((hpa["apiVersion"], ref["kind"], ref["name"]), ("autoscaling/v2", "Deployment", "web"))
+        self.assertTrue(2 <= spec["minReplicas"] < spec["maxReplicas"])
+        self.assertIn("cpu", [m.get("resource", {}).get("name") for m in spec["metrics"]], "no CPU metric")
 
     def test_namespace_enforces_restricted(self):
         ns = one(self.objs, "Namespace", "desafio3")
@@ -364,13 +351,11 @@ class Managed(WebChecks, unittest.TestCase):
 
     def test_dependencies_come_from_a_secret(self):
         env = web_env(self.objs, self.dep)
-        self.assertEqual(env["REDIS_URL"][0], "Secret")
-        self.assertEqual(env["DATABASE_URL"][0], "Secret")
-        for cm in find(self.objs, "ConfigMap"):
-            self.assertNotIn("REDIS_URL", cm.get("data", {}))
-            self.assertNotIn("DATABASE_URL", cm.get("data", {}))
-        self.assertRegex(env["REDIS_URL"][1], r"^rediss?://")
-        self.assertRegex(env["DATABASE_URL"][1], r"^postgres(ql)?://")
+        for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
+            self.assertEqual(env[var][0], "Secret", var)
+            self.assertRegex(env[var][1], scheme)
+            for cm in find(self.objs, "ConfigMap"):
+                self.assertNotIn(var, cm.get("data", {}))
 
     def check_dependency_egress(self, egress):  # the managed services' addresses, not anywhere
         self.assertEqual({port for _, port, _ in egress}, {6379, 5432})
@@ -422,7 +407,7 @@ def main():
     suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
     verbose = bool(os.environ.get("K8S_VERBOSE"))
     stream = sys.stderr if verbose else open(os.devnull, "w")
-    result = unittest.TextTestRunner(stream=stream, verbosity=2 if verbose else 0).run(suite)
+    result = unittest.TextTestRunner(stream=stream, verbosity=2 * verbose).run(suite)
     for test, tb in result.failures + result.errors:
         print(f"FAIL {test.id()}\n{tb}", file=sys.stderr)
     failed = len(result.failures) + len(result.errors)
