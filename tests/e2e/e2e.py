@@ -318,7 +318,7 @@ def sec_up(home: Path) -> dict[str, str]:
     return secrets
 
 
-def sec_least_privilege(secrets: dict[str, str]):
+def sec_least_privilege():
     """web's own users can do what web does and nothing more; the seed's admin checks still work."""
     web_sql = lambda sql: run(["docker", "exec", "db", "psql", "-q", "-U", "web", "-d", "desafio3",  # noqa: E731
                                "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout=30)
@@ -565,26 +565,23 @@ def sec_persistence():
     before = get().count
     collect_logs()
     p = compose("down", timeout=120)
-    check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} "
-          + (last_lines(p.stderr, 1) if p.returncode else ""))
+    check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} {last_lines(p.stderr, 1)}")
     ok, dt, _ = stack_up("3.up again")
     if not ok:
         raise Abort("the stack did not come back")
     info(f"warm start: docker compose up → all healthy in {dt:.1f} s (existing volumes)")
     r = get()
-    check("3.count continues", before is not None and r.count == before + 1,
-          f"last count before down {before}; first after up {r.count if r.count is not None else r.short()}")
+    check("3.count continues", before is not None and r.count == before + 1, f"before down {before}; after up {r.short()}")
     collect_logs()
     p = compose("down", "-v", timeout=120)
-    vols = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-               timeout=30).stdout.split()
+    vols = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"]).stdout.split()
     check("3.down -v", p.returncode == 0 and not vols,
           f"docker compose down -v → rc {p.returncode}; project volumes left: {vols or 'none'}")
     LEDGER.update(values=[], nocount=0, failed=0)
     if not stack_up("3.up fresh")[0]:
         raise Abort("the stack did not come back")
     r = get()
-    check("3.reset", r.count == 1, f"after down -v and up: visitas_cache={r.count if r.count is not None else r.short()}")
+    check("3.reset", r.count == 1, f"after down -v and up: {r.short()}")
 
 
 def sec_logs(secrets: dict[str, str]):
@@ -602,11 +599,9 @@ def preflight():
     p = run(["docker", "ps", "-a", "--format", '{{.Names}}\t{{.Label "com.docker.compose.project"}}'], timeout=30)
     others = [f"{n} (project {proj or '-'})" for n, _, proj in (l.partition("\t") for l in p.stdout.splitlines())
               if n in NAMES and proj != PROJECT]
-    if p.returncode != 0 or others:
+    if p.returncode != 0 or others:  # docker-compose.yml fixes container_name: one stack at a time
         raise Abort(f"docker does not answer ({last_lines(p.stderr)})" if p.returncode else
-                    "containers named web/cache/db already exist outside the e2e project: " + ", ".join(others)
-                    + " — docker-compose.yml fixes container_name, so only one stack can run at a time; "
-                    "remove them first (e.g. `docker compose down` in the repo)")
+                    f"remove the containers outside the e2e project first: {', '.join(others)}")
 
 
 def cleanup():
@@ -641,7 +636,7 @@ def main(mode: str) -> int:
         sec_images()
         secrets = sec_up(home)
         sec_seed()
-        sec_least_privilege(secrets)
+        sec_least_privilege()
         sec_hardening(secrets)
         sec_capabilities()
         sec_stop()
