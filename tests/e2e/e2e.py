@@ -565,7 +565,8 @@ def sec_persistence():
     before = get().count
     collect_logs()
     p = compose("down", timeout=120)
-    check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} {last_lines(p.stderr, 1)}")
+    check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} "
+          + (last_lines(p.stderr, 1) if p.returncode else ""))
     ok, dt, _ = stack_up("3.up again")
     if not ok:
         raise Abort("the stack did not come back")
