@@ -410,7 +410,7 @@ def sec_hardening(secrets: dict[str, str]):
     backend = network_id("backend")
     nets = {n: sorted(d["NetworkSettings"]["Networks"]) for n, d in data.items()}
     internal = run(["docker", "network", "inspect", "-f", "{{.Internal}}", backend], timeout=30).stdout.strip()
-    check("5.networks", internal == "true" and all(len(nets[n]) == 1 for n in ("cache", "db")),
+    check("5.networks", internal == "true" and nets["cache"] == nets["db"] == [f"{PROJECT}_backend"],
           f"backend internal={internal}; {nets}")
     leaked = [n for n, d in data.items() for v in secrets.values() if v in json.dumps(d)]
     pw_env = [e.split("=")[0] for d in data.values() for e in d["Config"].get("Env") or []
