@@ -26,24 +26,25 @@ VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import free_port, spawn, stop, throwaway  # noqa: E402 - the throwaway servers shared with tests/e2e
 
-SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
-           "flask-dev": "flask-dev GET / (seed)",
-           "gunicorn": "gunicorn GET /", "pgbench": "pgbench SELECT now()", "redis": "redis-benchmark INCR"}
+# key: (label, plot style: colour, marker, line)
+SYSTEMS = {"web": ("web GET /", ("C0", "o", "-")), "web-healthz": ("web GET /healthz", ("C0", "s", ":")),
+           "web-info": ("web GET / (RUST_LOG=info)", ("C0", "x", "--")),
+           "flask-dev": ("flask-dev GET / (seed)", ("C3", "v", "-")), "gunicorn": ("gunicorn GET /", ("C1", "^", "-")),
+           "pgbench": ("pgbench SELECT now()", ("C2", "D", "--")), "redis": ("redis-benchmark INCR", ("C4", "P", "--"))}
 ORDER = list(SYSTEMS)
+HTTP_TIMEOUT_S = 5  # wrk --timeout
 
+# wrk's report as one line: WRKJSON [requests, duration_us, errors.{connect,read,write,status,timeout},
+# p50_us, p99_us, max_us, mean_us]
 WRK_LUA = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d," ..
-    "\"connect\":%d,\"read\":%d,\"write\":%d,\"status\":%d,\"timeout\":%d," ..
-    "\"p50_us\":%d,\"p90_us\":%d,\"p99_us\":%d,\"max_us\":%d,\"mean_us\":%.1f}\n",
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.max, latency.mean))
+done = function(s, lat, requests)
+  local e = s.errors
+  io.write(string.format("WRKJSON [%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%.1f]\n", s.requests, s.duration, e.connect,
+    e.read, e.write, e.status, e.timeout, lat:percentile(50), lat:percentile(99), lat.max, lat.mean))
 end
 """
+WRK_FIELDS = ("requests", "duration_us", "connect", "read", "write", "status", "timeout", "p50_us", "p99_us",
+              "max_us", "mean_us")
 
 
 def log(msg):
@@ -58,6 +59,12 @@ def http_get(url, timeout=2.0):
         return e.code, e.read().decode("utf-8", "replace")
     except Exception as e:  # noqa: BLE001 - any failure means "not yet"
         return None, str(e)
+
+
+def settle(port, path):
+    """One request after a run: it queues behind whatever the run left in flight, so the next
+    run starts on an idle server (matters for the slow reference apps)."""
+    return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
 
 def proc_status_kib(pid, field):
@@ -120,11 +127,11 @@ class Bench:
         with open(script, "w") as f:
             f.write(WRK_LUA)
         r = bounded(["wrk", "-t", str(min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
-                     f"{self.args.http_timeout}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
+                     f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
         m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M) if not isinstance(r, dict) else None
         if not m:
             return r if isinstance(r, dict) else {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
-        d = json.loads(m.group(1))
+        d = dict(zip(WRK_FIELDS, json.loads(m.group(1))))
         dur, kinds = d["duration_us"] / 1e6, ("connect", "read", "write", "status", "timeout")
         res = {"requests": d["requests"], "duration_s": round(dur, 3), "errors": sum(d[k] for k in kinds),
                "error_detail": {k: d[k] for k in kinds if d[k]}}
@@ -168,7 +175,7 @@ class Bench:
                 "errors": 0}
 
     def record(self, key, c, res, extra=None):
-        label = SYSTEMS[key]
+        label = SYSTEMS[key][0]
         self.results.append({"system": key, "label": label, "concurrency": c, **res, **(extra or {})})
         if "error" in res:
             log(f"  {label:28s} c={c:<4d} FAILED: {res['error']}")
@@ -181,7 +188,7 @@ class Bench:
         for c in a.concurrency:
             if a.warmup:
                 self.wrk(port, path, c, a.warmup)
-                self.settle(port, path)
+                settle(port, path)
             v0 = self.visits()
             res = self.wrk(port, path, c, a.duration)
             extra = {}
@@ -197,18 +204,14 @@ class Bench:
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
             extra["peak_rss_kib"] = sum(proc_status_kib(p, "VmHWM") or 0 for p in pids())
-            st, body = self.settle(port, path)
+            st, body = settle(port, path)
             extra["check_after"] = {"status": st, "body": body[:200]}
             self.record(key, c, res, extra)
-
-    def settle(self, port, path):
-        """One request after a run: it queues behind whatever the run left in flight, so
-        the next run starts on an idle server (matters for the slow reference apps)."""
-        return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
     def serve(self, name, argv, env=None, **kw):
         """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
         port = free_port()
+        argv = [a.format(port=port) for a in argv]
         p = self.start(name, argv, env=dict(self.env, PORT=str(port), ADMIN_PORT=str(free_port()), **(env or {})), **kw)
         end = time.monotonic() + 30
         while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
@@ -249,7 +252,8 @@ class Bench:
         self.stop(p)
 
     def run_gunicorn(self):
-        p, port = self.serve("gunicorn", [os.path.join(VENV_BIN, "gunicorn"), "-c", "gunicorn.conf.py",
+        p, port = self.serve("gunicorn", [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1),
+                                          "-b", "127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning",
                                           "pooled_app:app"], cwd=REFERENCE)
         self.meta["gunicorn_workers"] = len(tree_pids(p.pid)) - 1
         self.http_series("gunicorn", port, "/", lambda: tree_pids(p.pid))
@@ -364,17 +368,13 @@ def markdown(doc):
         tgt = ("≥ " if r["cmp"] == "ge" else "≤ ") + f"{r['target']:g}"
         lines.append(f"| {r['name']} | {r['shown']} | {tgt} | {({True: 'yes', False: '**no**'}).get(r['met'], '—')} |")
     lines.append("")
-    extra = []
-    if m.get("web_peak_rss_kib"):
-        extra.append(f"web peak RSS (VmHWM) {m['web_peak_rss_kib'] / 1024:.1f} MiB "
-                     f"(idle after start {(m.get('web_rss_idle_kib') or 0) / 1024:.1f} MiB)")
-    for key in ("flask-dev", "gunicorn"):
+    extra = [f"web peak RSS (VmHWM) {m['web_peak_rss_kib'] / 1024:.1f} MiB (idle after start "
+             f"{(m.get('web_rss_idle_kib') or 0) / 1024:.1f} MiB)"] if m.get("web_peak_rss_kib") else []
+    for key, who in (("flask-dev", ""), ("gunicorn", " (master + workers)")):
         rss = [r["peak_rss_kib"] for r in res if r["system"] == key and r.get("peak_rss_kib")]
-        if rss:
-            extra.append(f"{key} peak RSS {max(rss) / 1024:.1f} MiB" + (" (master + workers)" if key == "gunicorn" else ""))
+        extra += [f"{key} peak RSS {max(rss) / 1024:.1f} MiB{who}"] if rss else []
     if m.get("web_sigterm_exit"):
-        extra.append(f"web SIGTERM after the run: exit {m['web_sigterm_exit']['code']} in "
-                     f"{m['web_sigterm_exit']['seconds']} s")
+        extra.append("web SIGTERM after the run: exit {code} in {seconds} s".format(**m["web_sigterm_exit"]))
     lines += [f"Also: {'; '.join(extra)}.", ""] if extra else []
     lines += [f"Notes: {'; '.join(doc['notes'])}", ""] if doc.get("notes") else []
     return "\n".join(lines)
@@ -387,15 +387,12 @@ def plot(doc, path):
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"web": ("C0", "o", "-"), "web-healthz": ("C0", "s", ":"), "flask-dev": ("C3", "v", "-"),
-              "gunicorn": ("C1", "^", "-"), "pgbench": ("C2", "D", "--"), "redis": ("C4", "P", "--")}
     for key in ORDER:
         rows = sorted((r for r in doc["results"] if r["system"] == key and "error" not in r),
                       key=lambda r: r["concurrency"])
         if not rows:
             continue
-        color, marker, ls = styles[key]
-        label = SYSTEMS[key]
+        label, (color, marker, ls) = SYSTEMS[key]
         ax1.plot([r["concurrency"] for r in rows], [max(r["rps"], 0.1) for r in rows], color=color, marker=marker,
                  linestyle=ls, label=label)
         p = [(r["concurrency"], r["p99_ms"]) for r in rows if r.get("p99_ms") is not None]
@@ -455,17 +452,16 @@ def main():
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], help="comma list (default 1,16,64,256)")
     ap.add_argument("--duration", type=int, help="seconds measured per point")
     ap.add_argument("--warmup", type=int, help="seconds of warm-up per point")
-    ap.add_argument("--http-timeout", type=int, default=5, help="wrk --timeout seconds")
     ap.add_argument("--systems", type=lambda s: s.split(","), default=ORDER, help="comma list of: " + ",".join(ORDER))
-    ap.add_argument("--out", help="output directory")
     ap.add_argument("--skip-build", action="store_true", help="use target/release/web as is")
     a = ap.parse_args()
     if set(a.systems) - set(ORDER):
         ap.error(f"unknown systems: {', '.join(sorted(set(a.systems) - set(ORDER)))}")
-    quick = a.quick and {"concurrency": [64], "duration": 3, "warmup": 1, "out": os.path.join(HERE, "results", "quick")}
-    full = {"concurrency": [1, 16, 64, 256], "duration": 10, "warmup": 2, "out": os.path.join(HERE, "results")}
-    for k in full:
-        setattr(a, k, (quick or full)[k] if getattr(a, k) is None else getattr(a, k))
+    defaults = {"concurrency": [64], "duration": 3, "warmup": 1} if a.quick else \
+        {"concurrency": [1, 16, 64, 256], "duration": 10, "warmup": 2}
+    for k, v in defaults.items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    out = os.path.join(HERE, "results", "quick" if a.quick else "")
 
     b, today = Bench(a), dt.date.today().isoformat()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the servers as Ctrl-C does
@@ -478,11 +474,11 @@ def main():
         b.close()
     doc = {"date": today, "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "config": {"concurrency": a.concurrency, "duration_s": a.duration, "warmup_s": a.warmup,
-                      "http_timeout_s": a.http_timeout, "quick": a.quick, "systems": a.systems},
+                      "http_timeout_s": HTTP_TIMEOUT_S, "quick": a.quick, "systems": a.systems},
            "meta": {**machine_meta(), **b.meta}, "results": b.results, "notes": b.notes}
     doc["ratios"] = ratios(doc)
-    print(write_outputs(doc, a.out, today))
-    log(f"wrote {os.path.join(a.out, today)}.{{json,md,png}} and latest.md in {doc['meta']['wall_seconds']} s")
+    print(write_outputs(doc, out, today))
+    log(f"wrote {os.path.join(out, today)}.{{json,md,png}} and latest.md in {doc['meta']['wall_seconds']} s")
     failed = [r for r in b.results if "error" in r]
     if b.notes or failed:
         log(f"{len(b.notes)} system(s) failed to run, {len(failed)} point(s) failed")

@@ -1,8 +1,9 @@
-"""The same app, deployed as a careful Flask user would: under gunicorn (see gunicorn.conf.py),
-with one Redis client and one pooled, reused psycopg2 connection per worker process, created
-after the fork (a connection must never be shared across a fork).
+"""The same app, deployed as a careful Flask user would: under gunicorn sync workers, one per
+core, with one Redis client and one pooled, reused psycopg2 connection per worker process.
+gunicorn (without --preload) imports this module in each worker after the fork, so no
+connection is ever shared across a fork.
 
-Run: gunicorn -c gunicorn.conf.py pooled_app:app
+Run: gunicorn -w <cores> -b 127.0.0.1:5000 pooled_app:app
 """
 
 import psycopg2
@@ -15,21 +16,12 @@ from common import DATABASE_URL, DB_PASSWORD, REDIS_URL, fmt
 app = Flask(__name__)
 app.json.sort_keys = False
 
-cache = None
-pool = None
-
-
-def init_worker():
-    """Called from gunicorn's post_fork hook: per-worker clients."""
-    global cache, pool
-    cache = redis.Redis.from_url(REDIS_URL)
-    pool = psycopg2.pool.SimpleConnectionPool(1, 1, DATABASE_URL, password=DB_PASSWORD)
+cache = redis.Redis.from_url(REDIS_URL)
+pool = psycopg2.pool.SimpleConnectionPool(1, 1, DATABASE_URL, password=DB_PASSWORD)
 
 
 @app.route("/")
 def index():
-    if pool is None:  # not under gunicorn (e.g. `flask run`): initialise lazily
-        init_worker()
     visitas = cache.incr("visitas")
     conn = pool.getconn()
     broken = False

@@ -1,12 +1,9 @@
 #!/bin/bash
-# TEST-ONLY stand-in for the entrypoint of the official postgres:17 image (desafio3-test/postgres).
-# Each step is named after the function of docker-library/postgres 17/bookworm/docker-entrypoint.sh
-# whose behaviour it reproduces (the list is in tests/e2e/README.md); only what docker-compose.yml
-# relies on is reproduced. setpriv stands in for gosu.
+# TEST-ONLY stand-in for the entrypoint of postgres:17; each step is named after the function of
+# docker-library/postgres 17/bookworm/docker-entrypoint.sh it reproduces (tests/e2e/README.md).
 set -Eeuo pipefail
 
-# docker_setup_env: POSTGRES_* from the variable or from the file named by VAR_FILE, read by
-# whoever runs this first: root, before the drop (a secret the postgres user cannot read works).
+# docker_setup_env (file_env): POSTGRES_* from VAR or the file VAR_FILE, read as root, before the drop
 from_env_or_file() {
     local var=$1 file_var=${1}_FILE value=${2:-}
     if [ -n "${!var:-}" ] && [ -n "${!file_var:-}" ]; then
@@ -27,13 +24,12 @@ from_env_or_file POSTGRES_DB "$POSTGRES_USER"
 from_env_or_file POSTGRES_INITDB_ARGS
 
 if [ "$(id -u)" = 0 ]; then
-    # docker_create_db_directories, then _main's re-exec as postgres (the values read above
-    # are exported, their *_FILE variables unset: the file is never read again)
+    # docker_create_db_directories, then _main's re-exec as postgres (setpriv for gosu)
     mkdir -p "$PGDATA" /var/run/postgresql
     chmod 00700 "$PGDATA"
     chmod 03775 /var/run/postgresql
     find "$PGDATA" /var/run/postgresql \! -user postgres -exec chown postgres '{}' +
-    exec setpriv --reuid=postgres --regid=postgres --init-groups "$BASH_SOURCE" "$@"
+    exec setpriv --reuid=postgres --regid=postgres --init-groups "${BASH_SOURCE[0]}" "$@"
 fi
 
 # docker_setup_env's DATABASE_ALREADY_EXISTS: a data directory with PG_VERSION is used as it is
@@ -45,7 +41,7 @@ if [ -z "$POSTGRES_PASSWORD" ] && [ "${POSTGRES_HOST_AUTH_METHOD:-}" != trust ];
 fi
 ls /docker-entrypoint-initdb.d/ >/dev/null   # fail before initdb if the directory is unreadable
 
-# docker_init_database_dir: initdb with POSTGRES_USER as superuser, POSTGRES_INITDB_ARGS
+# docker_init_database_dir
 # shellcheck disable=SC2086
 initdb --username="$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") $POSTGRES_INITDB_ARGS >/dev/null
 # the image's postgresql.conf listens on all addresses (its Dockerfile edits the sample)
@@ -54,7 +50,7 @@ printf "\nlisten_addresses = '*'\n" >>"$PGDATA/postgresql.conf"
 auth=${POSTGRES_HOST_AUTH_METHOD:-$(postgres -C password_encryption)}
 printf '\nhost all all all %s\n' "$auth" >>"$PGDATA/pg_hba.conf"
 
-# docker_temp_server_start: socket only, so nothing connects before initialisation ends
+# docker_temp_server_start: socket only
 export PGPASSWORD=$POSTGRES_PASSWORD
 pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -p 5432" -w start >/dev/null
 sql() { psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --no-password --no-psqlrc "$@"; }
@@ -64,8 +60,7 @@ if [ -z "$(sql --dbname postgres --set db="$POSTGRES_DB" -tA <<<"SELECT 1 FROM p
     sql --dbname postgres --set db="$POSTGRES_DB" -q <<<'CREATE DATABASE :"db";'
 fi
 
-# docker_process_init_files: /docker-entrypoint-initdb.d in name order; *.sh run when
-# executable, else sourced; *.sql through psql into POSTGRES_DB; anything else ignored
+# docker_process_init_files
 for f in /docker-entrypoint-initdb.d/*; do
     case $f in
         *.sh) if [ -x "$f" ]; then echo "stand-in: running $f"; "$f"; else echo "stand-in: sourcing $f"; . "$f"; fi ;;
