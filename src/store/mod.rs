@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod db;
 pub mod dependency;
+pub mod tls;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
