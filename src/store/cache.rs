@@ -8,6 +8,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::dependency::{DepError, Dependency};
+use super::tls::{self, TrustRoots};
 
 /// The key the seed's Flask app used; kept so the counter survives a switch between the two.
 pub const COUNTER_KEY: &str = "visitas";
@@ -42,8 +43,9 @@ pub struct Cache {
 impl Cache {
     /// Creates the client without connecting: the service must start, and serve `/healthz`,
     /// before Redis exists. The connection manager reconnects by itself afterwards.
-    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).context("REDIS_URL")?;
+    /// `roots`: what a `rediss://` server must chain to (see `tls::redis_client`).
+    pub fn new(url: &str, roots: Option<&TrustRoots>, timeout: Duration) -> anyhow::Result<Self> {
+        let client = tls::redis_client(url, roots).context("REDIS_URL")?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

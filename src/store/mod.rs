@@ -67,10 +67,15 @@ impl Store {
     /// before Redis or PostgreSQL exist.
     pub fn new(config: &Config) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            cache: Cache::new(&config.redis_url, config.dependency_timeout)
-                .context("configuring Redis")?,
+            cache: Cache::new(
+                &config.redis_url,
+                config.redis_roots.as_ref(),
+                config.dependency_timeout,
+            )
+            .context("configuring Redis")?,
             db: Db::new(
                 config.database.clone(),
+                &config.database_tls,
                 config.db_timezone.clone(),
                 config.dependency_timeout,
             )
