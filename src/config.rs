@@ -440,13 +440,18 @@ fn redis_trust_roots(env: &Env<'_>, url: &str) -> Result<Option<TrustRoots>, Con
         Some(path) => Some(read_trust_roots("REDIS_CA_FILE", "", &path)?),
         None => None,
     };
-    let verifies = matches!(
-        redis::IntoConnectionInfo::into_connection_info(url).map(|info| info.addr().clone()),
-        Ok(redis::ConnectionAddr::TcpTls {
-            insecure: false,
-            ..
-        })
-    );
+    let (tls, verifies) = match redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|info| info.addr().clone())
+    {
+        Ok(redis::ConnectionAddr::TcpTls { insecure, .. }) => (true, !insecure),
+        _ => (false, false),
+    };
+    // The redis crate loads the platform's certificates on every TLS connection (with
+    // rustls-native-certs, which reads SSL_CERT_FILE), even when given its roots, and fails
+    // the connection if that file cannot be read: better said once, at start.
+    if tls && env.get("SSL_CERT_FILE")?.is_some() {
+        system_trust_roots(env, "REDIS_URL")?;
+    }
     match (verifies, ca_file) {
         (false, _) => Ok(None),
         (true, Some(roots)) => Ok(Some(roots)),
@@ -727,6 +732,13 @@ mod tests {
             roots(&[("REDIS_URL", "redis://h:6379/0"), ("REDIS_CA_FILE", &ca)]),
             None
         );
+
+        let err = parse(&[
+            ("REDIS_URL", "rediss://h:6380/0#insecure"),
+            ("SSL_CERT_FILE", "/nonexistent/bundle.crt"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "SSL_CERT_FILE");
 
         // Read whenever it is set, even while REDIS_URL is still plain.
         for url in ["rediss://:hunter2@h/0", "redis://:hunter2@h/0"] {
