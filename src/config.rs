@@ -15,10 +15,20 @@ use crate::store::tls::{PostgresTls, SslMode, TrustRoots};
 /// (for instance `port = 0` to let the OS pick a free port).
 #[derive(Clone)]
 pub struct Config {
-    /// TCP port to listen on, on every interface.
+    /// TCP port of the public listener (`/`, `/healthz`), on every interface.
     pub port: u16,
+    /// TCP port of the admin listener (`/metrics`, `/readyz`): for probes and scrapers,
+    /// never published.
+    pub admin_port: u16,
+    /// Connections served at once, per listener; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A client must send a whole request head within this time, also between the requests
+    /// of a kept-alive connection, or the connection is closed.
+    pub http_header_timeout: Duration,
     /// Redis connection URL; may contain a password, so it is never logged.
     pub redis_url: String,
+    /// Password for Redis's ACL user, from `REDIS_PASSWORD_FILE`.
+    pub redis_password: Option<String>,
     /// PostgreSQL connection settings, with the password from the password file applied.
     pub database: tokio_postgres::Config,
     /// TLS to PostgreSQL: `sslmode` and `sslrootcert` from `DATABASE_URL`, libpq's meaning.
@@ -41,7 +51,14 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("port", &self.port)
+            .field("admin_port", &self.admin_port)
+            .field("max_connections", &self.max_connections)
+            .field("http_header_timeout", &self.http_header_timeout)
             .field("redis_url", &"<redacted>")
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "<redacted>"),
+            )
             .field("database", &"<redacted>")
             .field("database_tls", &self.database_tls)
             .field("redis_roots", &self.redis_roots)
@@ -74,8 +91,11 @@ impl ConfigError {
 }
 
 pub const DEFAULT_PORT: u16 = 5000;
-pub const DEFAULT_REDIS_URL: &str = "redis://cache:6379/0";
-pub const DEFAULT_DATABASE_URL: &str = "postgres://admin@db:5432/desafio3";
+pub const DEFAULT_ADMIN_PORT: u16 = 9090;
+const DEFAULT_MAX_CONNECTIONS: u64 = 512;
+const DEFAULT_HTTP_HEADER_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_REDIS_URL: &str = "redis://web@cache:6379/0";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://web@db:5432/desafio3";
 const DEFAULT_TIMEZONE: &str = "UTC";
 const DEFAULT_DEPENDENCY_TIMEOUT_MS: u64 = 1000;
 /// The shutdown budget is a multiple of this timeout and must fit Docker's 10 s grace period
@@ -95,6 +115,20 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
         let port = port(&env)?;
+        let admin_port = env.number("ADMIN_PORT", DEFAULT_ADMIN_PORT.into(), 1..=65_535)? as u16;
+        if admin_port == port {
+            return Err(ConfigError::new(
+                "ADMIN_PORT",
+                format!("must differ from PORT ({port})"),
+            ));
+        }
+        let max_connections =
+            env.number("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1..=65_536)? as usize;
+        let http_header_timeout = Duration::from_millis(env.number(
+            "HTTP_HEADER_TIMEOUT_MS",
+            DEFAULT_HTTP_HEADER_TIMEOUT_MS,
+            100..=60_000,
+        )?);
 
         let redis_url = env
             .get("REDIS_URL")?
@@ -106,6 +140,11 @@ impl Config {
             )
         })?;
         let redis_roots = redis_trust_roots(&env, &redis_url)?;
+
+        let redis_password = env
+            .get("REDIS_PASSWORD_FILE")?
+            .map(|path| read_password_file("REDIS_PASSWORD_FILE", &path))
+            .transpose()?;
 
         let database_url = env
             .get("DATABASE_URL")?
@@ -168,7 +207,11 @@ impl Config {
 
         Ok(Self {
             port,
+            admin_port,
+            max_connections,
+            http_header_timeout,
             redis_url,
+            redis_password,
             database,
             database_tls,
             redis_roots,
@@ -184,6 +227,15 @@ impl Config {
 /// or URLs being readable.
 pub fn port_from_env() -> Result<u16, ConfigError> {
     port(&Env(&|name| std::env::var_os(name)))
+}
+
+/// `ADMIN_PORT` alone, for `healthcheck --ready`.
+pub fn admin_port_from_env() -> Result<u16, ConfigError> {
+    admin_port(&Env(&|name| std::env::var_os(name)))
+}
+
+fn admin_port(env: &Env<'_>) -> Result<u16, ConfigError> {
+    Ok(env.number("ADMIN_PORT", DEFAULT_ADMIN_PORT.into(), 1..=65_535)? as u16)
 }
 
 fn port(env: &Env<'_>) -> Result<u16, ConfigError> {
@@ -498,8 +550,12 @@ mod tests {
     fn defaults_match_the_compose_stack() {
         let c = parse(&[]).expect("defaults parse");
         assert_eq!(c.port, 5000);
-        assert_eq!(c.redis_url, "redis://cache:6379/0");
-        assert_eq!(c.database.get_user(), Some("admin"));
+        assert_eq!(c.admin_port, 9090);
+        assert_eq!(c.max_connections, 512);
+        assert_eq!(c.http_header_timeout, Duration::from_secs(5));
+        assert_eq!(c.redis_password, None);
+        assert_eq!(c.redis_url, "redis://web@cache:6379/0");
+        assert_eq!(c.database.get_user(), Some("web"));
         assert_eq!(c.database.get_dbname(), Some("desafio3"));
         assert_eq!(c.db_timezone, "UTC");
         assert_eq!(c.dependency_timeout, Duration::from_millis(1000));
@@ -512,6 +568,11 @@ mod tests {
             ("PORT", "abc"),
             ("PORT", "0"),
             ("PORT", "70000"),
+            ("ADMIN_PORT", "5000"),
+            ("ADMIN_PORT", "0"),
+            ("MAX_CONNECTIONS", "0"),
+            ("HTTP_HEADER_TIMEOUT_MS", "5"),
+            ("REDIS_PASSWORD_FILE", "/nonexistent/secret"),
             ("REDIS_URL", "http://nope"),
             ("DATABASE_URL", "postgres://a:b@h:notaport/db"),
             ("DB_TIMEZONE", "Mars/Olympus_Mons"),

@@ -1,4 +1,6 @@
-//! `web healthcheck`: the container healthcheck for an image with no shell and no curl.
+//! `web healthcheck [--ready]`: the container healthcheck for an image with no shell and no
+//! curl. Plain: `/healthz` on `PORT` (alive). `--ready`: `/readyz` on `ADMIN_PORT` (both
+//! dependencies answer), for a person or a test that cannot reach the unpublished admin port.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -7,8 +9,8 @@ use std::time::{Duration, Instant};
 /// The whole probe, connect to verdict, fits in this budget (Compose's timeout is longer).
 const BUDGET: Duration = Duration::from_millis(1800);
 
-/// Asks the local service for `/healthz`; `Ok` only on an HTTP 200.
-pub fn probe(port: u16) -> Result<(), String> {
+/// Asks the local service for `path`; `Ok` only on an HTTP 200.
+pub fn probe(port: u16, path: &str) -> Result<(), String> {
     let deadline = Instant::now() + BUDGET;
     let remaining = || {
         deadline
@@ -20,7 +22,9 @@ pub fn probe(port: u16) -> Result<(), String> {
         .map_err(|e| format!("connecting to {address}: {e}"))?;
     stream
         .set_write_timeout(Some(remaining()))
-        .and_then(|()| stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n"))
+        .and_then(|()| {
+            stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        })
         .map_err(|e| format!("sending the request: {e}"))?;
     let mut head = [0u8; 16];
     let mut read = 0;

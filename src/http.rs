@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
@@ -38,13 +39,30 @@ pub struct AppState {
     pub request_timeout: Duration,
 }
 
-pub fn router(state: AppState) -> Router {
-    let request_timeout = state.request_timeout;
-    Router::new()
+/// The public listener: the page and liveness, nothing else.
+pub fn public_router(state: AppState) -> Router {
+    let routes = Router::new()
         .route("/", get(index).head(index_head))
+        .route("/healthz", get(healthz));
+    with_middleware(routes, state)
+}
+
+/// The admin listener, for probes and scrapers on the private network: readiness, metrics,
+/// and liveness again (so a probe needs one port).
+pub fn admin_router(state: AppState) -> Router {
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    with_middleware(routes, state)
+}
+
+/// What every request goes through, on either listener (outermost first): the log line,
+/// metrics, JSON error bodies, headers that keep answers out of caches and sniffers, the size
+/// limits, and the request timeout.
+fn with_middleware(routes: Router<AppState>, state: AppState) -> Router {
+    let request_timeout = state.request_timeout;
+    routes
         .layer(
             ServiceBuilder::new()
                 .layer(
@@ -52,7 +70,7 @@ pub fn router(state: AppState) -> Router {
                         .make_span_with(|req: &Request| {
                             tracing::info_span!(
                                 "request",
-                                method = %req.method(),
+                                method = method_label(req.method()),
                                 path = %req.uri().path()
                             )
                         })
@@ -68,6 +86,15 @@ pub fn router(state: AppState) -> Router {
                 )
                 .layer(middleware::from_fn(record_metrics))
                 .layer(middleware::from_fn(json_errors))
+                // `GET /` changes state: no cache may keep or replay its answer.
+                .layer(SetResponseHeaderLayer::overriding(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("no-store"),
+                ))
+                .layer(SetResponseHeaderLayer::overriding(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                ))
                 .layer(middleware::from_fn(reject_oversized))
                 .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
                 .layer(TimeoutLayer::with_status_code(
@@ -262,8 +289,13 @@ mod tests {
     use tokio_util::task::TaskTracker;
     use tower::ServiceExt;
 
-    /// The router with a store that is never reached: the HTTP contract alone.
+    /// The public router with a store that is never reached: the HTTP contract alone.
     fn app() -> (Router, CancellationToken) {
+        let (state, close) = state();
+        (public_router(state), close)
+    }
+
+    fn state() -> (AppState, CancellationToken) {
         let store = unreachable_store();
         let close = CancellationToken::new();
         let visits = Visits::spawn(Arc::clone(&store), &TaskTracker::new(), close.clone());
@@ -273,7 +305,7 @@ mod tests {
             metrics: metrics(),
             request_timeout: Duration::from_secs(5),
         };
-        (router(state), close)
+        (state, close)
     }
 
     async fn send(router: &Router, request: Request) -> (StatusCode, String, serde_json::Value) {
@@ -304,6 +336,7 @@ mod tests {
             (request("GET", "/does/not/exist").body(Body::empty()), 404),
             (request("POST", "/").body(Body::empty()), 405),
             (request("DELETE", "/healthz").body(Body::empty()), 405),
+            (request("GET", "/metrics").body(Body::empty()), 404),
             (
                 request("POST", "/")
                     .header(header::CONTENT_LENGTH, big_body.len())
@@ -357,6 +390,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn admin_routes_are_absent_from_the_public_listener_and_present_on_the_admin_one() {
+        let (state, _close) = state();
+        let (public, admin) = (public_router(state.clone()), admin_router(state));
+        for path in ["/metrics", "/readyz"] {
+            let (status, _, body) =
+                send(&public, request("GET", path).body(Body::empty()).unwrap()).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        }
+        let (status, content_type, _) = send(
+            &admin,
+            request("GET", "/metrics").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+        // The store is unreachable, so readiness answers, and says no.
+        let (status, _, body) = send(
+            &admin,
+            request("GET", "/readyz").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            body["erros"]["cache"].is_string() && body["erros"]["db"].is_string(),
+            "{body}"
+        );
+        for router in [&public, &admin] {
+            let (status, _, _) = send(
+                router,
+                request("GET", "/healthz").body(Body::empty()).unwrap(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        let (status, _, _) = send(&admin, request("GET", "/").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "the page is public only");
+    }
+
+    #[tokio::test]
+    async fn every_answer_forbids_caching_and_sniffing() {
+        let (router, _close) = app();
+        for path in ["/", "/healthz", "/nope"] {
+            let response = router
+                .clone()
+                .oneshot(request("GET", path).body(Body::empty()).unwrap())
+                .await
+                .expect("infallible");
+            let headers = response.headers();
+            assert_eq!(headers[header::CACHE_CONTROL], "no-store", "{path}");
+            assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+        }
+    }
+
+    #[tokio::test]
     async fn liveness_fails_once_the_batching_task_is_gone() {
         let (router, close) = app();
         let (status, _, body) = send(
@@ -394,7 +481,7 @@ mod tests {
         Visit {
             count,
             db_time: time.then(|| "2025-11-16 18:32:01.123456".to_owned()),
-            cache_error: cache.then(|| DepError::Failed("down".into())),
+            cache_error: cache.then_some(DepError::Unavailable("connection refused")),
             db_error: db.then(|| DepError::Timeout(Duration::from_secs(1))),
         }
     }
@@ -419,20 +506,23 @@ mod tests {
         let (code, body) = render(visit(Some(4), true, true, false));
         assert_eq!(code, StatusCode::OK);
         assert!(body.starts_with(r#"{"status":"degraded","visitas_cache":"4","hora_db":"2025"#));
-        assert!(body.ends_with(r#","erros":{"cache":"down"}}"#), "{body}");
+        assert!(
+            body.ends_with(r#","erros":{"cache":"unavailable (connection refused)"}}"#),
+            "{body}"
+        );
 
         let (code, body) = render(visit(Some(5), false, false, true));
         assert_eq!(code, StatusCode::OK);
         assert_eq!(
             body,
-            r#"{"status":"degraded","visitas_cache":"5","hora_db":null,"erros":{"db":"timed out after 1000 ms"}}"#
+            r#"{"status":"degraded","visitas_cache":"5","hora_db":null,"erros":{"db":"timeout"}}"#
         );
 
         let (code, body) = render(visit(None, false, true, true));
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             body,
-            r#"{"status":"error","visitas_cache":null,"hora_db":null,"erros":{"cache":"down","db":"timed out after 1000 ms"}}"#
+            r#"{"status":"error","visitas_cache":null,"hora_db":null,"erros":{"cache":"unavailable (connection refused)","db":"timeout"}}"#
         );
     }
 }

@@ -67,6 +67,9 @@ impl ShutdownBudget {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    admin_listener: TcpListener,
+    admin_router: Router,
+    limits: server::Limits,
     store: Arc<Store>,
     budget: ShutdownBudget,
     /// The batching task alone: closed and awaited after the drain, before the final flush,
@@ -82,10 +85,8 @@ impl Application {
     /// Binds the port and starts the background tasks. Does not wait for Redis or
     /// PostgreSQL: the service serves `/healthz` before they exist.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Self> {
-        let address = SocketAddr::from(([0, 0, 0, 0], config.port));
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("binding {address}"))?;
+        let listener = bind(config.port).await?;
+        let admin_listener = bind(config.admin_port).await?;
         let store = Store::new(&config)?;
         let (background, stop_background) = (TaskTracker::new(), CancellationToken::new());
         telemetry::spawn_metrics_upkeep(metrics.clone(), &background, stop_background.clone());
@@ -93,15 +94,21 @@ impl Application {
         let (batching, close_queue) = (TaskTracker::new(), CancellationToken::new());
         let visits = Visits::spawn(Arc::clone(&store), &batching, close_queue.clone());
         let budget = ShutdownBudget::for_timeout(config.dependency_timeout);
-        let router = http::router(AppState {
+        let state = AppState {
             store: Arc::clone(&store),
             visits,
             metrics,
             request_timeout: budget.request,
-        });
+        };
         Ok(Self {
             listener,
-            router,
+            router: http::public_router(state.clone()),
+            admin_listener,
+            admin_router: http::admin_router(state),
+            limits: server::Limits {
+                max_connections: config.max_connections,
+                header_timeout: config.http_header_timeout,
+            },
             store,
             budget,
             batching,
@@ -115,6 +122,13 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
+    pub fn admin_port(&self) -> u16 {
+        self.admin_listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(0)
+    }
+
     /// Serves until `shutdown` completes, then: stops accepting, drains (each request bounded
     /// by the request timeout), closes the batch queue and awaits it, flushes the counter to
     /// PostgreSQL once more (tried even if it is marked down), and cancels and joins the
@@ -123,6 +137,9 @@ impl Application {
         let Self {
             listener,
             router,
+            admin_listener,
+            admin_router,
+            limits,
             store,
             budget,
             batching,
@@ -134,8 +151,33 @@ impl Application {
             close_queue.clone().drop_guard(),
             stop_background.clone().drop_guard(),
         );
-        tracing::info!(port = listener.local_addr()?.port(), "listening");
-        server::serve(listener, router, shutdown, budget.drain).await;
+        tracing::info!(
+            port = listener.local_addr()?.port(),
+            admin_port = admin_listener.local_addr()?.port(),
+            "listening"
+        );
+        let stop_serving = CancellationToken::new();
+        let signalled = async {
+            shutdown.await;
+            stop_serving.cancel();
+        };
+        tokio::join!(
+            signalled,
+            server::serve(
+                listener,
+                router,
+                limits,
+                stop_serving.cancelled(),
+                budget.drain
+            ),
+            server::serve(
+                admin_listener,
+                admin_router,
+                limits,
+                stop_serving.cancelled(),
+                budget.drain
+            ),
+        );
 
         close_queue.cancel();
         batching.close();
@@ -164,6 +206,13 @@ impl Application {
 
 /// What unit tests share: a store whose dependencies refuse connections (closed loopback
 /// ports: real refusals, no servers needed) and the metrics recorder.
+async fn bind(port: u16) -> anyhow::Result<TcpListener> {
+    let address = SocketAddr::from(([0, 0, 0, 0], port));
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::sync::{Arc, OnceLock};

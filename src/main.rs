@@ -1,4 +1,5 @@
-//! `web` serves the page; `web healthcheck` probes a running `web` (for container healthchecks).
+//! `web` serves the page; `web healthcheck [--ready]` probes a running `web` (for container
+//! healthchecks, and readiness where the admin port is not reachable).
 
 use std::process::ExitCode;
 
@@ -9,13 +10,16 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     match (args.next().as_deref(), args.next()) {
         (None, _) => serve(),
-        (Some("healthcheck"), None) => check_health(),
+        (Some("healthcheck"), None) => check_health(config::port_from_env(), "/healthz"),
+        (Some("healthcheck"), Some(flag)) if flag == "--ready" => {
+            check_health(config::admin_port_from_env(), "/readyz")
+        }
         (Some("--version" | "-V"), None) => {
             println!("web {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: web [healthcheck | --version]");
+            eprintln!("usage: web [healthcheck [--ready] | --version]");
             ExitCode::from(2)
         }
     }
@@ -60,10 +64,10 @@ fn serve() -> ExitCode {
     }
 }
 
-fn check_health() -> ExitCode {
-    let result = config::port_from_env()
+fn check_health(port: Result<u16, config::ConfigError>, path: &str) -> ExitCode {
+    let result = port
         .map_err(|e| e.to_string())
-        .and_then(healthcheck::probe);
+        .and_then(|port| healthcheck::probe(port, path));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

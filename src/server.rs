@@ -5,6 +5,7 @@
 //! timer, so hyper's header-read timeout never applies.)
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -12,16 +13,26 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-/// A client must send a whole request head within this time, or the connection is closed.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// hyper's read buffer per connection (its default is ~400 KB). Room for the 8 KB of headers
+/// hyper's read buffer per connection (its default is ~400 KB): room for the 8 KB of headers
 /// and 2 KB of URI that the router accepts, and for a somewhat larger head that the router
-/// then rejects with its own JSON answer.
-pub const MAX_BUF_SIZE: usize = 32 * 1024;
+/// then rejects with its own JSON answer. A head that does not fit gets hyper's bare 431.
+pub const MAX_BUF_SIZE: usize = 16 * 1024;
+
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; the next ones wait in the kernel's accept backlog, so a
+    /// flood of idle sockets cannot exhaust file descriptors or memory.
+    pub max_connections: usize,
+    /// A request head must arrive whole within this time, and an idle kept-alive connection
+    /// is closed after it (hyper runs the same timer while it waits for the next head).
+    pub header_timeout: Duration,
+}
 /// Pause after a failed `accept` (out of file descriptors, most likely) before the next try.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -30,14 +41,24 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
     let connections = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let drain = CancellationToken::new();
     let abort = CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
+        // A free slot first, then accept: at the cap, new clients queue in the backlog.
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+        };
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -49,12 +70,17 @@ pub async fn serve(
                 }
             },
         };
-        connections.spawn(serve_connection(
+        let connection = serve_connection(
             stream,
             router.clone(),
+            limits.header_timeout,
             drain.clone(),
             abort.clone(),
-        ));
+        );
+        connections.spawn(async move {
+            connection.await;
+            drop(slot);
+        });
     }
     drop(listener);
     tracing::info!(
@@ -79,6 +105,7 @@ pub async fn serve(
 async fn serve_connection(
     stream: TcpStream,
     router: Router,
+    header_timeout: Duration,
     drain: CancellationToken,
     abort: CancellationToken,
 ) {
@@ -87,7 +114,7 @@ async fn serve_connection(
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_BUF_SIZE)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);

@@ -181,12 +181,12 @@ mod tests {
     fn a_failed_count_gives_no_count_to_anyone_but_keeps_the_clock() {
         let mut batch = outcome(None, 3);
         batch.cache_error = Some(DepError::Timeout(std::time::Duration::from_secs(1)));
-        batch.count_db_error = Some(DepError::Failed("boom".into()));
+        batch.count_db_error = Some(DepError::Unavailable("error"));
         for i in 0..3 {
             let visit = batch.visit(i);
             assert_eq!(visit.count, None);
             assert!(visit.db_time.is_some());
-            assert_eq!(visit.db_error, Some(DepError::Failed("boom".into())));
+            assert_eq!(visit.db_error, Some(DepError::Unavailable("error")));
         }
     }
 
@@ -194,7 +194,7 @@ mod tests {
     fn a_clock_failure_is_the_db_error_even_if_counting_also_failed() {
         let mut batch = outcome(Some(5), 1);
         batch.db_time = Err(DepError::Timeout(std::time::Duration::from_millis(5)));
-        batch.count_db_error = Some(DepError::Failed("other".into()));
+        batch.count_db_error = Some(DepError::Unavailable("connection lost"));
         let visit = batch.visit(0);
         assert_eq!(visit.db_time, None);
         assert_eq!(

@@ -98,7 +98,10 @@ async fn two_hundred_concurrent_visits_get_two_hundred_consecutive_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_are_reused_not_opened_per_request() {
-    let (redis, pg, app) = healthy_app().await;
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    // No flush ticker beside the requests: batches run one at a time, on one connection.
+    let env = Env::for_servers(&redis, &pg).set("FLUSH_INTERVAL_MS", "3600000");
+    let app = TestApp::spawn_ready(env).await;
     let app = std::sync::Arc::new(app);
     app.visit().await;
     let (pg_before, redis_before) = (pg.web_backends(), redis.connections_accepted());
@@ -184,7 +187,7 @@ async fn liveness_readiness_and_metrics() {
     let (_redis, _pg, app) = healthy_app().await;
     let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200);
-    let ready = app.get("/readyz").await;
+    let ready = app.get_admin("/readyz").await;
     assert_eq!(ready.status(), 200);
     assert_eq!(
         ready.json::<serde_json::Value>().await.unwrap()["status"],
@@ -195,7 +198,7 @@ async fn liveness_readiness_and_metrics() {
         app.visit().await;
     }
     app.get("/nope").await;
-    let metrics = app.get("/metrics").await;
+    let metrics = app.get_admin("/metrics").await;
     assert_eq!(metrics.status(), 200);
     let text = metrics.text().await.unwrap();
     for needle in [
@@ -205,6 +208,9 @@ async fn liveness_readiness_and_metrics() {
         r#"visits_counted_total{store="cache"}"#,
         "visit_counter_flush_age_seconds",
         "visit_batch_size",
+        // Present; its value is shared with the other apps this test binary runs.
+        r#"dependency_up{dependency="cache"}"#,
+        r#"dependency_up{dependency="db"}"#,
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
@@ -281,7 +287,10 @@ async fn the_first_request_after_a_cold_start_is_ok() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_checks_run_no_schema_work_take_no_lock_and_open_no_connection() {
-    let (redis, pg, app) = healthy_app().await;
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    // No flush ticker beside the checks: they run one at a time, on one connection.
+    let env = Env::for_servers(&redis, &pg).set("FLUSH_INTERVAL_MS", "3600000");
+    let app = TestApp::spawn_ready(env).await;
     // Separate statements: ALTER SYSTEM cannot run inside a multi-statement batch.
     pg.execute("ALTER SYSTEM SET log_statement = 'all'");
     pg.execute("SELECT pg_reload_conf()");
@@ -289,7 +298,7 @@ async fn readiness_checks_run_no_schema_work_take_no_lock_and_open_no_connection
     let redis_before = redis.connections_accepted();
     let logged_before = pg.log().len();
     for _ in 0..200 {
-        assert_eq!(app.get("/readyz").await.status(), 200);
+        assert_eq!(app.get_admin("/readyz").await.status(), 200);
     }
     let log = pg.log()[logged_before..].to_owned();
     assert!(

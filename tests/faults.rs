@@ -119,7 +119,7 @@ async fn both_down_is_a_503_error_page() {
 async fn readyz_names_the_failed_dependency() {
     let (mut redis, _pg, app) = healthy_app().await;
     inject(|| redis.kill());
-    let ready = app.get("/readyz").await;
+    let ready = app.get_admin("/readyz").await;
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert!(body["erros"]["cache"].is_string(), "{body}");
@@ -225,7 +225,7 @@ async fn serves_liveness_before_dependencies_exist_and_recovers_when_they_arrive
     );
     let app = TestApp::spawn(env).await;
     assert_eq!(app.get("/healthz").await.status(), 200);
-    let ready = app.get("/readyz").await;
+    let ready = app.get_admin("/readyz").await;
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert!(body["erros"]["cache"].is_string() && body["erros"]["db"].is_string());
@@ -322,7 +322,7 @@ async fn both_blackholed_from_the_start_answer_503_promptly() {
         assert_eq!(page["status"], "error");
     }
     let t = Instant::now();
-    assert_eq!(app.get("/readyz").await.status(), 503);
+    assert_eq!(app.get_admin("/readyz").await.status(), 503);
     assert!(t.elapsed() <= TIMEOUT + Duration::from_millis(500));
 }
 

@@ -21,21 +21,33 @@ use tokio_util::sync::CancellationToken;
 const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_millis(1000);
 
-/// Why a dependency call gave no answer. The `Display` is one line, safe to show to clients.
+/// Why a dependency call gave no answer. The `Display` is a few words, safe to show to
+/// anyone (the page's `erros`, `/readyz`): never a user name, SQL, script or server message.
+/// [`DepError::detail`] has the driver's full text, for the logs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DepError {
-    #[error("timed out after {} ms", .0.as_millis())]
+    /// No answer within the dependency timeout.
+    #[error("timeout")]
     Timeout(Duration),
+    /// Failing fast while the dependency is down; says what brought it down.
     #[error("unavailable ({0})")]
-    Unavailable(String),
-    #[error("{0}")]
-    Failed(String),
+    Unavailable(&'static str),
+    /// The call failed: `summary` is public, `detail` is for the logs.
+    #[error("{summary}")]
+    Failed {
+        summary: &'static str,
+        detail: String,
+    },
+    /// The dependency answered, with a value this service refuses (a counter out of range).
+    /// Not an outage: the dependency stays up, and the value goes no further.
+    #[error("invalid counter value")]
+    Invalid(String),
 }
 
 impl DepError {
-    /// One line for a driver error and its causes. Drivers repeat themselves along the chain
-    /// (the pool's error quotes the client's, which quotes the server's), so a cause already
-    /// quoted is not appended again; PostgreSQL details and Redis replies can span lines.
+    /// A driver error and its causes: classified for the public text, kept whole (on one
+    /// line) for the logs. Drivers repeat themselves along the chain (the pool's error quotes
+    /// the client's, which quotes the server's), so a cause already quoted is not appended.
     pub fn failed(error: impl Into<anyhow::Error>) -> Self {
         let error = error.into();
         let mut text = String::new();
@@ -48,16 +60,86 @@ impl DepError {
                 text.push_str(&cause);
             }
         }
-        Self::Failed(text.split_whitespace().collect::<Vec<_>>().join(" "))
-    }
-
-    /// The reason shown while the dependency is down: the error that brought it down.
-    fn as_unavailable(&self) -> Self {
-        match self {
-            Self::Unavailable(_) => self.clone(),
-            other => Self::Unavailable(other.to_string()),
+        let detail = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        Self::Failed {
+            summary: summarise(&detail),
+            detail,
         }
     }
+
+    /// The full story, for the logs only.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Timeout(after) => format!("timed out after {} ms", after.as_millis()),
+            Self::Failed { detail, .. } | Self::Invalid(detail) => detail.clone(),
+            Self::Unavailable(_) => self.to_string(),
+        }
+    }
+
+    /// The answer while the dependency is down: what brought it down, in public words.
+    fn as_unavailable(&self) -> Self {
+        match self {
+            Self::Timeout(_) => Self::Unavailable("timeout"),
+            Self::Failed { summary, .. } => Self::Unavailable(summary),
+            Self::Invalid(_) => Self::Unavailable("invalid counter value"),
+            Self::Unavailable(summary) => Self::Unavailable(summary),
+        }
+    }
+}
+
+/// A few public words for a driver's error text. The first match wins, so the specific
+/// (authentication, TLS) come before the generic (a lost connection).
+fn summarise(detail: &str) -> &'static str {
+    const RULES: &[(&[&str], &str)] = &[
+        (
+            &[
+                "authentication",
+                "wrongpass",
+                "noauth",
+                "invalid username-password",
+            ],
+            "authentication failed",
+        ),
+        (&["noperm", "permission denied"], "permission denied"),
+        (
+            &[
+                "unknownissuer",
+                "unknown issuer",
+                "certificate verify failed",
+                "badsignature",
+            ],
+            "tls: certificate not trusted",
+        ),
+        (
+            &["notvalidforname", "not valid for name", "name mismatch"],
+            "tls: certificate name mismatch",
+        ),
+        (
+            &["server does not support tls", "does not support ssl"],
+            "tls: not offered by the server",
+        ),
+        (
+            &["tls", "ssl", "certificate", "handshake"],
+            "tls: handshake failed",
+        ),
+        (&["connection refused"], "connection refused"),
+        (&["timed out", "timeout"], "timeout"),
+        (
+            &[
+                "broken pipe",
+                "reset by peer",
+                "connection closed",
+                "eof",
+                "terminating connection",
+            ],
+            "connection lost",
+        ),
+    ];
+    let lower = detail.to_lowercase();
+    RULES
+        .iter()
+        .find(|(needles, _)| needles.iter().any(|n| lower.contains(n)))
+        .map_or("error", |(_, summary)| summary)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +249,7 @@ impl Dependency {
         match settled {
             Err(_) => Err(DepError::Timeout(self.timeout)),
             // The sender lives in `self`, so the channel cannot close while we borrow it.
-            Ok(Err(_)) => Err(DepError::Unavailable("shutting down".into())),
+            Ok(Err(_)) => Err(DepError::Unavailable("shutting down")),
             Ok(Ok(state)) => match &state.health {
                 Health::Up => Ok(state.epoch),
                 Health::Down(e) => Err(e.as_unavailable()),
@@ -187,7 +269,7 @@ impl Dependency {
                 // A new reason for a dependency still down: no new epoch, no log line.
                 (Health::Down(_), Health::Down(_)) => {}
                 (_, Health::Down(reason)) => {
-                    tracing::warn!(dependency = name, state = "down", reason = %reason, "dependency state changed");
+                    tracing::warn!(dependency = name, state = "down", reason = %reason.detail(), "dependency state changed");
                     state.epoch += 1;
                 }
                 (_, _) => {
@@ -233,7 +315,7 @@ impl Dependency {
                     metrics::counter!("dependency_errors_total", "dependency" => self.name)
                         .increment(1);
                     if seen.health == Health::Connecting {
-                        tracing::warn!(dependency = self.name, reason = %e, "dependency not reachable yet, retrying");
+                        tracing::warn!(dependency = self.name, reason = %e.detail(), "dependency not reachable yet, retrying");
                     }
                     self.set_health(seen.epoch, Health::Down(e));
                     tokio::select! {
@@ -282,7 +364,7 @@ mod tests {
                         if up {
                             Ok(())
                         } else {
-                            Err(anyhow::anyhow!("refused"))
+                            Err(anyhow::anyhow!("Connection refused"))
                         }
                     }
                 },
@@ -326,10 +408,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_down_dependency_fails_fast_with_the_reason() {
         let dep = Dependency::new("test", TIMEOUT);
-        dep.set_health(0, Health::Down(DepError::Failed("refused".into())));
+        dep.set_health(
+            0,
+            Health::Down(DepError::failed(anyhow::anyhow!("Connection refused"))),
+        );
         let started = Instant::now();
         let err = dep.call(ok()).await.unwrap_err();
-        assert_eq!(err, DepError::Unavailable("refused".into()));
+        assert_eq!(err, DepError::Unavailable("connection refused"));
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
@@ -337,7 +422,7 @@ mod tests {
     async fn a_failed_or_slow_call_marks_it_down_and_a_success_never_marks_it_up() {
         let dep = Dependency::new("test", TIMEOUT);
         dep.set_health(0, Health::Up);
-        assert_eq!(dep.call(boom()).await, Err(DepError::Failed("boom".into())));
+        assert_eq!(dep.call(boom()).await.unwrap_err().detail(), "boom");
         assert!(!dep.is_up());
 
         let dep = Dependency::new("test", TIMEOUT);
@@ -368,7 +453,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         // ...meanwhile the dependency goes down and a probe heals it.
-        dep.set_health(1, Health::Down(DepError::Failed("cut".into())));
+        dep.set_health(1, Health::Down(DepError::Timeout(TIMEOUT)));
         dep.set_health(2, Health::Up);
         assert!(stale.await.unwrap().is_err());
         assert!(
@@ -389,8 +474,9 @@ mod tests {
         assert!(matches!(dep.state.borrow().health, Health::Down(_)));
         // Calls meanwhile fail fast and never reach the dependency.
         let started = Instant::now();
-        assert!(
-            matches!(dep.call(ok()).await, Err(DepError::Unavailable(r)) if r.contains("refused"))
+        assert_eq!(
+            dep.call(ok()).await,
+            Err(DepError::Unavailable("connection refused"))
         );
         assert_eq!(started.elapsed(), Duration::ZERO);
 
@@ -414,10 +500,7 @@ mod tests {
         let (dep, stop) = watched(healthy, probes.clone());
         sleep(Duration::from_millis(1)).await;
         assert!(dep.is_up());
-        assert_eq!(
-            dep.call(boom()).await.unwrap_err(),
-            DepError::Failed("boom".into())
-        );
+        assert_eq!(dep.call(boom()).await.unwrap_err().detail(), "boom");
         // Down now; the watcher probes at once and the (healthy) probe heals it.
         sleep(Duration::from_millis(1)).await;
         assert!(dep.is_up());
@@ -458,14 +541,65 @@ mod tests {
     #[test]
     fn driver_errors_become_one_line_without_repeats() {
         let chain = anyhow::anyhow!("connection refused").context("pool: connection refused");
-        assert_eq!(
-            DepError::failed(chain),
-            DepError::Failed("pool: connection refused".into())
-        );
+        assert_eq!(DepError::failed(chain).detail(), "pool: connection refused");
         let multiline = anyhow::anyhow!("ERR script\n  line 3").context("script failed");
         assert_eq!(
-            DepError::failed(multiline),
-            DepError::Failed("script failed: ERR script line 3".into())
+            DepError::failed(multiline).detail(),
+            "script failed: ERR script line 3"
+        );
+    }
+
+    #[test]
+    fn the_public_text_names_the_failure_never_the_server_s_words() {
+        let cases = [
+            (
+                r#"db error: FATAL: password authentication failed for user "admin""#,
+                "authentication failed",
+            ),
+            (
+                "WRONGPASS invalid username-password pair",
+                "authentication failed",
+            ),
+            (
+                "NOPERM User web has no permissions to run the 'flushall' command",
+                "permission denied",
+            ),
+            (
+                "invalid peer certificate: UnknownIssuer",
+                "tls: certificate not trusted",
+            ),
+            (
+                "invalid peer certificate: NotValidForName",
+                "tls: certificate name mismatch",
+            ),
+            (
+                "error performing TLS handshake: server does not support TLS",
+                "tls: not offered by the server",
+            ),
+            (
+                "error connecting to server: Connection refused (os error 111)",
+                "connection refused",
+            ),
+            ("broken pipe", "connection lost"),
+            (
+                "ERR user_script:3: Script attempted to access a non local key f_8c1e",
+                "error",
+            ),
+            ("ERROR: relation \"visit_counter\" does not exist", "error"),
+        ];
+        for (detail, public) in cases {
+            let error = DepError::failed(anyhow::anyhow!(detail.to_owned()));
+            assert_eq!(error.to_string(), public, "{detail}");
+            assert_eq!(
+                error.as_unavailable().to_string(),
+                format!("unavailable ({public})")
+            );
+            assert_eq!(error.detail(), detail, "the logs keep it all");
+        }
+        assert_eq!(DepError::Timeout(TIMEOUT).to_string(), "timeout");
+        assert_eq!(
+            DepError::Timeout(TIMEOUT).detail(),
+            "timed out after 500 ms"
         );
     }
 }

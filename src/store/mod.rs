@@ -69,6 +69,7 @@ impl Store {
         Ok(Arc::new(Self {
             cache: Cache::new(
                 &config.redis_url,
+                config.redis_password.as_deref(),
                 config.redis_roots.as_ref(),
                 config.dependency_timeout,
             )

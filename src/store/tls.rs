@@ -265,20 +265,23 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// The Redis client for `url`. `rediss://` verifies the server against `roots`;
-/// `rediss://…#insecure` (`roots` is then `None`) verifies nothing, and says so in the log;
-/// `redis://` is plain TCP.
-pub fn redis_client(url: &str, roots: Option<&TrustRoots>) -> redis::RedisResult<redis::Client> {
+/// The Redis client for `info` (from `REDIS_URL`). `rediss://` verifies the server against
+/// `roots`; `rediss://…#insecure` (`roots` is then `None`) verifies nothing, and says so in the
+/// log; `redis://` is plain TCP.
+pub fn redis_client(
+    info: redis::ConnectionInfo,
+    roots: Option<&TrustRoots>,
+) -> redis::RedisResult<redis::Client> {
     crypto_provider();
     let client = match roots {
         Some(roots) => redis::Client::build_with_tls(
-            url,
+            info,
             redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(roots.pem.to_vec()),
             },
         )?,
-        None => redis::Client::open(url)?,
+        None => redis::Client::open(info)?,
     };
     if let redis::ConnectionAddr::TcpTls { insecure: true, .. } =
         client.get_connection_info().addr()

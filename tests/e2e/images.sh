@@ -1,22 +1,8 @@
 #!/usr/bin/env bash
-# Builds the images the end-to-end suite needs, locally (no registry is needed):
-#
-#   desafio3-test/redis:latest     stand-in for the official redis image     } one Debian root
-#   desafio3-test/postgres:latest  stand-in for the official postgres image  } filesystem (debootstrap)
-#   desafio3-web:latest            the web service, FROM scratch, binary built on this host
-#   (desafio3-test/base:<hash>     the imported rootfs + tests/e2e/standins/*.sh; the two
-#                                  stand-ins add only configuration on top of it)
-#
-# Usage: tests/e2e/images.sh [all|standins|web|rootfs]   (default: all)
-#
-# The slow part, the Debian root filesystem, is cached outside the repository in
-# ${XDG_CACHE_HOME:-$HOME/.cache}/desafio3/rootfs-<hash of its recipe>.tar; the stand-in images
-# carry the hash of their inputs in the label org.desafio3.e2e.inputs and are not rebuilt while
-# it matches. Set DESAFIO3_E2E_REBUILD=1 to force a rebuild of the stand-in images (the rootfs
-# cache is kept; delete the tarball to rebuild it).
-#
-# The Debian mirror is read from this machine's apt sources at run time (none is written here);
-# without one, debootstrap's own default is used. Building the rootfs needs root (or sudo).
+# Builds the images of the end-to-end suite locally: desafio3-web:latest (the static binary built
+# here, nothing else) and the stand-ins desafio3-test/{redis,postgres}:latest (a debootstrap root
+# filesystem, cached in ~/.cache/desafio3, plus standins/*.sh). See tests/e2e/README.md.
+#   tests/e2e/images.sh [all|standins|web|rootfs]      DESAFIO3_E2E_REBUILD=1 rebuilds the stand-ins
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,25 +26,10 @@ as_root() {
     else die "building the root filesystem needs root (or sudo)"; fi
 }
 
-# First Debian mirror of the host's apt sources that serves $SUITE (not the security archive).
+# The Debian mirror of the host's apt sources that serves $SUITE itself (not -security/-updates).
 host_mirror() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -r "$f" ] || continue
-        # deb822 stanzas: print URIs of a stanza with Types: deb whose Suites include $SUITE
-        awk -v suite="$SUITE" '
-            function flush() { if (deb && hit && uri != "" && uri !~ /security/) { print uri; found=1; exit } deb=0; hit=0; uri="" }
-            /^[[:space:]]*$/ { flush(); next }
-            tolower($1) == "types:" { for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
-            tolower($1) == "uris:"  { uri = $2 }
-            tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == suite) hit = 1 }
-            END { if (!found) flush() }' "$f"
-    done | head -n1 | grep . && return 0
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -r "$f" ] || continue
-        # "deb [options] URI suite components"
-        sed -E 's/\[[^]]*\]//' "$f" | awk -v suite="$SUITE" '$1 == "deb" && $3 == suite && $2 !~ /security/ { print $2; exit }'
-    done | head -n1
+    apt-get indextargets --format '$(REPO_URI) $(CODENAME)' 'Identifier: Packages' 2>/dev/null |
+        awk -v suite="$SUITE" '$2 == suite { print $1; exit }'
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -70,41 +41,31 @@ build_rootfs() {
     # shellcheck disable=SC2064
     trap "as_root umount '$r/proc' 2>/dev/null || true; as_root rm -rf '$work'" EXIT
     log "debootstrap $SUITE ($ARCH, minbase) ${mirror:-<debootstrap default mirror>} — a few minutes"
-    as_root debootstrap --variant=minbase --arch="$ARCH" "$SUITE" "$r" ${mirror:+"$mirror"} >"$work/debootstrap.log" 2>&1 \
-        || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
-    # No daemon may start inside the chroot while packages are installed.
-    printf '#!/bin/sh\nexit 101\n' | as_root tee "$r/usr/sbin/policy-rc.d" >/dev/null
-    as_root chmod 755 "$r/usr/sbin/policy-rc.d"
+    as_root debootstrap --variant=minbase --arch="$ARCH" "$SUITE" "$r" ${mirror:+"$mirror"} >"$work/log" 2>&1 ||
+        { tail -n 30 "$work/log" >&2; die "debootstrap failed (log above)"; }
+    printf '#!/bin/sh\nexit 101\n' | as_root install -m 755 /dev/stdin "$r/usr/sbin/policy-rc.d"  # no daemon starts
     as_root mount -t proc proc "$r/proc"
-    local apt=(env DEBIAN_FRONTEND=noninteractive LC_ALL=C chroot "$r" apt-get -q -y
-               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
-               -o APT::Install-Recommends=false)
+    local apt=(env DEBIAN_FRONTEND=noninteractive LC_ALL=C chroot "$r" apt-get -q -y -o APT::Install-Recommends=false
+               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
     log "installing: $PACKAGES"
-    {
-        "${apt[@]}" update
-        # no default cluster: the entrypoint initialises $PGDATA on first start, like the official image
-        "${apt[@]}" install postgresql-common
+    # postgresql-common first, set to make no cluster: the entrypoint initialises $PGDATA, like the official one
+    { "${apt[@]}" update && "${apt[@]}" install postgresql-common &&
         as_root sed -i -E 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' \
-            "$r/etc/postgresql-common/createcluster.conf"
-        # shellcheck disable=SC2086
-        "${apt[@]}" install $PACKAGES
-        "${apt[@]}" clean
-    } >"$work/apt.log" 2>&1 || { tail -n 30 "$work/apt.log" >&2; die "apt-get in the chroot failed (log above)"; }
+            "$r/etc/postgresql-common/createcluster.conf" &&
+        "${apt[@]}" install $PACKAGES && "${apt[@]}" clean; } >>"$work/log" 2>&1 ||
+        { tail -n 30 "$work/log" >&2; die "apt-get in the chroot failed (log above)"; }
     as_root umount "$r/proc"
-    as_root test -x "$r/usr/bin/setpriv" || die "setpriv missing from the root filesystem"
-    as_root ls "$r"/usr/lib/postgresql/*/bin/postgres >/dev/null || die "postgres missing from the root filesystem"
-    as_root rm -rf "$r/usr/sbin/policy-rc.d" "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin \
-        "$r"/var/log/*.log "$r"/var/log/apt/* "$r"/tmp/* "$r"/usr/share/doc/* "$r"/usr/share/man/* \
-        "$r"/usr/share/locale/* "$r"/usr/share/i18n
-    # PostgreSQL's optional LLVM JIT (~140 MB; the server runs without it, JIT simply stays off)
-    as_root rm -rf "$r"/usr/lib/postgresql/*/lib/llvmjit* "$r"/usr/lib/postgresql/*/lib/bitcode \
+    as_root test -x "$r/usr/bin/setpriv" -a -d "$r/usr/lib/postgresql" || die "setpriv or postgres missing"
+    # docs, caches, and PostgreSQL's optional LLVM JIT (~140 MB; without it JIT simply stays off)
+    as_root rm -rf "$r/usr/sbin/policy-rc.d" "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin "$r"/var/log/*.log \
+        "$r"/var/log/apt/* "$r"/tmp/* "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/locale/* \
+        "$r"/usr/share/i18n "$r"/usr/lib/postgresql/*/lib/llvmjit* "$r"/usr/lib/postgresql/*/lib/bitcode \
         "$r"/usr/lib/*-linux-gnu/libLLVM-*.so* "$r"/usr/lib/*-linux-gnu/libz3.so*
     as_root mkdir -p "$r/data" "$r/var/lib/postgresql/data" "$r/docker-entrypoint-initdb.d"
-    as_root chroot "$r" chown redis:redis /data
-    as_root chroot "$r" chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data
+    as_root chroot "$r" sh -c 'chown redis:redis /data && chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data'
     as_root chmod 700 "$r/var/lib/postgresql/data"
-    as_root tar --numeric-owner --xattrs -C "$r" -cf "$work/rootfs.tar" \
-        --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' .
+    as_root tar --numeric-owner --xattrs -C "$r" -cf "$work/rootfs.tar" --exclude='./proc/*' --exclude='./sys/*' \
+        --exclude='./dev/*' .
     as_root chown "$(id -u):$(id -g)" "$work/rootfs.tar"
     mv "$work/rootfs.tar" "$out"
     as_root rm -rf "$work"
@@ -134,27 +95,14 @@ ensure_rootfs() {
 # only in their configuration.
 PG_BIN_DIR=""
 changes_redis() {
-    printf '%s\n' \
-        'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        'ENV LANG=C.UTF-8' \
-        'WORKDIR /data' \
-        'VOLUME /data' \
-        'EXPOSE 6379' \
-        'STOPSIGNAL SIGTERM' \
-        'ENTRYPOINT ["/usr/local/bin/redis-entrypoint.sh"]' \
-        'CMD ["redis-server"]'
+    printf '%s\n' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'ENV LANG=C.UTF-8' \
+        'WORKDIR /data' 'VOLUME /data' 'EXPOSE 6379' 'STOPSIGNAL SIGTERM' \
+        'ENTRYPOINT ["/usr/local/bin/redis-entrypoint.sh"]' 'CMD ["redis-server"]'
 }
 changes_postgres() {
-    printf '%s\n' \
-        "ENV PATH=/usr/local/sbin:/usr/local/bin:$PG_BIN_DIR:/usr/sbin:/usr/bin:/sbin:/bin" \
-        'ENV LANG=C.UTF-8' \
-        'ENV PGDATA=/var/lib/postgresql/data' \
-        'WORKDIR /' \
-        'VOLUME /var/lib/postgresql/data' \
-        'EXPOSE 5432' \
-        'STOPSIGNAL SIGINT' \
-        'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' \
-        'CMD ["postgres"]'
+    printf '%s\n' "ENV PATH=/usr/local/sbin:/usr/local/bin:$PG_BIN_DIR:/usr/sbin:/usr/bin:/sbin:/bin" 'ENV LANG=C.UTF-8' \
+        'ENV PGDATA=/var/lib/postgresql/data' 'WORKDIR /' 'VOLUME /var/lib/postgresql/data' 'EXPOSE 5432' \
+        'STOPSIGNAL SIGINT' 'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' 'CMD ["postgres"]'
 }
 
 image_label() { docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
@@ -165,43 +113,26 @@ build_standins() {
     pgver="$(tar -tf "$ROOTFS_TAR" | sed -nE 's#^\./usr/lib/postgresql/([0-9]+)/bin/postgres$#\1#p' | head -n1)"
     [ -n "$pgver" ] || die "no postgres in $ROOTFS_TAR"
     PG_BIN_DIR="/usr/lib/postgresql/$pgver/bin"
-    local standins_hash
-    standins_hash="$( (cd "$STANDINS" && sha256sum -- *.sh; basename "$ROOTFS_TAR") | sha256sum | cut -c1-16)"
-    local todo=() name
-    for name in redis postgres; do
-        local want
-        want="$( { echo "$standins_hash"; "changes_$name"; } | sha256sum | cut -c1-16)"
-        if [ "${DESAFIO3_E2E_REBUILD:-0}" != 1 ] && [ "$(image_label "desafio3-test/$name:latest")" = "$want" ]; then
-            log "desafio3-test/$name:latest is up to date ($want)"
-        else
-            todo+=("$name:$want")
-        fi
-    done
-    [ "${#todo[@]}" -gt 0 ] || return 0
-    # One base image: the cached rootfs plus the entrypoints, imported once (docker import cannot
-    # set STOPSIGNAL); each stand-in is then a metadata-only legacy `docker build` on top of it.
-    local base="desafio3-test/base:$standins_hash"
-    if ! docker image inspect "$base" >/dev/null 2>&1; then
-        local work
-        work="$(mktemp -d "$CACHE_DIR/import.XXXXXX")"
-        # shellcheck disable=SC2064
-        trap "rm -rf '$work'" EXIT
-        cp "$ROOTFS_TAR" "$work/image.tar"
-        mkdir -p "$work/add/usr/local/bin"
-        install -m 0755 "$STANDINS"/*.sh "$work/add/usr/local/bin/"
-        (cd "$work/add" && tar --numeric-owner --owner=0 --group=0 --mtime=@0 -rf "$work/image.tar" ./usr/local/bin/*.sh)
-        log "docker import $base"
-        docker import -m "desafio3 e2e stand-ins base (test-only)" "$work/image.tar" "$base" >/dev/null
-        rm -rf "$work"
-        trap - EXIT
+    # one hash of every input: the rootfs, the entrypoints, the images' configuration and this recipe
+    local hash name
+    hash="$( { (cd "$STANDINS" && sha256sum -- *.sh); basename "$ROOTFS_TAR"; changes_redis; changes_postgres
+        declare -f build_standins; } | sha256sum | cut -c1-16)"
+    if [ "${DESAFIO3_E2E_REBUILD:-0}" != 1 ] && [ "$(image_label desafio3-test/redis:latest)" = "$hash" ] &&
+        [ "$(image_label desafio3-test/postgres:latest)" = "$hash" ]; then
+        log "desafio3-test/redis and desafio3-test/postgres are up to date ($hash)"
+        return
     fi
-    local item
-    for item in "${todo[@]}"; do
-        name="${item%%:*}"
-        local want="${item#*:}"
-        log "docker build desafio3-test/$name:latest ($want)"
-        { echo "FROM $base"; "changes_$name"; echo "LABEL $LABEL=$want"; } |
-            DOCKER_BUILDKIT=0 docker build -q -t "desafio3-test/$name:latest" - >/dev/null 2>"$CACHE_DIR/build.err" ||
+    # One base image, the root filesystem as it is; each stand-in adds the entrypoints and its
+    # configuration with a legacy `docker build` (docker import cannot set STOPSIGNAL).
+    local base="desafio3-test/base:$(basename "$ROOTFS_TAR" .tar)"
+    if ! docker image inspect "$base" >/dev/null 2>&1; then
+        log "docker import $base"
+        docker import -m "desafio3 e2e stand-ins base (test-only)" "$ROOTFS_TAR" "$base" >/dev/null
+    fi
+    for name in redis postgres; do
+        log "docker build desafio3-test/$name:latest ($hash)"
+        { echo "FROM $base"; echo "COPY *-entrypoint.sh /usr/local/bin/"; "changes_$name"; echo "LABEL $LABEL=$hash"; } |
+            DOCKER_BUILDKIT=0 docker build -q -t "desafio3-test/$name:latest" -f - "$STANDINS" >/dev/null 2>"$CACHE_DIR/build.err" ||
             { grep -v -e DEPRECATED -e BuildKit -e 'legacy builder' "$CACHE_DIR/build.err" >&2; die "docker build failed"; }
     done
     # drop older bases (untagged only if still in use)
@@ -211,37 +142,33 @@ build_standins() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The web image: the static binary built here, packed FROM scratch by tests/e2e/web.Dockerfile.
+# The web image: the static binary built here, with the files of nix/image-facts.json, imported
+# FROM nothing (docker import) with the config of the facts; tests/e2e checks the result with
+# nix/check-image.py, the checker `nix flake check` runs on the Nix image.
 build_web() {
     local target=x86_64-unknown-linux-gnu
     case "$(uname -m)" in aarch64|arm64) target=aarch64-unknown-linux-gnu ;; esac
     log "cargo build --release --bin web --target $target (static, +crt-static)"
     (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
         cargo build --quiet --release --locked --bin web --target "$target")
-    local bin="$ROOT/target/$target/release/web"
-    [ -x "$bin" ] || die "no binary at $bin"
-    if command -v ldd >/dev/null && ldd "$bin" 2>&1 | grep -q '=>'; then
-        die "$bin is dynamically linked"
-    fi
-    local ca=/etc/ssl/certs/ca-certificates.crt
+    local bin="$ROOT/target/$target/release/web" ca=/etc/ssl/certs/ca-certificates.crt
     [ -s "$ca" ] || die "no CA bundle at $ca (install ca-certificates)"
-
-    local ctx
-    ctx="$(mktemp -d "${TMPDIR:-/tmp}/desafio3-web-ctx.XXXXXX")"
+    local r
+    r="$(mktemp -d "${TMPDIR:-/tmp}/desafio3-web-root.XXXXXX")"
     # shellcheck disable=SC2064
-    trap "rm -rf '$ctx'" EXIT
-    mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/etc/ssl/certs" "$ctx/rootfs/tmp"
-    install -m 0555 "$bin" "$ctx/rootfs/bin/web"
-    install -m 0444 "$ca" "$ctx/rootfs/etc/ssl/certs/ca-certificates.crt"
-    printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' >"$ctx/rootfs/etc/passwd"
-    printf 'web:x:65532:\n' >"$ctx/rootfs/etc/group"
-    chmod 0444 "$ctx/rootfs/etc/passwd" "$ctx/rootfs/etc/group"
-    chmod 1777 "$ctx/rootfs/tmp"
-    cp "$HERE/web.Dockerfile" "$ctx/Dockerfile"
-    log "docker build desafio3-web:latest (FROM scratch)"
-    DOCKER_BUILDKIT=0 docker build -q -t desafio3-web:latest "$ctx" >/dev/null 2>"$ctx/build.err" \
-        || { grep -v -i 'deprecated' "$ctx/build.err" >&2 || true; die "docker build failed"; }
-    rm -rf "$ctx"
+    trap "rm -rf '$r'" EXIT
+    mkdir -p "$r/bin" "$r/etc/ssl/certs" "$r/tmp"
+    install -m 0555 "$bin" "$r/bin/web"
+    install -m 0444 "$ca" "$r/etc/ssl/certs/ca-certificates.crt"
+    printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' >"$r/etc/passwd"
+    printf 'web:x:65532:\n' >"$r/etc/group"
+    chmod 0444 "$r/etc/passwd" "$r/etc/group"
+    chmod 1777 "$r/tmp"
+    log "docker import desafio3-web:latest"
+    tar --numeric-owner --owner=0 --group=0 -C "$r" -c bin etc tmp |
+        docker import -c 'USER 65532:65532' -c 'EXPOSE 5000/tcp' -c 'ENV PORT=5000' \
+            -c 'ENTRYPOINT ["/bin/web"]' - desafio3-web:latest >/dev/null
+    rm -rf "$r"
     trap - EXIT
     log "desafio3-web:latest: $(docker image inspect -f '{{.Size}}' desafio3-web:latest) bytes"
 }

@@ -265,6 +265,22 @@ impl Redis {
             .expect("GET visitas")
     }
 
+    /// Writes anything into the counter key, as anyone on the network could.
+    pub fn set_raw_counter(&self, value: &str) {
+        let _: () = redis::cmd("SET")
+            .arg("visitas")
+            .arg(value)
+            .query(&mut self.client())
+            .expect("SET visitas");
+    }
+
+    pub fn get_raw_counter(&self) -> Option<String> {
+        redis::cmd("GET")
+            .arg("visitas")
+            .query(&mut self.client())
+            .expect("GET visitas")
+    }
+
     pub fn set_counter(&self, value: i64) {
         let _: () = redis::cmd("SET")
             .arg("visitas")
@@ -862,6 +878,7 @@ impl Env {
         let mut config = Config::from_lookup(|k| self.vars.get(k).map(OsString::from))
             .expect("test configuration parses");
         config.port = 0;
+        config.admin_port = 0;
         config
     }
 }
@@ -876,6 +893,8 @@ pub fn http_client() -> reqwest::Client {
 /// The app running in-process on a random port; stops when dropped.
 pub struct TestApp {
     pub address: String,
+    /// The admin listener: `/readyz`, `/metrics`.
+    pub admin_address: String,
     pub client: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -888,12 +907,14 @@ impl TestApp {
             .await
             .expect("app builds");
         let address = format!("http://127.0.0.1:{}", app.port());
+        let admin_address = format!("http://127.0.0.1:{}", app.admin_port());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
         }));
         Self {
             address,
+            admin_address,
             client: http_client(),
             stop: Some(stop),
             task: Some(task),
@@ -909,7 +930,7 @@ impl TestApp {
     }
 
     pub async fn wait_ready(&self, timeout: Duration) {
-        wait_ready(&self.client, &self.address, timeout).await;
+        wait_ready(&self.client, &self.admin_address, timeout).await;
     }
 
     /// Polls `GET /` until `done` accepts the page (5 s at most).
@@ -931,6 +952,15 @@ impl TestApp {
             .send()
             .await
             .expect("request reaches the app")
+    }
+
+    /// A request to the admin listener.
+    pub async fn get_admin(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.admin_address))
+            .send()
+            .await
+            .expect("request reaches the admin listener")
     }
 
     /// `GET /`, as status code and parsed body.
@@ -994,6 +1024,7 @@ pub fn count_of(page: &Value) -> Option<i64> {
 /// The real binary, for what only a process shows: signals, exit codes, logs, replicas.
 pub struct WebProcess {
     pub port: u16,
+    pub admin_port: u16,
     pub child: Child,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
@@ -1003,7 +1034,7 @@ pub struct WebProcess {
 
 impl WebProcess {
     pub fn spawn(env: Env) -> Self {
-        let port = free_port();
+        let (port, admin_port) = (free_port(), free_port());
         let logs = tempfile::tempdir().expect("log dir");
         let stdout = logs.path().join("stdout");
         let stderr = logs.path().join("stderr");
@@ -1011,12 +1042,14 @@ impl WebProcess {
             .env_clear()
             .envs(&env.vars)
             .env("PORT", port.to_string())
+            .env("ADMIN_PORT", admin_port.to_string())
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("starting web");
         Self {
             port,
+            admin_port,
             child,
             stdout,
             stderr,
@@ -1029,8 +1062,12 @@ impl WebProcess {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn admin_address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
     pub async fn wait_ready(&self, timeout: Duration) {
-        wait_ready(&http_client(), &self.address(), timeout).await;
+        wait_ready(&http_client(), &self.admin_address(), timeout).await;
     }
 
     pub fn signal(&self, signal: Signal) {

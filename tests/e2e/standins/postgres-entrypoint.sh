@@ -1,82 +1,82 @@
 #!/bin/bash
-# TEST-ONLY stand-in for the official postgres image's entrypoint (desafio3-test/postgres).
-# It mimics what docker-compose.yml relies on:
-#   - POSTGRES_USER (default postgres) is the superuser, its password from POSTGRES_PASSWORD or
-#     POSTGRES_PASSWORD_FILE; POSTGRES_DB (default $POSTGRES_USER) is created;
-#   - the cluster in $PGDATA is initialised only when it is empty (first start);
-#   - pg_hba: initdb's local (unix socket) trust + "host all all all scram-sha-256";
-#   - listen_addresses '*', port 5432; *.sh/*.sql in /docker-entrypoint-initdb.d run on init;
-#   - postgres is exec'ed as user postgres so it is PID 1 and receives STOPSIGNAL SIGINT.
+# TEST-ONLY stand-in for the entrypoint of the official postgres:17 image (desafio3-test/postgres).
+# Each step is named after the function of docker-library/postgres 17/bookworm/docker-entrypoint.sh
+# whose behaviour it reproduces (the list is in tests/e2e/README.md); only what docker-compose.yml
+# relies on is reproduced. setpriv stands in for gosu.
 set -Eeuo pipefail
 
-# file_env VAR [default]: VAR from $VAR or from the file named by $VAR_FILE (not both)
-file_env() {
-    local var="$1" fileVar="${1}_FILE" def="${2:-}"
-    if [ -n "${!var:-}" ] && [ -n "${!fileVar:-}" ]; then
-        echo >&2 "error: both $var and $fileVar are set (but are exclusive)"
+# docker_setup_env: POSTGRES_* from the variable or from the file named by VAR_FILE, read by
+# whoever runs this first: root, before the drop (a secret the postgres user cannot read works).
+from_env_or_file() {
+    local var=$1 file_var=${1}_FILE value=${2:-}
+    if [ -n "${!var:-}" ] && [ -n "${!file_var:-}" ]; then
+        echo "error: both $var and $file_var are set (but are exclusive)" >&2
         exit 1
     fi
-    local val="$def"
-    if [ -n "${!var:-}" ]; then
-        val="${!var}"
-    elif [ -n "${!fileVar:-}" ]; then
-        val="$(<"${!fileVar}")"
-    fi
-    export "$var"="$val"
-    unset "$fileVar"
+    if [ -n "${!var:-}" ]; then value=${!var}; elif [ -n "${!file_var:-}" ]; then value=$(<"${!file_var}"); fi
+    export "$var=$value"
+    unset "$file_var"
 }
 
-if [ "${1:0:1}" = '-' ]; then
-    set -- postgres "$@"
-fi
+if [ "${1:0:1}" = - ]; then set -- postgres "$@"; fi   # _main: a leading option means postgres
+[ "$1" = postgres ] || exec "$@"
 
-if [ "$1" = 'postgres' ] && [ "$(id -u)" = '0' ]; then
+from_env_or_file POSTGRES_PASSWORD
+from_env_or_file POSTGRES_USER postgres
+from_env_or_file POSTGRES_DB "$POSTGRES_USER"
+from_env_or_file POSTGRES_INITDB_ARGS
+
+if [ "$(id -u)" = 0 ]; then
+    # docker_create_db_directories, then _main's re-exec as postgres (the values read above
+    # are exported, their *_FILE variables unset: the file is never read again)
     mkdir -p "$PGDATA" /var/run/postgresql
     chmod 00700 "$PGDATA"
-    find "$PGDATA" \! -user postgres -exec chown postgres:postgres '{}' +
-    chown postgres:postgres /var/run/postgresql
     chmod 03775 /var/run/postgresql
+    find "$PGDATA" /var/run/postgresql \! -user postgres -exec chown postgres '{}' +
     exec setpriv --reuid=postgres --regid=postgres --init-groups "$BASH_SOURCE" "$@"
 fi
 
-if [ "$1" = 'postgres' ]; then
-    if [ ! -s "$PGDATA/PG_VERSION" ]; then
-        file_env POSTGRES_PASSWORD
-        file_env POSTGRES_USER postgres
-        file_env POSTGRES_DB "$POSTGRES_USER"
-        if [ -z "$POSTGRES_PASSWORD" ] && [ "${POSTGRES_HOST_AUTH_METHOD:-}" != trust ]; then
-            cat >&2 <<'EOM'
-Error: Database is uninitialized and superuser password is not specified.
-       You must specify POSTGRES_PASSWORD (or POSTGRES_PASSWORD_FILE) to a non-empty value
-       for the superuser, or POSTGRES_HOST_AUTH_METHOD=trust (not recommended).
-EOM
-            exit 1
-        fi
-        echo "stand-in entrypoint: initialising $PGDATA"
-        initdb --username="$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") \
-            --encoding=UTF8 --locale=C.UTF-8 -D "$PGDATA" ${POSTGRES_INITDB_ARGS:-} >/dev/null
-        printf '\nhost all all all %s\n' "${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}" >>"$PGDATA/pg_hba.conf"
-        printf "\nlisten_addresses = '*'\n" >>"$PGDATA/postgresql.conf"
+# docker_setup_env's DATABASE_ALREADY_EXISTS: a data directory with PG_VERSION is used as it is
+[ ! -s "$PGDATA/PG_VERSION" ] || { echo "stand-in: $PGDATA holds a database; skipping initialisation"; exec "$@"; }
 
-        # temporary server, unix socket only, to create the database and run init scripts
-        pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -p 5432" -w start >/dev/null
-        psql=(psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --no-password --no-psqlrc)
-        if [ "$POSTGRES_DB" != postgres ]; then
-            "${psql[@]}" --dbname postgres --set db="$POSTGRES_DB" -q <<<'CREATE DATABASE :"db";'
-        fi
-        for f in /docker-entrypoint-initdb.d/*; do
-            case "$f" in
-                *.sh)  echo "running $f"; . "$f" ;;
-                *.sql) echo "running $f"; "${psql[@]}" --dbname "$POSTGRES_DB" -f "$f" ;;
-                *) ;;
-            esac
-        done
-        pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
-        unset POSTGRES_PASSWORD
-        echo "stand-in entrypoint: PostgreSQL init process complete; ready for start up."
-    else
-        echo "stand-in entrypoint: $PGDATA holds a database; skipping initialisation"
-    fi
+# docker_verify_minimum_env
+if [ -z "$POSTGRES_PASSWORD" ] && [ "${POSTGRES_HOST_AUTH_METHOD:-}" != trust ]; then
+    echo "Error: Database is uninitialized and superuser password is not specified." >&2; exit 1
+fi
+ls /docker-entrypoint-initdb.d/ >/dev/null   # fail before initdb if the directory is unreadable
+
+# docker_init_database_dir: initdb with POSTGRES_USER as superuser, POSTGRES_INITDB_ARGS
+# shellcheck disable=SC2086
+initdb --username="$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") $POSTGRES_INITDB_ARGS >/dev/null
+# the image's postgresql.conf listens on all addresses (its Dockerfile edits the sample)
+printf "\nlisten_addresses = '*'\n" >>"$PGDATA/postgresql.conf"
+# pg_setup_hba_conf: host connections need the method of password_encryption
+auth=${POSTGRES_HOST_AUTH_METHOD:-$(postgres -C password_encryption)}
+printf '\nhost all all all %s\n' "$auth" >>"$PGDATA/pg_hba.conf"
+
+# docker_temp_server_start: socket only, so nothing connects before initialisation ends
+export PGPASSWORD=$POSTGRES_PASSWORD
+pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -p 5432" -w start >/dev/null
+sql() { psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --no-password --no-psqlrc "$@"; }
+
+# docker_setup_db: POSTGRES_DB, unless it exists already
+if [ -z "$(sql --dbname postgres --set db="$POSTGRES_DB" -tA <<<"SELECT 1 FROM pg_database WHERE datname = :'db'")" ]; then
+    sql --dbname postgres --set db="$POSTGRES_DB" -q <<<'CREATE DATABASE :"db";'
 fi
 
+# docker_process_init_files: /docker-entrypoint-initdb.d in name order; *.sh run when
+# executable, else sourced; *.sql through psql into POSTGRES_DB; anything else ignored
+for f in /docker-entrypoint-initdb.d/*; do
+    case $f in
+        *.sh) if [ -x "$f" ]; then echo "stand-in: running $f"; "$f"; else echo "stand-in: sourcing $f"; . "$f"; fi ;;
+        *.sql) echo "stand-in: running $f"; sql --dbname "$POSTGRES_DB" -f "$f" ;;
+        */\*) ;;
+        *) echo "stand-in: ignoring $f" ;;
+    esac
+done
+
+# docker_temp_server_stop
+pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
+unset PGPASSWORD POSTGRES_PASSWORD
+echo "stand-in: PostgreSQL init process complete; ready for start up."
 exec "$@"
