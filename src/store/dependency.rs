@@ -123,6 +123,14 @@ fn summarise(detail: &str) -> &'static str {
             "tls: handshake failed",
         ),
         (&["connection refused"], "connection refused"),
+        (
+            &[
+                "the database system is",
+                "loading the dataset",
+                "loading redis",
+            ],
+            "server not ready",
+        ),
         (&["timed out", "timeout"], "timeout"),
         (
             &[
@@ -347,15 +355,20 @@ mod tests {
         std::future::ready(Err(anyhow::anyhow!("boom")))
     }
 
-    /// A dependency whose watcher probes with `healthy` deciding each probe's outcome.
+    /// A dependency whose watcher probes with `healthy` deciding each probe's outcome; the
+    /// watcher's handle, to see it stop.
     fn watched(
         healthy: Arc<std::sync::atomic::AtomicBool>,
         probes: Arc<AtomicUsize>,
-    ) -> (Arc<Dependency>, CancellationToken) {
+    ) -> (
+        Arc<Dependency>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dep = Arc::new(Dependency::new("test", TIMEOUT));
         let stop = CancellationToken::new();
         let (d, s) = (dep.clone(), stop.clone());
-        tokio::spawn(async move {
+        let watcher = tokio::spawn(async move {
             d.watch(
                 || {
                     probes.fetch_add(1, Ordering::SeqCst);
@@ -372,7 +385,7 @@ mod tests {
             )
             .await;
         });
-        (dep, stop)
+        (dep, stop, watcher)
     }
 
     #[test]
@@ -467,7 +480,7 @@ mod tests {
     async fn the_watcher_probes_with_backoff_and_alone_heals() {
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let probes = Arc::new(AtomicUsize::new(0));
-        let (dep, stop) = watched(healthy.clone(), probes.clone());
+        let (dep, stop, _) = watched(healthy.clone(), probes.clone());
         // Probes at 0, 50, 150, 350, 750 ms: five in the first 0.8 s.
         sleep(Duration::from_millis(800)).await;
         assert_eq!(probes.load(Ordering::SeqCst), 5);
@@ -497,7 +510,7 @@ mod tests {
     async fn after_a_failure_the_watcher_recovers_within_its_first_pause() {
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let probes = Arc::new(AtomicUsize::new(0));
-        let (dep, stop) = watched(healthy, probes.clone());
+        let (dep, stop, _) = watched(healthy, probes.clone());
         sleep(Duration::from_millis(1)).await;
         assert!(dep.is_up());
         assert_eq!(dep.call(boom()).await.unwrap_err().detail(), "boom");
@@ -511,25 +524,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_watcher_returns() {
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let dep = Arc::new(Dependency::new("test", TIMEOUT));
-        let stop = CancellationToken::new();
-        let (d, s) = (dep.clone(), stop.clone());
-        let watcher = tokio::spawn(async move {
-            d.watch(
-                move || {
-                    let up = healthy.load(Ordering::SeqCst);
-                    async move {
-                        if up {
-                            Ok(())
-                        } else {
-                            Err(anyhow::anyhow!("no"))
-                        }
-                    }
-                },
-                s,
-            )
-            .await;
-        });
+        let (_dep, stop, watcher) = watched(healthy, Arc::new(AtomicUsize::new(0)));
         sleep(Duration::from_millis(120)).await;
         stop.cancel();
         tokio::time::timeout(Duration::from_millis(1), watcher)
@@ -581,6 +576,14 @@ mod tests {
                 "connection refused",
             ),
             ("broken pipe", "connection lost"),
+            (
+                "db error: FATAL: the database system is shutting down",
+                "server not ready",
+            ),
+            (
+                "LOADING Redis is loading the dataset in memory",
+                "server not ready",
+            ),
             (
                 "ERR user_script:3: Script attempted to access a non local key f_8c1e",
                 "error",

@@ -319,7 +319,7 @@ def sec_up(home: Path) -> dict[str, str]:
 
 def sec_least_privilege(secrets: dict[str, str]):
     """web's own users can do what web does and nothing more; the seed's admin checks still work."""
-    web_sql = lambda sql: run(["docker", "exec", "db", "psql", "-U", "web", "-d", "desafio3",  # noqa: E731
+    web_sql = lambda sql: run(["docker", "exec", "db", "psql", "-q", "-U", "web", "-d", "desafio3",  # noqa: E731
                                "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout=30)
     p = web_sql("SELECT rolsuper, current_schema() FROM pg_roles WHERE rolname = current_user")
     check("8.db role", p.returncode == 0 and p.stdout.strip() == "f|web",

@@ -1,33 +1,41 @@
-"""Holds the rendered Kubernetes manifests to the list of issue 6.
+"""Holds the rendered Kubernetes manifests to the lists of issues 6 and 14.
 
 Run by ci/check-kubernetes, which renders the overlays into K8S_RENDERED_DIR
 (base.yaml, dev.yaml, managed.yaml) with `kubectl kustomize`, and points
-K8S_SOURCE_DIR at the committed deploy/kubernetes/ directory. Standard library
-unittest plus PyYAML (a dependency of kubernetes-validate). Closes with the line
-`k8s: N passed, M failed`.
+K8S_SOURCE_DIR at the committed deploy/kubernetes/ directory; the overlays' secrets are
+the files of scripts/make-secrets. Standard library unittest plus PyYAML (a dependency of
+kubernetes-validate). Closes with the line `k8s: N passed, M failed`.
 """
 
 import base64
 import fnmatch
+import hashlib
 import os
 import re
 import subprocess
 import sys
 import unittest
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
 RENDERED = Path(os.environ.get("K8S_RENDERED_DIR", "."))
 SOURCE = Path(os.environ.get("K8S_SOURCE_DIR", Path(__file__).resolve().parent.parent))
 
-# The configuration contract of the service (docker-compose.yml, README).
-CONTRACT_ENV = {"PORT", "REDIS_URL", "DATABASE_URL", "DATABASE_PASSWORD_FILE", "DB_TIMEZONE",
-                "DEPENDENCY_TIMEOUT_MS", "FLUSH_INTERVAL_MS", "RUST_LOG"}
+# The service's variables the manifests set (README); the connection limits keep their defaults.
+CONTRACT_ENV = {"PORT", "ADMIN_PORT", "REDIS_URL", "REDIS_PASSWORD_FILE", "DATABASE_URL",
+                "DATABASE_PASSWORD_FILE", "DB_TIMEZONE", "DEPENDENCY_TIMEOUT_MS", "FLUSH_INTERVAL_MS", "RUST_LOG"}
 WEB_UID = 65532
-# git-ignored real files, each with a committed <file>.example
-SECRET_FILES = ["overlays/dev/db_password.txt", "overlays/managed/db_password.txt", "overlays/managed/dependencies.env"]
+# git-ignored secret material: what scripts/make-secrets writes into an overlay's secrets/, and
+# files copied from the committed <file>.example beside them
+MADE_SECRETS = [f"overlays/{o}/secrets/{f}" for o in ("dev", "managed")
+                for f in ("db_password", "web_db_password", "redis_password", "redis_users.acl")]
+EXAMPLES = ["overlays/managed/dependencies.env"]
 PLACEHOLDER = re.compile(r"change[-_]?me", re.IGNORECASE)
+# NetworkPolicy peers as flows() spells them
+DNS = {("ns kubernetes.io/metadata.name=kube-system pod k8s-app=kube-dns", 53, proto) for proto in ("UDP", "TCP")}
+MONITORING = "ns kubernetes.io/metadata.name=monitoring pod *"
 
 
 def load(name):
@@ -72,25 +80,54 @@ def port_number(c, port):
     return next(p["containerPort"] for p in c.get("ports", []) if p.get("name") == port)
 
 
+def mounted_secrets(objs, workload, c):
+    """{file path in the container: (Secret, key)} for every Secret key its mounts show, from
+    `secret` volumes and the Secret sources of `projected` ones."""
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+    files = {}
+    for m in c.get("volumeMounts", []):
+        vol = volumes.get(m["name"], {})  # none: a volumeClaimTemplate
+        sources = [vol["secret"]] if "secret" in vol else [
+            src["secret"] for src in vol.get("projected", {}).get("sources", []) if "secret" in src]
+        for src in sources:
+            assert m.get("readOnly") is True, f"secret mount {m['mountPath']} must be readOnly"
+            secret = one(objs, "Secret", src.get("secretName") or src.get("name"))
+            items = src.get("items") or [{"key": k, "path": k} for k in secret.get("data", {})]
+            files.update({m["mountPath"].rstrip("/") + "/" + i["path"]: (secret, i["key"]) for i in items})
+    return files
+
+
 def mounted_secret_file(objs, workload, c, path):
     """Resolve a file path inside the container to (Secret object, key), or fail."""
-    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
-    for m in c.get("volumeMounts", []):
-        mp = m["mountPath"].rstrip("/") + "/"
-        if not path.startswith(mp):
-            continue
-        vol = volumes[m["name"]]
-        assert "secret" in vol, f"{path} is mounted from {vol}, not a Secret"
-        assert m.get("readOnly") is True, f"secret mount {m['mountPath']} must be readOnly"
-        rel = path[len(mp):]
-        key = rel
-        for item in vol["secret"].get("items", []):
-            if item["path"] == rel:
-                key = item["key"]
-        secret = one(objs, "Secret", vol["secret"]["secretName"])
-        assert key in secret.get("data", {}), f"Secret {secret['metadata']['name']} has no key {key}"
-        return secret, key
-    raise AssertionError(f"{path} is not under any volumeMount of {c['name']}")
+    files = mounted_secrets(objs, workload, c)
+    assert path in files, f"{path} is not a mounted Secret key of {c['name']} ({sorted(files)})"
+    secret, key = files[path]
+    assert key in secret.get("data", {}), f"Secret {secret['metadata']['name']} has no key {key}"
+    return secret, key
+
+
+def secret_text(objs, workload, c, path):
+    secret, key = mounted_secret_file(objs, workload, c, path)
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def flows(rules, side):
+    """NetworkPolicy rules flattened to {(peer, port, protocol)}; "any" where a rule leaves one open."""
+    def labels(sel):
+        return ",".join(f"{k}={v}" for k, v in sorted((sel or {}).get("matchLabels", {}).items())) or "*"
+    out = set()
+    for rule in rules or []:
+        for peer in rule.get(side) or [None]:
+            if peer is None:
+                who = "any"
+            elif "ipBlock" in peer:
+                who = "ip " + peer["ipBlock"]["cidr"]
+            elif "namespaceSelector" in peer:
+                who = f"ns {labels(peer['namespaceSelector'])} pod {labels(peer.get('podSelector'))}"
+            else:
+                who = labels(peer["podSelector"])
+            out |= {(who, p.get("port", "any"), p.get("protocol", "TCP")) for p in rule.get("ports") or [{}]}
+    return out
 
 
 def web_env(objs, dep):
@@ -125,25 +162,34 @@ class WebChecks:
 
     def test_image_and_port(self):
         self.assertRegex(self.c["image"], r"(^|/)desafio3-web(:[\w.-]+)?$")
-        self.assertEqual(port_number(self.c, "http"), 5000)
+        self.assertEqual((port_number(self.c, "http"), port_number(self.c, "admin")), (5000, 9090))
 
     def test_env_follows_the_contract(self):
         env = web_env(self.objs, self.dep)
         self.assertEqual(set(env), CONTRACT_ENV, "env names must be exactly the service's contract")
-        self.assertEqual(env["PORT"][1], "5000")
+        self.assertEqual((env["PORT"][1], env["ADMIN_PORT"][1]), ("5000", "9090"))
         for name, (kind, value) in env.items():
             self.assertNotEqual(kind, "env", f"{name}: set inline, expected from ConfigMap/Secret")
 
     def test_password_is_a_mounted_secret_file(self):
         env = web_env(self.objs, self.dep)
-        path = env["DATABASE_PASSWORD_FILE"][1]
-        mounted_secret_file(self.objs, self.dep, self.c, path)
+        for var in ("DATABASE_URL", "REDIS_URL"):  # web's own users; each password from its file
+            url = urlsplit(env[var][1])
+            self.assertEqual((url.username, url.password), ("web", None), var)
+            mounted_secret_file(self.objs, self.dep, self.c, env[var.replace("URL", "PASSWORD_FILE")][1])
         self.assertFalse(any("PASSWORD" in n and not n.endswith("_FILE") for n in env))
+        # and no other secret: not the admin's database password, not the Redis ACL
+        keys = {key for _, key in mounted_secrets(self.objs, self.dep, self.c).values()}
+        self.assertEqual(keys, {"web_db_password", "redis_password"})
 
-    def test_liveness_on_healthz(self):
-        probe = self.c["livenessProbe"]
-        self.assertEqual(probe["httpGet"]["path"], "/healthz")
-        self.assertEqual(port_number(self.c, probe["httpGet"]["port"]), 5000)
+    def test_probes_and_scrapes_on_the_admin_port(self):
+        probes = [k for k in ("livenessProbe", "readinessProbe", "startupProbe") if k in self.c]
+        self.assertEqual(probes[:2], ["livenessProbe", "readinessProbe"])
+        for kind in probes:
+            self.assertEqual(self.c[kind]["httpGet"]["path"], "/healthz", kind)
+            self.assertEqual(port_number(self.c, self.c[kind]["httpGet"]["port"]), 9090, kind)
+        ann = self.dep["spec"]["template"]["metadata"]["annotations"]
+        self.assertEqual((ann["prometheus.io/port"], ann["prometheus.io/path"]), ("9090", "/metrics"))
 
     def test_readiness_does_not_follow_shared_dependencies(self):
         self.assertEqual(self.c["readinessProbe"]["httpGet"]["path"], "/healthz")
@@ -172,8 +218,24 @@ class WebChecks:
     def test_service(self):
         svc = one(self.objs, "Service", "web")
         self.assertTrue(matches({"matchLabels": svc["spec"]["selector"]}, self.pod_labels))
-        for p in svc["spec"]["ports"]:
+        for p in svc["spec"]["ports"]:  # the public port only, never the admin port
             self.assertEqual(port_number(self.c, p["targetPort"]), 5000)
+            self.assertNotEqual(p["port"], 9090)
+
+    def test_default_deny(self):
+        deny = [np for np in find(self.objs, "NetworkPolicy") if np["spec"]["podSelector"] == {}]
+        self.assertEqual(len(deny), 1, "one NetworkPolicy selecting every pod")
+        self.assertEqual(sorted(deny[0]["spec"]["policyTypes"]), ["Egress", "Ingress"])
+        self.assertFalse(deny[0]["spec"].get("ingress") or deny[0]["spec"].get("egress"))
+
+    def test_web_network_policy(self):
+        np = one(self.objs, "NetworkPolicy", "web")
+        self.assertTrue(matches(np["spec"]["podSelector"], self.pod_labels))
+        self.assertEqual(sorted(np["spec"]["policyTypes"]), ["Egress", "Ingress"])
+        self.assertEqual(flows(np["spec"]["ingress"], "from"), {("any", 5000, "TCP"), (MONITORING, 9090, "TCP")})
+        egress = flows(np["spec"]["egress"], "to")
+        self.assertLessEqual(DNS, egress)
+        self.check_dependency_egress(egress - DNS)
 
     def test_pod_disruption_budget(self):
         pdb = one(self.objs, "PodDisruptionBudget", "web")
@@ -221,8 +283,11 @@ class Dev(WebChecks, unittest.TestCase):
 
     def test_web_points_at_in_cluster_services(self):
         env = web_env(self.objs, self.dep)
-        self.assertEqual(env["REDIS_URL"], ("ConfigMap", "redis://cache:6379/0"))
-        self.assertEqual(env["DATABASE_URL"], ("ConfigMap", "postgres://admin@db:5432/desafio3"))
+        self.assertEqual(env["REDIS_URL"], ("ConfigMap", "redis://web@cache:6379/0"))
+        self.assertEqual(env["DATABASE_URL"], ("ConfigMap", "postgres://web@db:5432/desafio3"))
+
+    def check_dependency_egress(self, egress):
+        self.assertEqual(egress, {(f"app.kubernetes.io/name={n}", p, "TCP") for n, p in (("cache", 6379), ("db", 5432))})
 
     def check_statefulset(self, name, image, port, mount, probe):
         sts = one(self.objs, "StatefulSet", name)
@@ -244,10 +309,13 @@ class Dev(WebChecks, unittest.TestCase):
         return sts, c
 
     def test_cache_statefulset(self):
-        _, c = self.check_statefulset("cache", "redis:8.2", 6379, "/data", ["redis-cli", "ping"])
+        sts, c = self.check_statefulset("cache", "redis:8.2", 6379, "/data", ["redis-cli", "ping"])
         # compose's `command:` is the image's CMD, i.e. Kubernetes `args` (keeps the entrypoint)
         self.assertNotIn("command", c)
-        self.assertEqual(c["args"], ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", "/data"])
+        self.assertEqual(c["args"], ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
+                                     "--dir", "/data", "--aclfile", "/run/secrets/redis_acl"])
+        self.assertEqual(mounted_secret_file(self.objs, sts, c, "/run/secrets/redis_acl")[1], "redis_users.acl")
+        self.assertNotIn("env", c)  # the passwords are in the ACL file only (test_secrets_agree)
 
     def test_db_statefulset(self):
         mount = "/var/lib/postgresql/data"
@@ -258,23 +326,41 @@ class Dev(WebChecks, unittest.TestCase):
         self.assertNotIn("POSTGRES_PASSWORD", env)
         pgdata = env["PGDATA"]["value"]
         self.assertTrue(pgdata.startswith(mount + "/") and len(pgdata) > len(mount) + 1, pgdata)
-        db_secret = mounted_secret_file(self.objs, sts, c, env["POSTGRES_PASSWORD_FILE"]["value"])
-        web_file = web_env(self.objs, self.dep)["DATABASE_PASSWORD_FILE"][1]
-        web_secret = mounted_secret_file(self.objs, self.dep, self.c, web_file)
-        name = lambda secret: (secret[0]["metadata"]["name"], secret[1])  # noqa: E731
-        self.assertEqual(name(db_secret), name(web_secret))
+        # the admin's password, and role web's for the init script (run on an empty volume's first start)
+        for var, key in (("POSTGRES_PASSWORD_FILE", "db_password"), ("WEB_DB_PASSWORD_FILE", "web_db_password")):
+            self.assertEqual(mounted_secret_file(self.objs, sts, c, env[var]["value"])[1], key)
+        init = [m for m in c["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d"]
+        self.assertEqual(len(init), 1, "no /docker-entrypoint-initdb.d")
+        ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == init[0]["name"])
+        self.assertTrue(ref["defaultMode"] & 0o111, "not executable: the entrypoint would source it, not run it")
+        script = (SOURCE / "base/db/initdb/10-web-role.sh").read_text()
+        self.assertEqual(one(self.objs, "ConfigMap", ref["name"])["data"], {"10-web-role.sh": script})
 
     def test_network_policies_admit_only_web(self):
-        for name in ("cache", "db"):
+        for name, port in (("cache", 6379), ("db", 5432)):
             np = one(self.objs, "NetworkPolicy", name)
-            sources = [f["podSelector"] for rule in np["spec"]["ingress"] for f in rule["from"]]
-            self.assertTrue(sources and all(matches(s, self.pod_labels) for s in sources))
+            labels = one(self.objs, "StatefulSet", name)["spec"]["template"]["metadata"]["labels"]
+            self.assertTrue(matches(np["spec"]["podSelector"], labels), name)
+            self.assertEqual(np["spec"]["policyTypes"], ["Ingress", "Egress"], name)
+            self.assertFalse(np["spec"].get("egress"), f"{name} must reach nothing")
+            self.assertEqual(flows(np["spec"]["ingress"], "from"), {("app.kubernetes.io/name=web", port, "TCP")})
 
-    def test_generated_secret_is_the_example(self):
-        web_file = web_env(self.objs, self.dep)["DATABASE_PASSWORD_FILE"][1]
-        secret, key = mounted_secret_file(self.objs, self.dep, self.c, web_file)
-        example = (SOURCE / "overlays/dev/db_password.txt.example").read_text()
-        self.assertEqual(base64.b64decode(secret["data"][key]).decode(), example)
+    def test_secrets_agree(self):
+        """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
+        hashes, web's database password the one db gives role web, the admin's another."""
+        env = web_env(self.objs, self.dep)
+        web = lambda var: secret_text(self.objs, self.dep, self.c, env[var][1])  # noqa: E731
+        db, cache = one(self.objs, "StatefulSet", "db"), one(self.objs, "StatefulSet", "cache")
+        db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
+        in_db = lambda var: secret_text(self.objs, db, container(db), db_env[var])  # noqa: E731
+        self.assertEqual(in_db("WEB_DB_PASSWORD_FILE"), web("DATABASE_PASSWORD_FILE"))
+        self.assertNotEqual(in_db("POSTGRES_PASSWORD_FILE"), web("DATABASE_PASSWORD_FILE"))
+        args = container(cache)["args"]
+        acl = secret_text(self.objs, cache, container(cache), args[args.index("--aclfile") + 1])
+        password = web("REDIS_PASSWORD_FILE").strip()
+        self.assertRegex(acl, rf"(?m)^user web on #{hashlib.sha256(password.encode()).hexdigest()} ")
+        self.assertRegex(acl, r"(?m)^user default on nopass .*-@all \+ping$")
+        self.assertNotIn(password, acl + " ".join(args))
 
 
 class Managed(WebChecks, unittest.TestCase):
@@ -294,7 +380,11 @@ class Managed(WebChecks, unittest.TestCase):
             self.assertNotIn("DATABASE_URL", cm.get("data", {}))
         self.assertRegex(env["REDIS_URL"][1], r"^rediss?://")
         self.assertRegex(env["DATABASE_URL"][1], r"^postgres(ql)?://")
-        self.assertNotRegex(env["DATABASE_URL"][1], r"://[^/@]*:[^/@]*@", "password in DATABASE_URL")
+
+    def check_dependency_egress(self, egress):  # the managed services' addresses, not anywhere
+        self.assertEqual({port for _, port, _ in egress}, {6379, 5432})
+        for who, _, _ in egress:
+            self.assertRegex(who, r"^ip (?!0\.0\.0\.0/0$)", "egress to pods, or to anywhere")
 
 
 class Committed(unittest.TestCase):
@@ -305,12 +395,14 @@ class Committed(unittest.TestCase):
         lines = (SOURCE / ".gitignore").read_text().splitlines()
         cls.ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
+    def is_ignored(self, rel):
+        return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel, pat.rstrip("/") + "/*") for pat in self.ignored)
+
     def committed_files(self):
         for p in sorted(SOURCE.rglob("*")):
             rel = p.relative_to(SOURCE).as_posix()
-            if p.is_file() and "__pycache__" not in rel:
-                if not any(fnmatch.fnmatch(rel, pat) for pat in self.ignored):
-                    yield rel, p
+            if p.is_file() and "__pycache__" not in rel and not self.is_ignored(rel):
+                yield rel, p
 
     def test_base_renders_no_secret(self):
         self.assertEqual(find(load("base"), "Secret"), [])
@@ -325,20 +417,24 @@ class Committed(unittest.TestCase):
                 if isinstance(doc, dict) and doc.get("kind") == "Kustomization":
                     for gen in doc.get("secretGenerator", []):
                         self.assertNotIn("literals", gen, f"{rel}: secret literal committed")
+                        for f in gen.get("files", []) + gen.get("envs", []):
+                            src = (p.parent / f.split("=", 1)[-1]).relative_to(SOURCE).as_posix()
+                            self.assertTrue(self.is_ignored(src), f"{rel}: a Secret from committed {src}")
 
     def test_real_secret_files_are_git_ignored(self):
-        for rel in SECRET_FILES:
-            self.assertIn(rel, self.ignored)
+        for rel in MADE_SECRETS + EXAMPLES:
+            self.assertTrue(self.is_ignored(rel), rel)
+        for rel in EXAMPLES:
             self.assertTrue((SOURCE / (rel + ".example")).is_file(), rel + ".example")
         repo = SOURCE.parent.parent
         git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True).returncode  # noqa: E731
         if git("rev-parse", "--is-inside-work-tree") == 0:  # read-only check against git itself
-            for path in (f"deploy/kubernetes/{rel}" for rel in SECRET_FILES):
+            for path in (f"deploy/kubernetes/{rel}" for rel in MADE_SECRETS + EXAMPLES):
                 self.assertEqual(git("check-ignore", "-q", path), 0, f"git does not ignore {path}")
                 self.assertNotEqual(git("ls-files", "--error-unmatch", path), 0, f"{path} is tracked")
 
     def test_examples_hold_placeholders_only(self):
-        for rel in SECRET_FILES:
+        for rel in EXAMPLES:
             text = (SOURCE / (rel + ".example")).read_text()
             lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
             values = [line.split("=", 1)[1] if rel.endswith(".env") else line for line in lines]
