@@ -1,8 +1,22 @@
 # The `web` binary, built with crane as a fully static musl executable.
 { pkgs, crane }:
 let
-  # x86_64-unknown-linux-musl or aarch64-unknown-linux-musl (native, no cross compiler needed)
+  # x86_64-unknown-linux-musl or aarch64-unknown-linux-musl: the same CPU, so Rust needs no
+  # cross toolchain, only the musl standard library (below) ...
   target = "${pkgs.stdenv.hostPlatform.parsed.cpu.name}-unknown-linux-musl";
+
+  # ... but ring (rustls' crypto provider, see src/store/tls.rs) compiles C and assembly for
+  # the target with the cc crate. Left alone, cc would take the stdenv's glibc compiler, whose
+  # headers and hardening (_FORTIFY_SOURCE: __memcpy_chk & co.) do not belong in a static
+  # musl binary. So the C compiler and archiver of pkgsStatic (musl, static) are given to
+  # the cc crate for this target only, under the names cc reads (CC_<target>, as crane's
+  # mkCrossToolchainEnv sets them for a cross pkgs); build scripts keep the host compiler.
+  muslCC = pkgs.pkgsStatic.stdenv.cc;
+  ccTarget = builtins.replaceStrings [ "-" ] [ "_" ] target;
+  muslCCEnv = {
+    "CC_${ccTarget}" = "${muslCC}/bin/${muslCC.targetPrefix}cc";
+    "AR_${ccTarget}" = "${muslCC.bintools}/bin/${muslCC.targetPrefix}ar";
+  };
 
   # Stable Rust from rust-overlay, plus the musl standard library (and extra components).
   toolchainWith =
@@ -21,7 +35,8 @@ let
     strictDeps = true;
     CARGO_BUILD_TARGET = target;
     CARGO_BUILD_RUSTFLAGS = "-C target-feature=+crt-static";
-  };
+  }
+  // muslCCEnv;
 
   # Dependencies alone: rebuilt when Cargo.lock changes, not when src/ does.
   cargoArtifacts = craneLib.buildDepsOnly commonArgs;

@@ -9,6 +9,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::store::tls::{PostgresTls, SslMode, TrustRoots};
+
 /// Everything the service needs to run. Fields are public so tests can adjust a parsed config
 /// (for instance `port = 0` to let the OS pick a free port).
 #[derive(Clone)]
@@ -29,6 +31,11 @@ pub struct Config {
     pub redis_password: Option<String>,
     /// PostgreSQL connection settings, with the password from the password file applied.
     pub database: tokio_postgres::Config,
+    /// TLS to PostgreSQL: `sslmode` and `sslrootcert` from `DATABASE_URL`, libpq's meaning.
+    pub database_tls: PostgresTls,
+    /// CA certificates a `rediss://` Redis must chain to (`REDIS_CA_FILE`, else the system
+    /// bundle); `None` for `redis://` and for `rediss://…#insecure`.
+    pub redis_roots: Option<TrustRoots>,
     /// IANA time zone in which `hora_db` is rendered, canonical spelling.
     pub db_timezone: String,
     /// Upper bound for every single call to Redis or PostgreSQL.
@@ -53,6 +60,8 @@ impl fmt::Debug for Config {
                 &self.redis_password.as_ref().map(|_| "<redacted>"),
             )
             .field("database", &"<redacted>")
+            .field("database_tls", &self.database_tls)
+            .field("redis_roots", &self.redis_roots)
             .field("db_timezone", &self.db_timezone)
             .field("dependency_timeout", &self.dependency_timeout)
             .field("flush_interval", &self.flush_interval)
@@ -130,6 +139,7 @@ impl Config {
                 "not a valid redis:// or rediss:// URL (value not shown: it may hold a password)",
             )
         })?;
+        let redis_roots = redis_trust_roots(&env, &redis_url)?;
 
         let redis_password = env
             .get("REDIS_PASSWORD_FILE")?
@@ -139,6 +149,9 @@ impl Config {
         let database_url = env
             .get("DATABASE_URL")?
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        // tokio-postgres knows only disable/prefer/require and no sslrootcert: both are taken
+        // out here and applied by the TLS connector (`store::tls`).
+        let (database_url, ssl_params) = take_ssl_params(&database_url);
         let mut database = tokio_postgres::Config::from_str(&database_url).map_err(|_| {
             ConfigError::new(
                 "DATABASE_URL",
@@ -148,6 +161,8 @@ impl Config {
         if database.get_hosts().is_empty() {
             return Err(ConfigError::new("DATABASE_URL", "names no host"));
         }
+        let database_tls = database_tls(&env, ssl_params)?;
+        database.ssl_mode(database_tls.driver_mode());
         for var in ["DATABASE_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"] {
             if let Some(path) = env.get(var)? {
                 database.password(read_password_file(var, &path)?);
@@ -198,6 +213,8 @@ impl Config {
             redis_url,
             redis_password,
             database,
+            database_tls,
+            redis_roots,
             db_timezone,
             dependency_timeout,
             flush_interval,
@@ -277,6 +294,243 @@ fn read_password_file(var: &'static str, path: &str) -> Result<String, ConfigErr
         return Err(ConfigError::new(var, format!("{path:?} is empty")));
     }
     Ok(password.to_owned())
+}
+
+/// The system's CA bundle, as the image ships it (Debian and Alpine keep it there too).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// `sslmode` and `sslrootcert` as written in `DATABASE_URL`, not yet interpreted.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct SslParams {
+    mode: Option<String>,
+    rootcert: Option<String>,
+}
+
+/// Removes `sslmode` and `sslrootcert` from a `postgres://` URL's query or from a libpq
+/// key=value string, reading them as tokio-postgres reads the rest (the last one wins).
+/// Anything it cannot read is left in place, for tokio-postgres to reject.
+fn take_ssl_params(conninfo: &str) -> (String, SslParams) {
+    if ["postgres://", "postgresql://"]
+        .iter()
+        .any(|prefix| conninfo.starts_with(prefix))
+    {
+        take_ssl_params_from_url(conninfo)
+    } else {
+        take_ssl_params_from_key_values(conninfo)
+            .unwrap_or_else(|| (conninfo.to_owned(), SslParams::default()))
+    }
+}
+
+fn take_ssl_params_from_url(url: &str) -> (String, SslParams) {
+    let mut params = SslParams::default();
+    // The query starts at the first `?` after the credentials, which end at the first `@`
+    // (a password may hold a `?`).
+    let after_credentials = url.find('@').map_or(0, |i| i + 1);
+    let Some(query) = url[after_credentials..]
+        .find('?')
+        .map(|i| i + after_credentials)
+    else {
+        return (url.to_owned(), params);
+    };
+    let kept: Vec<&str> = url[query + 1..]
+        .split('&')
+        .filter(|pair| {
+            let Some((key, value)) = pair.split_once('=') else {
+                return true;
+            };
+            let slot = match percent_decode(key).as_deref() {
+                Some("sslmode") => &mut params.mode,
+                Some("sslrootcert") => &mut params.rootcert,
+                _ => return true,
+            };
+            match percent_decode(value) {
+                Some(value) => {
+                    *slot = Some(value);
+                    false
+                }
+                None => true,
+            }
+        })
+        .collect();
+    let mut rest = url[..query].to_owned();
+    if !kept.is_empty() {
+        rest.push('?');
+        rest.push_str(&kept.join("&"));
+    }
+    (rest, params)
+}
+
+/// `None` when the string is not well formed (tokio-postgres then says so).
+fn take_ssl_params_from_key_values(conninfo: &str) -> Option<(String, SslParams)> {
+    let mut params = SslParams::default();
+    let mut rest = String::new();
+    let mut copied = 0;
+    let mut chars = conninfo.char_indices().peekable();
+    let position = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        chars.peek().map_or(conninfo.len(), |&(i, _)| i)
+    };
+    let skip_whitespace = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+    };
+    loop {
+        skip_whitespace(&mut chars);
+        let start = position(&mut chars);
+        while chars
+            .next_if(|&(_, c)| !c.is_whitespace() && c != '=')
+            .is_some()
+        {}
+        let key = &conninfo[start..position(&mut chars)];
+        if key.is_empty() {
+            break;
+        }
+        skip_whitespace(&mut chars);
+        chars.next_if(|&(_, c)| c == '=')?;
+        skip_whitespace(&mut chars);
+        let quoted = chars.next_if(|&(_, c)| c == '\'').is_some();
+        let mut value = String::new();
+        loop {
+            match chars.peek().copied() {
+                None if quoted => return None,
+                None => break,
+                Some((_, '\'')) if quoted => {
+                    chars.next();
+                    break;
+                }
+                Some((_, c)) if c.is_whitespace() && !quoted => break,
+                Some((_, '\\')) => {
+                    chars.next();
+                    if let Some((_, escaped)) = chars.next() {
+                        value.push(escaped);
+                    }
+                }
+                Some((_, c)) => {
+                    chars.next();
+                    value.push(c);
+                }
+            }
+        }
+        let slot = match key {
+            "sslmode" => &mut params.mode,
+            "sslrootcert" => &mut params.rootcert,
+            _ => continue,
+        };
+        *slot = Some(value);
+        rest.push_str(&conninfo[copied..start]);
+        copied = position(&mut chars);
+    }
+    rest.push_str(&conninfo[copied..]);
+    Some((rest, params))
+}
+
+/// `%XX` escapes of a URL query; `None` for a bad escape or invalid UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// libpq's rules: `prefer` when no `sslmode` is given (`verify-full` with
+/// `sslrootcert=system`); a root certificate file makes `prefer`/`require` verify the chain
+/// too; `verify-ca`/`verify-full` without one use the system bundle (libpq would look for
+/// `~/.postgresql/root.crt`, which a container does not have).
+fn database_tls(env: &Env<'_>, params: SslParams) -> Result<PostgresTls, ConfigError> {
+    let system = params.rootcert.as_deref() == Some("system");
+    let mode = match params.mode.as_deref() {
+        None if system => SslMode::VerifyFull,
+        None => SslMode::Prefer,
+        Some("disable") => SslMode::Disable,
+        Some("prefer") => SslMode::Prefer,
+        Some("require") => SslMode::Require,
+        Some("verify-ca") => SslMode::VerifyCa,
+        Some("verify-full") => SslMode::VerifyFull,
+        Some("allow") => {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "sslmode=allow is not supported (use disable or prefer)",
+            ));
+        }
+        // The value is not echoed: a malformed URL could put part of a password there.
+        Some(_) => {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "sslmode must be disable, prefer, require, verify-ca or verify-full",
+            ));
+        }
+    };
+    let roots = match params.rootcert {
+        Some(_) if system && mode != SslMode::VerifyFull => {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "sslrootcert=system needs sslmode=verify-full (as in libpq)",
+            ));
+        }
+        Some(_) if system => Some(system_trust_roots(env, "DATABASE_URL")?),
+        Some(path) => Some(read_trust_roots("DATABASE_URL", "sslrootcert ", &path)?),
+        None if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) => {
+            Some(system_trust_roots(env, "DATABASE_URL")?)
+        }
+        None => None,
+    };
+    Ok(PostgresTls { mode, roots })
+}
+
+/// `rediss://` verifies against `REDIS_CA_FILE` or the system bundle; `#insecure` and
+/// `redis://` need no roots. `REDIS_CA_FILE` is read whenever it is set, so a wrong path
+/// shows at start, not on the day TLS is switched on.
+fn redis_trust_roots(env: &Env<'_>, url: &str) -> Result<Option<TrustRoots>, ConfigError> {
+    let ca_file = match env.get("REDIS_CA_FILE")? {
+        Some(path) => Some(read_trust_roots("REDIS_CA_FILE", "", &path)?),
+        None => None,
+    };
+    let (tls, verifies) = match redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|info| info.addr().clone())
+    {
+        Ok(redis::ConnectionAddr::TcpTls { insecure, .. }) => (true, !insecure),
+        _ => (false, false),
+    };
+    // The redis crate loads the platform's certificates on every TLS connection (with
+    // rustls-native-certs, which reads SSL_CERT_FILE), even when given its roots, and fails
+    // the connection if that file cannot be read: better said once, at start.
+    if tls && env.get("SSL_CERT_FILE")?.is_some() {
+        system_trust_roots(env, "REDIS_URL")?;
+    }
+    match (verifies, ca_file) {
+        (false, _) => Ok(None),
+        (true, Some(roots)) => Ok(Some(roots)),
+        (true, None) => system_trust_roots(env, "REDIS_URL").map(Some),
+    }
+}
+
+/// The system bundle, or the file `SSL_CERT_FILE` names (the variable OpenSSL and most TLS
+/// clients honour; tests and unusual systems use it).
+fn system_trust_roots(env: &Env<'_>, needed_by: &'static str) -> Result<TrustRoots, ConfigError> {
+    match env.get("SSL_CERT_FILE")? {
+        Some(path) => read_trust_roots("SSL_CERT_FILE", "", &path),
+        None => read_trust_roots(needed_by, "the system CA bundle ", SYSTEM_CA_BUNDLE),
+    }
+}
+
+fn read_trust_roots(var: &'static str, what: &str, path: &str) -> Result<TrustRoots, ConfigError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (the image runs web as uid 65532: the file must be readable by it)"
+        } else {
+            ""
+        };
+        ConfigError::new(var, format!("cannot read {what}{path:?}: {e}{hint}"))
+    })?;
+    TrustRoots::from_pem(pem)
+        .map_err(|reason| ConfigError::new(var, format!("{what}{path:?}: {reason}")))
 }
 
 #[cfg(test)]
@@ -394,5 +648,166 @@ mod tests {
         assert_eq!(c.database.get_password(), Some(&b"from-postgres-file"[..]));
         let c = parse(&[("DATABASE_URL", "postgres://u:from-url@h/db")]).unwrap();
         assert_eq!(c.database.get_password(), Some(&b"from-url"[..]));
+    }
+
+    /// A PEM file with one (self-signed) certificate, usable as a trust anchor.
+    fn ca_file(dir: &tempfile::TempDir) -> String {
+        let ca = rcgen::generate_simple_self_signed(vec!["test-ca".to_owned()]).unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, ca.cert.pem()).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn sslmode_has_libpqs_meaning_in_urls_and_key_values() {
+        use tokio_postgres::config::SslMode as Driver;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_file(&dir);
+        let cases = [
+            ("", SslMode::Prefer, Driver::Prefer),
+            ("sslmode=disable", SslMode::Disable, Driver::Disable),
+            ("sslmode=prefer", SslMode::Prefer, Driver::Prefer),
+            ("sslmode=require", SslMode::Require, Driver::Require),
+            ("sslmode=verify-ca", SslMode::VerifyCa, Driver::Require),
+            ("sslmode=verify-full", SslMode::VerifyFull, Driver::Require),
+        ];
+        for (param, mode, driver) in cases {
+            let url = format!("postgres://u@h:5433/db?connect_timeout=5&{param}");
+            let key_values = format!("host=h port=5433 {param} user=u dbname=db");
+            for conninfo in [url, key_values] {
+                let c = parse(&[("DATABASE_URL", &conninfo), ("SSL_CERT_FILE", &ca)])
+                    .unwrap_or_else(|e| panic!("{conninfo}: {e}"));
+                assert_eq!(c.database_tls.mode, mode, "{conninfo}");
+                assert_eq!(c.database.get_ssl_mode(), driver, "{conninfo}");
+                assert_eq!(c.database.get_dbname(), Some("db"), "{conninfo}");
+                assert_eq!(c.database.get_ports(), [5433], "{conninfo}");
+                // Only the verifying modes need trust roots; then the system bundle
+                // (here SSL_CERT_FILE) gives them.
+                let verifies = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
+                assert_eq!(c.database_tls.roots.is_some(), verifies, "{conninfo}");
+            }
+        }
+    }
+
+    #[test]
+    fn sslrootcert_is_read_at_start_and_makes_require_verify_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_file(&dir);
+        // Percent-encoded in a URL, quoted and escaped in key=value form; the last one wins.
+        let encoded = ca.replace('/', "%2F");
+        let url = format!(
+            "postgres://u:p?w@h/db?sslrootcert=/nope&sslmode=require&sslrootcert={encoded}"
+        );
+        let key_values = format!("host=h sslmode = require sslrootcert='{ca}' dbname=db");
+        for conninfo in [url, key_values] {
+            let c = parse(&[("DATABASE_URL", &conninfo)]).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.database_tls.mode, SslMode::Require);
+            assert_eq!(c.database_tls.roots.as_ref().map(TrustRoots::len), Some(1));
+        }
+        // The password keeps its `?`.
+        let c = parse(&[(
+            "DATABASE_URL",
+            &format!("postgres://u:p?w@h/db?sslrootcert={encoded}"),
+        )])
+        .unwrap();
+        assert_eq!(c.database.get_password(), Some(&b"p?w"[..]));
+
+        for conninfo in [
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "host=h sslrootcert=/nonexistent/ca.pem",
+        ] {
+            let err = parse(&[("DATABASE_URL", conninfo)]).unwrap_err();
+            assert_eq!(err.var, "DATABASE_URL");
+            assert!(err.reason.contains("sslrootcert"), "{err}");
+        }
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let err = parse(&[(
+            "DATABASE_URL",
+            &format!("postgres://u@h/db?sslrootcert={}", not_pem.display()),
+        )])
+        .unwrap_err();
+        assert!(err.reason.contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_sslmode_names_database_url_and_echoes_nothing() {
+        for conninfo in [
+            "postgres://u:hunter2@h/db?sslmode=hunter2",
+            "postgres://u:hunter2@h/db?sslmode=VERIFY-FULL",
+            "host=h password=hunter2 sslmode=hunter2",
+            "postgres://u:hunter2@h/db?sslmode=allow",
+        ] {
+            let err = parse(&[("DATABASE_URL", conninfo)]).unwrap_err();
+            assert_eq!(err.var, "DATABASE_URL");
+            assert!(err.reason.contains("sslmode"), "{err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn verifying_without_a_ca_file_needs_the_system_bundle() {
+        let err = parse(&[
+            ("DATABASE_URL", "postgres://u@h/db?sslmode=verify-ca"),
+            ("SSL_CERT_FILE", "/nonexistent/bundle.crt"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "SSL_CERT_FILE");
+        let err = parse(&[(
+            "DATABASE_URL",
+            "postgres://u@h/db?sslrootcert=system&sslmode=require",
+        )])
+        .unwrap_err();
+        assert_eq!(err.var, "DATABASE_URL");
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_file(&dir);
+        let c = parse(&[
+            ("DATABASE_URL", "postgres://u@h/db?sslrootcert=system"),
+            ("SSL_CERT_FILE", &ca),
+        ])
+        .unwrap();
+        assert_eq!(c.database_tls.mode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn rediss_verifies_against_redis_ca_file_or_the_system_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_file(&dir);
+        let roots = |vars: &[(&str, &str)]| parse(vars).unwrap().redis_roots.map(|r| r.len());
+        assert_eq!(
+            roots(&[("REDIS_URL", "rediss://h:6380/0"), ("REDIS_CA_FILE", &ca)]),
+            Some(1)
+        );
+        assert_eq!(
+            roots(&[("REDIS_URL", "rediss://h:6380/0"), ("SSL_CERT_FILE", &ca)]),
+            Some(1)
+        );
+        assert_eq!(
+            roots(&[
+                ("REDIS_URL", "rediss://h:6380/0#insecure"),
+                ("REDIS_CA_FILE", &ca)
+            ]),
+            None
+        );
+        assert_eq!(
+            roots(&[("REDIS_URL", "redis://h:6379/0"), ("REDIS_CA_FILE", &ca)]),
+            None
+        );
+
+        let err = parse(&[
+            ("REDIS_URL", "rediss://h:6380/0#insecure"),
+            ("SSL_CERT_FILE", "/nonexistent/bundle.crt"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "SSL_CERT_FILE");
+
+        // Read whenever it is set, even while REDIS_URL is still plain.
+        for url in ["rediss://:hunter2@h/0", "redis://:hunter2@h/0"] {
+            let err =
+                parse(&[("REDIS_URL", url), ("REDIS_CA_FILE", "/nonexistent/ca.pem")]).unwrap_err();
+            assert_eq!(err.var, "REDIS_CA_FILE");
+            assert!(err.reason.contains("/nonexistent/ca.pem"), "{err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
     }
 }

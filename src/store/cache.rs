@@ -8,6 +8,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::dependency::{DepError, Dependency};
+use super::tls::{self, TrustRoots};
 
 /// The key the seed's Flask app used; kept so the counter survives a switch between the two.
 pub const COUNTER_KEY: &str = "visitas";
@@ -69,8 +70,14 @@ impl Cache {
     /// Creates the client without connecting: the service must start, and serve `/healthz`,
     /// before Redis exists. The connection manager reconnects by itself afterwards.
     ///
-    /// `password` (from `REDIS_PASSWORD_FILE`) is set on the connection info, never in a URL.
-    pub fn new(url: &str, password: Option<&str>, timeout: Duration) -> anyhow::Result<Self> {
+    /// `password` (from `REDIS_PASSWORD_FILE`) is set on the connection info, never in a URL;
+    /// `roots` is what a `rediss://` server must chain to (see `tls::redis_client`).
+    pub fn new(
+        url: &str,
+        password: Option<&str>,
+        roots: Option<&TrustRoots>,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let info = redis::IntoConnectionInfo::into_connection_info(url).context("REDIS_URL")?;
         // No `CLIENT SETINFO` on connect: the ACL grants `web` only the commands it uses.
         let mut settings = info.redis_settings().clone().set_skip_set_lib_name();
@@ -78,7 +85,7 @@ impl Cache {
             settings = settings.set_password(password);
         }
         let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).context("REDIS_URL")?;
+        let client = tls::redis_client(info, roots).context("REDIS_URL")?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

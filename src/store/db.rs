@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::dependency::{DepError, Dependency};
+use super::tls::PostgresTls;
 
 /// Connections in the pool. Requests are coalesced (see `visits`), so a handful is plenty.
 const POOL_SIZE: usize = 8;
@@ -42,12 +42,13 @@ impl Db {
     /// Creates the pool without connecting, for the same reason as the cache.
     pub fn new(
         config: tokio_postgres::Config,
+        tls: &PostgresTls,
         timezone: String,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls.connector().context("configuring TLS to PostgreSQL")?,
             ManagerConfig {
                 // A connection whose server closed it is discarded on checkout. Verifying
                 // with a round trip instead would double the latency of every batch; the

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod db;
 pub mod dependency;
+pub mod tls;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -69,11 +70,13 @@ impl Store {
             cache: Cache::new(
                 &config.redis_url,
                 config.redis_password.as_deref(),
+                config.redis_roots.as_ref(),
                 config.dependency_timeout,
             )
             .context("configuring Redis")?,
             db: Db::new(
                 config.database.clone(),
+                &config.database_tls,
                 config.db_timezone.clone(),
                 config.dependency_timeout,
             )

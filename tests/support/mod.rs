@@ -6,6 +6,8 @@
 //! and as an ordinary user (developer machines, the Nix build sandbox).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -144,6 +146,8 @@ pub struct Redis {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// TLS only (see `start_tls`).
+    tls: bool,
 }
 
 impl Redis {
@@ -156,9 +160,47 @@ impl Redis {
             port,
             dir: tempfile::tempdir().expect("temp dir for redis"),
             child: None,
+            tls: false,
         };
         redis.launch();
         redis
+    }
+
+    /// TLS only (no plain listener), presenting `tls`'s certificate; clients are not asked
+    /// for one. Reach it as `rediss://localhost:{port}`; the harness's own helpers
+    /// (`get_counter`, …) speak plain TCP and do not work on it.
+    pub fn start_tls(tls: &tls::ServerTls) -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir for redis"),
+            child: None,
+            tls: true,
+        };
+        write_tls_files(redis.dir.path(), tls);
+        redis.launch();
+        redis
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        if !self.tls {
+            return Vec::new();
+        }
+        let file = |name: &str| self.dir.path().join(name).display().to_string();
+        // The later `--port 0` overrides the plain port given before it.
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            self.port.to_string(),
+            "--tls-cert-file".into(),
+            file("server.crt"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
     }
 
     fn launch(&mut self) {
@@ -167,6 +209,7 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(self.tls_args())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -319,6 +362,22 @@ fn give_to_postgres(path: &Path) {
     }
 }
 
+/// `server.crt`, `server.key` (0600, owned by the server's user, as PostgreSQL insists) and
+/// `ca.crt` in `dir`.
+fn write_tls_files(dir: &Path, tls: &tls::ServerTls) {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, content, mode) in [
+        ("server.crt", &tls.cert_pem, 0o644),
+        ("server.key", &tls.key_pem, 0o600),
+        ("ca.crt", &tls.ca_pem, 0o644),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, content).expect("TLS file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        give_to_postgres(&path);
+    }
+}
+
 /// `initdb` costs a second or two: do it once, keep the cluster under Cargo's per-target
 /// temporary directory, and give each test a copy. Built aside and renamed into place, so
 /// test binaries running in parallel never see half a template.
@@ -388,6 +447,8 @@ pub struct Postgres {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// `ssl=on` (see `start_tls`).
+    ssl: bool,
 }
 
 impl Postgres {
@@ -396,6 +457,16 @@ impl Postgres {
     }
 
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, None)
+    }
+
+    /// With `ssl=on`, presenting `tls`'s certificate. Plain connections are still accepted
+    /// (the harness's own queries use them): `sslmode` decides what the client does.
+    pub fn start_tls(tls: &tls::ServerTls) -> Self {
+        Self::start_with(free_port(), Some(tls))
+    }
+
+    fn start_with(port: u16, tls: Option<&tls::ServerTls>) -> Self {
         let template = template_cluster().join("data");
         let dir = tempfile::tempdir().expect("temp dir for postgres");
         give_to_postgres(dir.path());
@@ -406,10 +477,14 @@ impl Postgres {
             .status()
             .expect("copying the template cluster");
         assert!(status.success());
+        if let Some(tls) = tls {
+            write_tls_files(dir.path(), tls);
+        }
         let mut pg = Self {
             port,
             dir,
             child: None,
+            ssl: tls.is_some(),
         };
         pg.launch();
         pg
@@ -431,6 +506,7 @@ impl Postgres {
                 .args(["-p", &self.port.to_string(), "-k", ""])
                 .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
                 .args(["-c", "max_connections=200"])
+                .args(self.ssl_args())
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -451,6 +527,36 @@ impl Postgres {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("postgres would not start: {last_error}");
+    }
+
+    fn ssl_args(&self) -> Vec<String> {
+        if !self.ssl {
+            return Vec::new();
+        }
+        let file = |name: &str| self.dir.path().join(name).display().to_string();
+        vec![
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            format!("ssl_cert_file={}", file("server.crt")),
+            "-c".into(),
+            format!("ssl_key_file={}", file("server.key")),
+        ]
+    }
+
+    /// For each of the service's sessions now open, whether it runs over TLS (`pg_stat_ssl`).
+    pub fn web_sessions_over_tls(&self) -> Vec<bool> {
+        with_client(self.port, |client| async move {
+            let rows = client
+                .query(
+                    "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE a.application_name = 'desafio3-web' ORDER BY pid",
+                    &[],
+                )
+                .await?;
+            rows.iter().map(|r| r.try_get(0)).collect()
+        })
+        .expect("pg_stat_ssl")
     }
 
     fn answers(&self) -> bool {
