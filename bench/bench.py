@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import platform
+import pwd
 import re
 import shutil
 import signal
@@ -29,6 +30,7 @@ from servers import free_port, spawn, stop, throwaway  # noqa: E402 - the throwa
 # key: (label, plot style: colour, marker, line)
 SYSTEMS = {"web": ("web GET /", ("C0", "o", "-")), "web-healthz": ("web GET /healthz", ("C0", "s", ":")),
            "web-info": ("web GET / (RUST_LOG=info)", ("C0", "x", "--")),
+           "web-tls": ("web GET / (TLS to both)", ("C0", "s", ":")),
            "flask-dev": ("flask-dev GET / (seed)", ("C3", "v", "-")), "gunicorn": ("gunicorn GET /", ("C1", "^", "-")),
            "pgbench": ("pgbench SELECT now()", ("C2", "D", "--")), "redis": ("redis-benchmark INCR", ("C4", "P", "--"))}
 ORDER = list(SYSTEMS)
@@ -103,17 +105,43 @@ class Bench:
         self.procs.remove(p)
         return stop(p, sig)
 
+    def make_certs(self):
+        """A throwaway CA and a certificate for `localhost` (no IP), for GET / over TLS."""
+        d = os.path.join(self.tmp, "tls")
+        os.makedirs(d)
+        ossl = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
+        ossl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=bench-ca",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        ossl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+        with open(os.path.join(d, "ext.cnf"), "w") as f:
+            f.write("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
+        ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+        os.chmod(d, 0o755)
+        os.chmod(os.path.join(d, "server.key"), 0o600)  # PostgreSQL's rule; it runs as nobody when we are root
+        if os.geteuid() == 0:
+            os.chown(os.path.join(d, "server.key"), pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+        return d
+
     def start_deps(self):
+        tls, self.tls_port = self.make_certs(), free_port()
         self.redis, self.pg = self.stack.enter_context(throwaway(
-            self.tmp, redis_args=["--maxclients", "10000", "--loglevel", "warning"],
+            self.tmp, redis_args=["--maxclients", "10000", "--loglevel", "warning", "--tls-port", str(self.tls_port),
+                                  "--tls-cert-file", f"{tls}/server.pem", "--tls-key-file", f"{tls}/server.key",
+                                  "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no"],
             pg_args=["-c", "max_connections=600", "-c", "fsync=off", "-c", "log_min_messages=warning",
-                     "-c", "TimeZone=UTC"]))
+                     "-c", "TimeZone=UTC", "-c", "ssl=on", "-c", f"ssl_cert_file={tls}/server.pem",
+                     "-c", f"ssl_key_file={tls}/server.key"]))
+        self.tls_env = {"REDIS_URL": f"rediss://localhost:{self.tls_port}/0", "REDIS_CA_FILE": f"{tls}/ca.pem",
+                        "DATABASE_URL": f"postgres://admin@localhost:{self.pg.port}/desafio3"
+                                        f"?sslmode=verify-full&sslrootcert={tls}/ca.pem"}
         self.pgbench = shutil.which("pgbench", path=self.pg.bindir) or shutil.which("pgbench")
         ver = int(self.pg.value("SHOW server_version_num"))
         self.meta["postgres_version"] = f"{ver // 10000}.{ver % 10000}"
         self.meta["redis_version"] = self.redis.cmd("INFO", "server").split("redis_version:")[1].split()[0]
         self.env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
-                        DATABASE_URL=f"postgres://admin@127.0.0.1:{self.pg.port}/desafio3",
+                        DATABASE_URL=f"postgres://admin@127.0.0.1:{self.pg.port}/desafio3?sslmode=disable",
                         DATABASE_PASSWORD_FILE=self.pg.password_file, RUST_LOG="warn", BIND_HOST="127.0.0.1")
         log(f"redis on :{self.redis.port}, postgres on :{self.pg.port}")
 
@@ -240,10 +268,12 @@ class Bench:
         errs = [ln for ln in open(p.log_path) if '"ERROR"' in ln or '"WARN"' in ln]
         self.meta["web_log_warnings"] = len(errs)
         self.meta["web_log_sample"] = [ln.strip()[:300] for ln in errs[:5]]
-        if "web-info" in self.args.systems:  # the same binary logging every request (non-blocking)
-            p, port = self.serve("web-info", [os.path.join(ROOT, "target", "release", "web")], env={"RUST_LOG": "info"})
-            self.http_series("web-info", port, "/", lambda: [p.pid])
-            self.stop(p, signal.SIGTERM)
+        # the same binary logging every request (non-blocking); and speaking TLS to both dependencies
+        for key, env in (("web-info", {"RUST_LOG": "info"}), ("web-tls", self.tls_env)):
+            if key in self.args.systems:
+                p, port = self.serve(key, [os.path.join(ROOT, "target", "release", "web")], env=env)
+                self.http_series(key, port, "/", lambda: [p.pid])
+                self.stop(p, signal.SIGTERM)
 
     def run_flask_dev(self):
         p, port = self.serve("flask-dev", [sys.executable, "seed_app.py"], cwd=REFERENCE)
@@ -281,7 +311,7 @@ class Bench:
         with open("/proc/loadavg") as f:
             self.meta["loadavg_at_start"] = f.read().split()[:3]
         self.start_deps()
-        steps = [({"web", "web-healthz", "web-info"}, self.run_web), ({"flask-dev"}, self.run_flask_dev),
+        steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web), ({"flask-dev"}, self.run_flask_dev),
                  ({"gunicorn"}, self.run_gunicorn), ({"pgbench"}, self.run_pgbench), ({"redis"}, self.run_redis)]
         for keys, fn in steps:
             if keys & set(self.args.systems):
@@ -328,6 +358,7 @@ def ratios(doc):
     ratio("web GET / ÷ gunicorn, c=64", w and w["rps"], rps("gunicorn"), 5)
     ratio("web GET / ÷ pgbench SELECT now(), c=64", w and w["rps"], rps("pgbench"), 0.9)
     ratio("web GET / RUST_LOG=info ÷ warn, c=64", rps("web-info"), w and w["rps"], 0.9)
+    ratio("web GET / TLS to both ÷ plain TCP, c=64", rps("web-tls"), w and w["rps"], 0.8)
     ratio("web GET / p99 (ms), c=64", w and w.get("p99_ms"), 1, 5, "le", "{:.2f}")
     ratio("web GET / errors, c=64", w and w.get("errors"), 1, 0, "le", "{:.0f}")
     rss = doc["meta"].get("web_peak_rss_kib")
