@@ -176,7 +176,7 @@ class Bench:
             f.write("SELECT now();\n")
         r = bounded([self.pgbench, "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs),
                      "-f", script, "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "admin", "desafio3"],
-                    secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password), cwd=self.tmp)
+                    secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password, PGSSLMODE="disable"), cwd=self.tmp)
         if isinstance(r, dict):
             return r
         num = lambda pattern: (lambda g: g and float(g.group(1)))(re.search(pattern, r.stdout, re.M))  # noqa: E731

@@ -17,8 +17,6 @@ use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
-use tracing::Span;
 
 use crate::store::{Readiness, Store};
 use crate::visits::{NotRunning, Visit, Visits};
@@ -57,34 +55,15 @@ pub fn admin_router(state: AppState) -> Router {
     with_middleware(routes, state)
 }
 
-/// What every request goes through, on either listener (outermost first): the log line,
-/// metrics, JSON error bodies, headers that keep answers out of caches and sniffers, the size
+/// What every request goes through, on either listener (outermost first): its metrics and
+/// log line, JSON error bodies, headers that keep answers out of caches and sniffers, the size
 /// limits, and the request timeout.
 fn with_middleware(routes: Router<AppState>, state: AppState) -> Router {
     let request_timeout = state.request_timeout;
     routes
         .layer(
             ServiceBuilder::new()
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(|req: &Request| {
-                            tracing::info_span!(
-                                "request",
-                                method = method_label(req.method()),
-                                path = %req.uri().path()
-                            )
-                        })
-                        .on_request(())
-                        .on_response(|res: &Response, latency: Duration, _: &Span| {
-                            tracing::info!(
-                                status = res.status().as_u16(),
-                                latency_ms = latency.as_secs_f64() * 1000.0,
-                                "request"
-                            );
-                        })
-                        .on_failure(()),
-                )
-                .layer(middleware::from_fn(record_metrics))
+                .layer(middleware::from_fn(observe))
                 .layer(middleware::from_fn(json_errors))
                 // `GET /` changes state: no cache may keep or replay its answer.
                 .layer(SetResponseHeaderLayer::overriding(
@@ -218,20 +197,31 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Counts and times every request by route template, as the router matched it (never the
-/// raw path, which a client could use to create unbounded label values).
-async fn record_metrics(request: Request, next: Next) -> Response {
+/// raw path, which a client could use to create unbounded label values), and logs it: one
+/// event, no span, so that logging at `info` costs one formatted line per request (written by
+/// the background writer, see `telemetry`).
+async fn observe(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = method_label(request.method());
+    let uri = request.uri().clone();
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
+    let latency = started.elapsed();
+    let status = response.status().as_u16();
+    tracing::info!(
+        method,
+        path = uri.path(),
+        status,
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        "request"
+    );
+    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+        .record(latency.as_secs_f64());
     response
 }
 

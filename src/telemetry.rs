@@ -17,7 +17,7 @@ pub fn init_logging(filter: &str) -> WorkerGuard {
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
-        .with_current_span(true)
+        .with_current_span(false)
         .with_span_list(false)
         .with_target(false)
         .with_env_filter(filter)

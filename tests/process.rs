@@ -202,9 +202,9 @@ async fn logs_are_json_lines_per_request_and_per_state_change_without_secrets() 
     let requests: Vec<_> = lines.iter().filter(|l| l["message"] == "request").collect();
     let find = |path: &str, status: u64| {
         requests.iter().any(|l| {
-            l["span"]["path"] == path
+            l["path"] == path
                 && l["status"] == status
-                && l["span"]["method"] == "GET"
+                && l["method"] == "GET"
                 && l["latency_ms"].is_number()
         })
     };
