@@ -255,20 +255,18 @@ def sec_images():
         raise Abort("images could not be built")
 
 
-def run_recipe(home: Path):
-    """The real-password recipe of secrets/README.md, verbatim, in bash -e with HOME=home; the
-    stack it starts is this suite's (COMPOSE_PROJECT_NAME, COMPOSE_FILE)."""
-    m = re.search(r"<!-- e2e:.*?-->\n```sh\n(.*?)```", RECIPE_DOC.read_text(), re.S)
+def run_recipe(home: Path, doc: Path = RECIPE_DOC, then: str = 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'):
+    """The ```sh block after the `<!-- e2e:` marker of doc, verbatim, in bash -e with HOME=home,
+    then `then`; the stack it acts on is this suite's (COMPOSE_PROJECT_NAME, COMPOSE_FILE)."""
+    m = re.search(r"<!-- e2e:.*?-->\n```sh\n(.*?)```", doc.read_text(), re.S)
     if not m:
-        raise Abort(f"{RECIPE_DOC}: no ```sh block after an `<!-- e2e:` marker")
+        raise Abort(f"{doc}: no ```sh block after an `<!-- e2e:` marker")
     env = dict(COMPOSE_ENV, HOME=str(home), COMPOSE_PROJECT_NAME=PROJECT, COMPOSE_FILE=os.pathsep.join(map(str, FILES)),
                DOCKER_CONFIG=os.environ.get("DOCKER_CONFIG", str(Path.home() / ".docker")))
-    info(f"running {RECIPE_DOC.relative_to(ROOT)}'s recipe as written (HOME={home}):")
+    info(f"running {doc.relative_to(ROOT)}'s recipe as written (HOME={home}):")
     for line in m[1].strip().splitlines():
         info(f"  $ {line}")
-    # one line after the recipe reports where it put the password file
-    return run(["bash", "-euo", "pipefail", "-c", m[1] + 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'],
-               timeout=HEALTHY_TIMEOUT_S + 60, env=env)
+    return run(["bash", "-euo", "pipefail", "-c", m[1] + then], timeout=HEALTHY_TIMEOUT_S + 60, env=env)
 
 
 def sec_up(home: Path) -> dict[str, str]:
@@ -585,6 +583,24 @@ def sec_persistence():
     check("3.reset", r.count == 1, f"after down -v and up: {r.short()}")
 
 
+def sec_upgrade(home: Path):
+    """README's "Upgrading an existing volume", as written, on a database laid out as before the
+    role web existed (the counter in public, owned by admin, no role web)."""
+    before = get().count
+    compose("stop", "web", timeout=60, check_rc=True)
+    DB.value("ALTER TABLE web.visit_counter SET SCHEMA public; ALTER TABLE public.visit_counter OWNER TO admin; "
+             "DROP SCHEMA web; DROP ROLE web; SELECT 1;")
+    p = run_recipe(home, ROOT / "README.md", then="")
+    healthy = p.returncode == 0 and wait_healthy(RECOVERY_TIMEOUT_S)
+    r = get()
+    owner = DB.value("SELECT schemaname || '.' || tablename || ' owned by ' || tableowner FROM pg_tables "
+                     "WHERE tablename = 'visit_counter';")
+    check("3.upgrade recipe", healthy and r.state == "ok" and before is not None and r.count == before + 1
+          and owner == "web.visit_counter owned by web",
+          f"README's upgrade recipe → rc {p.returncode} {last_lines(p.stderr, 1)}; {owner}; before {before}, "
+          f"after {r.short()}")
+
+
 def sec_logs(secrets: dict[str, str]):
     collect_logs()
     text = "\n".join(LOGS)
@@ -643,6 +659,7 @@ def main(mode: str) -> int:
         sec_stop()
         sec_faults()
         sec_persistence()
+        sec_upgrade(home)
         sec_logs(secrets)
     except Abort as e:
         check("aborted", False, str(e))

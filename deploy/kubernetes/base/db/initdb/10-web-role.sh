@@ -8,7 +8,7 @@
 # (from /docker-entrypoint-initdb.d), as POSTGRES_USER over the local socket. It is idempotent:
 # run it again by hand to migrate a database created before the role existed; it then moves
 # the counter from schema public into web's schema (README.md, "Upgrading an existing volume"):
-#   docker compose exec db bash /docker-entrypoint-initdb.d/10-web-role.sh
+#   docker compose exec -T db bash /docker-entrypoint-initdb.d/10-web-role.sh
 # The password is read from a file (WEB_DB_PASSWORD_FILE, a secret), never from the command line.
 set -euo pipefail
 password_file=${WEB_DB_PASSWORD_FILE:-/run/secrets/web_db_password}
