@@ -40,8 +40,6 @@ pub struct Config {
     pub db_timezone: String,
     /// Upper bound for every single call to Redis or PostgreSQL.
     pub dependency_timeout: Duration,
-    /// Longest time a count may live only in Redis before it is written to PostgreSQL.
-    pub flush_interval: Duration,
     /// `tracing` filter directives (the `RUST_LOG` syntax).
     pub log_filter: String,
 }
@@ -64,7 +62,6 @@ impl fmt::Debug for Config {
             .field("redis_roots", &self.redis_roots)
             .field("db_timezone", &self.db_timezone)
             .field("dependency_timeout", &self.dependency_timeout)
-            .field("flush_interval", &self.flush_interval)
             .field("log_filter", &self.log_filter)
             .finish()
     }
@@ -101,7 +98,6 @@ const DEFAULT_DEPENDENCY_TIMEOUT_MS: u64 = 1000;
 /// The shutdown budget is a multiple of this timeout and must fit Docker's 10 s grace period
 /// (see `ShutdownBudget`); a dependency that needs longer than a second per call is down.
 pub const MAX_DEPENDENCY_TIMEOUT_MS: u64 = 1000;
-const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
 const DEFAULT_LOG_FILTER: &str = "info";
 
 impl Config {
@@ -189,11 +185,6 @@ impl Config {
             DEFAULT_DEPENDENCY_TIMEOUT_MS,
             1..=MAX_DEPENDENCY_TIMEOUT_MS,
         )?);
-        let flush_interval = Duration::from_millis(env.number(
-            "FLUSH_INTERVAL_MS",
-            DEFAULT_FLUSH_INTERVAL_MS,
-            10..=3_600_000,
-        )?);
 
         let log_filter = env
             .get("RUST_LOG")?
@@ -217,7 +208,6 @@ impl Config {
             redis_roots,
             db_timezone,
             dependency_timeout,
-            flush_interval,
             log_filter,
         })
     }
@@ -559,7 +549,6 @@ mod tests {
         assert_eq!(c.database.get_dbname(), Some("desafio3"));
         assert_eq!(c.db_timezone, "UTC");
         assert_eq!(c.dependency_timeout, Duration::from_millis(1000));
-        assert_eq!(c.flush_interval, Duration::from_millis(1000));
     }
 
     #[test]
@@ -577,7 +566,6 @@ mod tests {
             ("DATABASE_URL", "postgres://a:b@h:notaport/db"),
             ("DB_TIMEZONE", "Mars/Olympus_Mons"),
             ("DEPENDENCY_TIMEOUT_MS", "0"),
-            ("FLUSH_INTERVAL_MS", "-5"),
             ("RUST_LOG", "info,[[["),
             ("DATABASE_PASSWORD_FILE", "/nonexistent/secret"),
             ("POSTGRES_PASSWORD_FILE", "/nonexistent/secret"),

@@ -173,8 +173,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let age = state.store.flush_age();
-    metrics::gauge!("visit_counter_flush_age_seconds").set(age.as_secs_f64());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

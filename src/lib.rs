@@ -36,15 +36,14 @@ pub const STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownBudget {
     /// Longest a request may take (its answer is then a 503): a first request waits for the
-    /// connection attempt in flight (`t`), then the increment and clock (`t`), then
-    /// PostgreSQL counting in place of a failed Redis (`t`).
+    /// connection attempt in flight (`t`), then Redis's count (`t`), then PostgreSQL's
+    /// confirmation and clock, or its own count in place of a failed Redis (`t`).
     pub request: Duration,
     /// In-flight requests finish within `request`; the margin lets their answers go out.
     pub drain: Duration,
-    /// The batch still running after the drain, if requests timed out on it.
+    /// The batch still running after the drain, if requests timed out on it: at worst a count
+    /// (`t`), a fencing (`2t`), a second count and its confirmation (`2t`).
     pub batch: Duration,
-    /// The final flush: read Redis (`t`), write PostgreSQL (`t`).
-    pub flush: Duration,
 }
 
 impl ShutdownBudget {
@@ -52,31 +51,29 @@ impl ShutdownBudget {
         Self {
             request: 3 * t,
             drain: 3 * t + Duration::from_millis(250),
-            batch: 3 * t,
-            flush: 2 * t,
+            batch: 5 * t,
         }
     }
 
     pub fn total(&self) -> Duration {
-        self.drain + self.batch + self.flush
+        self.drain + self.batch
     }
 }
 
 /// A bound, not yet serving, instance of the service. It owns every task it starts: the
-/// batching task, the dependency watchers, the flush ticker and the metrics upkeep.
+/// batching task, the dependency watchers and the metrics upkeep.
 pub struct Application {
     listener: TcpListener,
     router: Router,
     admin_listener: TcpListener,
     admin_router: Router,
     limits: server::Limits,
-    store: Arc<Store>,
     budget: ShutdownBudget,
-    /// The batching task alone: closed and awaited after the drain, before the final flush,
-    /// so that every visit answered is in a store the flush reads.
+    /// The batching task alone: closed and awaited after the drain, so that every visit
+    /// accepted is answered before the watchers stop.
     batching: TaskTracker,
     close_queue: CancellationToken,
-    /// Watchers, flush ticker, metrics upkeep: cancelled and joined last.
+    /// Watchers, metrics upkeep: cancelled and joined last.
     background: TaskTracker,
     stop_background: CancellationToken,
 }
@@ -90,12 +87,12 @@ impl Application {
         let store = Store::new(&config)?;
         let (background, stop_background) = (TaskTracker::new(), CancellationToken::new());
         telemetry::spawn_metrics_upkeep(metrics.clone(), &background, stop_background.clone());
-        store.spawn_tasks(&background, &stop_background, config.flush_interval);
+        store.spawn_tasks(&background, &stop_background);
         let (batching, close_queue) = (TaskTracker::new(), CancellationToken::new());
         let visits = Visits::spawn(Arc::clone(&store), &batching, close_queue.clone());
         let budget = ShutdownBudget::for_timeout(config.dependency_timeout);
         let state = AppState {
-            store: Arc::clone(&store),
+            store,
             visits,
             metrics,
             request_timeout: budget.request,
@@ -109,7 +106,6 @@ impl Application {
                 max_connections: config.max_connections,
                 header_timeout: config.http_header_timeout,
             },
-            store,
             budget,
             batching,
             close_queue,
@@ -130,9 +126,9 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then: stops accepting, drains (each request bounded
-    /// by the request timeout), closes the batch queue and awaits it, flushes the counter to
-    /// PostgreSQL once more (tried even if it is marked down), and cancels and joins the
-    /// background tasks. If this future is dropped instead, the tasks are cancelled too.
+    /// by the request timeout), closes the batch queue and awaits it, and cancels and joins the
+    /// background tasks. There is nothing to flush: every count answered is already in
+    /// PostgreSQL. If this future is dropped instead, the tasks are cancelled too.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Self {
             listener,
@@ -140,7 +136,6 @@ impl Application {
             admin_listener,
             admin_router,
             limits,
-            store,
             budget,
             batching,
             close_queue,
@@ -186,14 +181,6 @@ impl Application {
             .is_err()
         {
             tracing::warn!("the last batch did not finish in time");
-        }
-
-        match tokio::time::timeout(budget.flush, store.final_flush()).await {
-            Ok(Ok(durable)) => tracing::info!(counter = durable, "counter flushed"),
-            Ok(Err(e)) => {
-                tracing::error!(reason = %e, "final flush failed; the last counts live only in Redis")
-            }
-            Err(_) => tracing::error!("final flush timed out; the last counts live only in Redis"),
         }
 
         stop_background.cancel();

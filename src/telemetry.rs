@@ -96,9 +96,8 @@ fn describe() {
         "dependency_up",
         "1 while the dependency (cache, db) is up, 0 while it is down"
     );
-    describe_gauge!(
-        "visit_counter_flush_age_seconds",
-        metrics::Unit::Seconds,
-        "Time since the durable counter in PostgreSQL last caught up with the live count"
+    describe_counter!(
+        "visit_counter_fences_total",
+        "Times this process fenced Redis anew (a restart, FLUSHALL, or PostgreSQL counting meanwhile)"
     );
 }

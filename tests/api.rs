@@ -62,7 +62,7 @@ async fn sequential_visits_count_one_two_three() {
     for _ in 0..3 {
         let (status, page) = app.visit().await;
         assert_eq!(status, 200);
-        assert_eq!(page["status"], "ok");
+        assert_eq!(page["status"], "ok", "{page}");
         assert!(page["visitas_cache"].is_string(), "a JSON string: {page}");
         seen.push(count_of(&page).unwrap());
     }
@@ -99,9 +99,8 @@ async fn two_hundred_concurrent_visits_get_two_hundred_consecutive_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_are_reused_not_opened_per_request() {
     let (redis, pg) = (Redis::start(), Postgres::start());
-    // No flush ticker beside the requests: batches run one at a time, on one connection.
-    let env = Env::for_servers(&redis, &pg).set("FLUSH_INTERVAL_MS", "3600000");
-    let app = TestApp::spawn_ready(env).await;
+    // Batches run one at a time, on one connection.
+    let app = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
     let app = std::sync::Arc::new(app);
     app.visit().await;
     let (pg_before, redis_before) = (pg.web_backends(), redis.connections_accepted());
@@ -206,7 +205,7 @@ async fn liveness_readiness_and_metrics() {
         r#"http_requests_total{method="GET",route="unmatched",status="404"}"#,
         "http_request_duration_seconds_bucket",
         r#"visits_counted_total{store="cache"}"#,
-        "visit_counter_flush_age_seconds",
+        "visit_counter_fences_total",
         "visit_batch_size",
         // Present; its value is shared with the other apps this test binary runs.
         r#"dependency_up{dependency="cache"}"#,
@@ -288,9 +287,8 @@ async fn the_first_request_after_a_cold_start_is_ok() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_checks_run_no_schema_work_take_no_lock_and_open_no_connection() {
     let (redis, pg) = (Redis::start(), Postgres::start());
-    // No flush ticker beside the checks: they run one at a time, on one connection.
-    let env = Env::for_servers(&redis, &pg).set("FLUSH_INTERVAL_MS", "3600000");
-    let app = TestApp::spawn_ready(env).await;
+    // The checks run one at a time, on one connection.
+    let app = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
     // Separate statements: ALTER SYSTEM cannot run inside a multi-statement batch.
     pg.execute("ALTER SYSTEM SET log_statement = 'all'");
     pg.execute("SELECT pg_reload_conf()");

@@ -13,41 +13,63 @@ use super::tls::{self, TrustRoots};
 /// The key the seed's Flask app used; kept so the counter survives a switch between the two.
 pub const COUNTER_KEY: &str = "visitas";
 
-/// Adds `ARGV[1]` visits and returns the new total, after raising the counter to the floor
-/// `ARGV[2]` when it is below it. A counter below the floor means Redis lost data (restarted
-/// empty, FLUSHALL, an older append-only file): the floor is the highest count this process
-/// knows was handed out or made durable, so counting never goes backwards.
-///
-/// A process that has not reached PostgreSQL yet has only its own counts as a floor (zero
-/// right after start). Redis then counts from what it holds, as the outage table requires;
-/// once PostgreSQL answers, its durable count becomes the floor and the next increment
-/// lifts Redis above it.
+/// The random half of the fence: which fencing of this Redis the counter belongs to.
+pub const FENCE_KEY: &str = "visitas:fence";
+
+/// Adds `ARGV[1]` visits and returns the new total, if this Redis is still the one the caller
+/// was told may count: its fence (`ARGV[2]`) names the Redis process (its `run_id`, new at
+/// every start, so a restart from an older file is noticed) and the token `FENCE_KEY` holds
+/// (gone after a `FLUSHALL`). Otherwise the error code `UNFENCED`, with nothing counted: the
+/// caller fences again (`docs/counting.md`). A missing counter is never counted from zero.
 ///
 /// A value that is not a plausible count (not digits, or more than [`MAX_COUNT`]) was written
 /// by someone else: the script refuses it with the error code `IMPLAUSIBLE` and changes
 /// nothing, so the value never reaches an answer or PostgreSQL.
-const INCREMENT_WITH_FLOOR: &str = r"
+const COUNT: &str = r"
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local raw = redis.call('GET', KEYS[1])
-local current = nil
-if raw then
-  if #raw > 15 or not string.match(raw, '^%d+$') then
-    return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
-  end
-  current = tonumber(raw)
+if not raw or run_id .. ':' .. (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then
+  return redis.error_reply('UNFENCED this Redis is not the fenced counter')
 end
-local floor = tonumber(ARGV[2])
-if current == nil or current < floor then
-  redis.call('SET', KEYS[1], floor)
+if #raw > 15 or not string.match(raw, '^%d+$') then
+  return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
 end
 return redis.call('INCRBY', KEYS[1], ARGV[1])
+";
+
+/// Fences this Redis, run while PostgreSQL's counter row is locked: raises the counter to the
+/// counter of record (`ARGV[1]`) and keeps the fence of record (`ARGV[3]`) only if it still
+/// names this process and token and the counter needed no raising; otherwise writes the new
+/// token `ARGV[2]`, so that counts taken under any older fence can no longer be confirmed.
+/// Returns the counter and the fence now in force.
+const FENCE: &str = r"
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local raw = redis.call('GET', KEYS[1])
+if raw and (#raw > 15 or not string.match(raw, '^%d+$')) then
+  return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
+end
+local token = redis.call('GET', KEYS[2])
+local fence = run_id .. ':' .. (token or '')
+local renew = not token or fence ~= ARGV[3]
+if not raw or tonumber(raw) < tonumber(ARGV[1]) then
+  raw = ARGV[1]
+  redis.call('SET', KEYS[1], raw)
+  renew = true
+end
+if renew then
+  redis.call('SET', KEYS[2], ARGV[2])
+  fence = run_id .. ':' .. ARGV[2]
+end
+return {raw, fence}
 ";
 
 /// The largest count accepted from Redis: a million visits a second for thirty years, and still
 /// far below where Lua's doubles (2^53) stop being exact. 15 digits, as the script checks.
 pub const MAX_COUNT: i64 = 999_999_999_999_999;
 
-/// The error code of the script's refusal.
+/// The error codes of the scripts' refusals.
 const IMPLAUSIBLE: &str = "IMPLAUSIBLE";
+const UNFENCED: &str = "UNFENCED";
 
 /// A count read from Redis, if it is one this service could have written.
 fn plausible(raw: &str) -> Result<i64, DepError> {
@@ -62,7 +84,8 @@ pub struct Cache {
     connection: RwLock<ConnectionManager>,
     client: redis::Client,
     config: ConnectionManagerConfig,
-    increment: redis::Script,
+    count: redis::Script,
+    fence: redis::Script,
     dependency: Dependency,
 }
 
@@ -98,21 +121,24 @@ impl Cache {
             connection: RwLock::new(connection),
             client,
             config,
-            increment: redis::Script::new(INCREMENT_WITH_FLOOR),
+            count: redis::Script::new(COUNT),
+            fence: redis::Script::new(FENCE),
             dependency: Dependency::new("cache", timeout),
         })
     }
 
-    /// Counts `n` visits at once and returns the new total; the caller hands out the `n` values
-    /// ending there.
+    /// Counts `n` visits at once under `fence` and returns the new total (the caller hands out
+    /// the `n` values ending there once PostgreSQL confirms them), or `None` when this Redis is
+    /// not under that fence any more: nothing was counted.
     /// A refused value is an error for this call only: Redis answered, so it stays up.
-    pub async fn increment(&self, n: u64, floor: i64) -> Result<i64, DepError> {
+    pub async fn count(&self, n: u64, fence: &str) -> Result<Option<i64>, DepError> {
         let mut conn = self.connection();
-        let mut invocation = self.increment.key(COUNTER_KEY);
-        invocation.arg(n).arg(floor);
+        let mut invocation = self.count.key(COUNTER_KEY);
+        invocation.key(FENCE_KEY).arg(n).arg(fence);
         let counted = async {
             match invocation.invoke_async::<String>(&mut conn).await {
-                Ok(total) => Ok(plausible(&total)),
+                Ok(total) => Ok(plausible(&total).map(Some)),
+                Err(e) if e.code() == Some(UNFENCED) => Ok(Ok(None)),
                 Err(e) if e.code() == Some(IMPLAUSIBLE) => {
                     Ok(Err(DepError::Invalid(e.to_string())))
                 }
@@ -122,14 +148,27 @@ impl Cache {
         self.dependency.call(counted).await?
     }
 
-    /// The counter as Redis holds it now (0 when absent), for the write-behind flush.
-    pub async fn current(&self) -> Result<i64, DepError> {
+    /// Fences this Redis (see [`FENCE`]): the counter at least `floor`, and the fence in force,
+    /// `held` if it still holds, else one made of `token`. Returns the counter and that fence.
+    pub async fn fence(
+        &self,
+        floor: i64,
+        token: &str,
+        held: &str,
+    ) -> Result<(i64, String), DepError> {
         let mut conn = self.connection();
-        let value: Option<String> = self
-            .dependency
-            .call(redis::cmd("GET").arg(COUNTER_KEY).query_async(&mut conn))
-            .await?;
-        value.map_or(Ok(0), |raw| plausible(&raw))
+        let mut invocation = self.fence.key(COUNTER_KEY);
+        invocation.key(FENCE_KEY).arg(floor).arg(token).arg(held);
+        let fenced = async {
+            match invocation.invoke_async::<(String, String)>(&mut conn).await {
+                Ok((counter, fence)) => Ok(plausible(&counter).map(|counter| (counter, fence))),
+                Err(e) if e.code() == Some(IMPLAUSIBLE) => {
+                    Ok(Err(DepError::Invalid(e.to_string())))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        self.dependency.call(fenced).await?
     }
 
     fn connection(&self) -> ConnectionManager {

@@ -16,21 +16,46 @@ const POOL_SIZE: usize = 8;
 /// `CREATE TABLE IF NOT EXISTS` can both decide to create and one then fails.
 pub const SCHEMA_LOCK_ID: i64 = 0x6465_7361_6669_6f33; // "desafio3"
 
+/// `fence` names the Redis that may count (its process and fencing token, see `cache`), or is
+/// empty while PostgreSQL counts itself. Tables from before fencing gain the column.
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS visit_counter (
         id         smallint    PRIMARY KEY CHECK (id = 1),
         value      bigint      NOT NULL CHECK (value >= 0),
-        updated_at timestamptz NOT NULL DEFAULT now()
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        fence      text        NOT NULL DEFAULT ''
     );
+    ALTER TABLE visit_counter ADD COLUMN IF NOT EXISTS fence text NOT NULL DEFAULT '';
     INSERT INTO visit_counter (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 ";
 
 /// `to_char` renders microseconds always with six digits, which `now()::text` does not.
 const NOW: &str = "SELECT to_char(now() AT TIME ZONE $1::text, 'YYYY-MM-DD HH24:MI:SS.US')";
-const INCREMENT: &str = "UPDATE visit_counter SET value = GREATEST(value, $1) + $2, updated_at = now() \
-                         WHERE id = 1 RETURNING value";
-const RAISE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), updated_at = now() \
-                     WHERE id = 1 RETURNING value";
+
+/// Records a batch counted in Redis, in the round trip that reads the clock: the counter of
+/// record rises to the batch's total if, and only if, the batch was counted under the fence in
+/// force. The row lock orders this against fencing and against counting in PostgreSQL.
+const CONFIRM: &str = "
+    WITH confirmed AS (
+        UPDATE visit_counter SET value = GREATEST(value, $1), updated_at = now()
+        WHERE id = 1 AND fence = $2 AND fence <> '' RETURNING 1)
+    SELECT EXISTS (SELECT FROM confirmed),
+           to_char(now() AT TIME ZONE $3::text, 'YYYY-MM-DD HH24:MI:SS.US')";
+
+/// Counts a batch in PostgreSQL itself, and reads the clock: allowed once no Redis batch was
+/// confirmed for the lease (`$2` ms), and then it lifts the fence, so that Redis counts taken
+/// meanwhile are never confirmed. NULL while the lease holds.
+const COUNT_HERE: &str = "
+    WITH counted AS (
+        UPDATE visit_counter SET value = value + $1, fence = '', updated_at = now()
+        WHERE id = 1 AND (fence = '' OR updated_at < now() - $2::bigint * interval '1 millisecond')
+        RETURNING value)
+    SELECT (SELECT value FROM counted),
+           to_char(now() AT TIME ZONE $3::text, 'YYYY-MM-DD HH24:MI:SS.US')";
+
+const HOLD: &str = "SELECT value, fence FROM visit_counter WHERE id = 1 FOR UPDATE";
+const SET_FENCE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), fence = $2, \
+                         updated_at = now() WHERE id = 1";
 
 pub struct Db {
     pool: Pool,
@@ -84,39 +109,59 @@ impl Db {
             .await
     }
 
-    /// Counts `n` visits in the counter of record (used while the cache is down) and returns
-    /// the new total. `floor` is the highest count this process knows of, so the durable
-    /// counter never falls behind what the cache handed out before it failed.
-    pub async fn increment(&self, n: i64, floor: i64) -> Result<i64, DepError> {
+    /// Why counting must not start, without a round trip: PostgreSQL is known to be down, so a
+    /// batch counted in Redis now could never be confirmed.
+    pub fn down_reason(&self) -> Option<DepError> {
+        self.dependency.down_reason()
+    }
+
+    /// Confirms a batch Redis counted under `fence` up to `total` (see [`CONFIRM`]); returns
+    /// whether it was confirmed, and the clock.
+    pub async fn confirm(&self, total: i64, fence: &str) -> Result<(bool, String), DepError> {
         self.dependency
-            .call(self.update(INCREMENT, &[&floor, &n]))
+            .call(self.query_pair(CONFIRM, &[&total, &fence, &self.timezone]))
             .await
     }
 
-    /// Write-behind: raises the counter of record to `value` and returns what it holds, which
-    /// may be more when other replicas flushed more.
-    pub async fn raise(&self, value: i64) -> Result<i64, DepError> {
-        self.dependency.call(self.update(RAISE, &[&value])).await
+    /// Counts `n` visits in PostgreSQL itself once Redis's `lease` has run out (see
+    /// [`COUNT_HERE`]); returns the new total, `None` while the lease holds, and the clock.
+    pub async fn count_here(
+        &self,
+        n: i64,
+        lease: Duration,
+    ) -> Result<(Option<i64>, String), DepError> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        self.dependency
+            .call(self.query_pair(COUNT_HERE, &[&n, &lease_ms, &self.timezone]))
+            .await
     }
 
-    /// Like [`raise`](Self::raise), but tried even while the database is marked down: the
-    /// final flush at shutdown has no later chance.
-    pub async fn raise_once_more(&self, value: i64) -> Result<i64, DepError> {
-        if !self.dependency.is_up() {
-            // Pooled connections may be half-open, or stuck behind a probe that timed out.
-            self.pool.retain(|_, _| false);
-        }
-        self.dependency.attempt(self.update(RAISE, &[&value])).await
-    }
-
-    /// Keeps the database's state up to date until `stop` (see [`Dependency::watch`]); every
-    /// successful probe hands the durable count to `learn`.
-    pub async fn watch(&self, learn: impl Fn(i64), stop: CancellationToken) {
-        let probe = || async {
-            learn(self.prepare().await?);
-            Ok::<(), anyhow::Error>(())
+    /// Fences Redis: with the counter row locked, hands the counter of record and the fence in
+    /// force to `fence_redis`, then records what it returns (the counter Redis now holds, and
+    /// the fence in force). The outer error is PostgreSQL's, the inner one Redis's; on either
+    /// the transaction rolls back and the fence of record stays as it was.
+    pub async fn fence<F, Fut>(&self, fence_redis: F) -> Result<Result<String, DepError>, DepError>
+    where
+        F: FnOnce(i64, String) -> Fut,
+        Fut: std::future::Future<Output = Result<(i64, String), DepError>>,
+    {
+        let dep = &self.dependency;
+        let mut client = dep.call(self.pool.get()).await?;
+        let tx = dep.call(client.transaction()).await?;
+        let row = dep.call(tx.query_one(HOLD, &[])).await?;
+        let held = dep.call(async { Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?)) }).await?;
+        let (counter, fence) = match fence_redis(held.0, held.1).await {
+            Ok(fenced) => fenced,
+            Err(e) => return Ok(Err(e)),
         };
-        self.dependency.watch(probe, stop).await;
+        dep.call(tx.execute(SET_FENCE, &[&counter, &fence])).await?;
+        dep.call(tx.commit()).await?;
+        Ok(Ok(fence))
+    }
+
+    /// Keeps the database's state up to date until `stop` (see [`Dependency::watch`]).
+    pub async fn watch(&self, stop: CancellationToken) {
+        self.dependency.watch(|| self.prepare(), stop).await;
     }
 
     /// Readiness: `SELECT 1` on a pooled connection; fails fast while the database is down.
@@ -130,20 +175,25 @@ impl Db {
             .await
     }
 
-    async fn update(
+    async fn query_pair<A, B>(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> anyhow::Result<i64> {
+    ) -> anyhow::Result<(A, B)>
+    where
+        A: for<'a> tokio_postgres::types::FromSql<'a>,
+        B: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(sql).await?;
-        Ok(client.query_one(&statement, params).await?.try_get(0)?)
+        let row = client.query_one(&statement, params).await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
-    /// The watcher's probe while the database is not up (see `Store::probe_db`): creates the
-    /// schema if needed and returns the durable count. It runs at start and after every
-    /// outage, which also repairs a dropped table.
-    async fn prepare(&self) -> anyhow::Result<i64> {
+    /// The watcher's probe while the database is not up: creates the
+    /// schema if needed. It runs at start and after every outage, which also repairs a dropped
+    /// table.
+    async fn prepare(&self) -> anyhow::Result<()> {
         // Idle connections from before the outage may be half-open: they would time out
         // instead of failing, and the database would never look up again.
         self.pool.retain(|_, _| false);
@@ -152,11 +202,7 @@ impl Db {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_ID])
             .await?;
         tx.batch_execute(SCHEMA).await?;
-        let value = tx
-            .query_one("SELECT value FROM visit_counter WHERE id = 1", &[])
-            .await?
-            .try_get(0)?;
         tx.commit().await?;
-        Ok(value)
+        Ok(())
     }
 }

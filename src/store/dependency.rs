@@ -42,6 +42,10 @@ pub enum DepError {
     /// Not an outage: the dependency stays up, and the value goes no further.
     #[error("invalid counter value")]
     Invalid(String),
+    /// Redis counted, but PostgreSQL no longer names that Redis as the counter: the counts
+    /// may not be new, so they are withheld (`docs/counting.md`). Not an outage either.
+    #[error("count withheld: counter changing hands")]
+    Unconfirmed,
 }
 
 impl DepError {
@@ -72,7 +76,7 @@ impl DepError {
         match self {
             Self::Timeout(after) => format!("timed out after {} ms", after.as_millis()),
             Self::Failed { detail, .. } | Self::Invalid(detail) => detail.clone(),
-            Self::Unavailable(_) => self.to_string(),
+            Self::Unavailable(_) | Self::Unconfirmed => self.to_string(),
         }
     }
 
@@ -82,6 +86,7 @@ impl DepError {
             Self::Timeout(_) => Self::Unavailable("timeout"),
             Self::Failed { summary, .. } => Self::Unavailable(summary),
             Self::Invalid(_) => Self::Unavailable("invalid counter value"),
+            Self::Unconfirmed => Self::Unavailable("count withheld: counter changing hands"),
             Self::Unavailable(summary) => Self::Unavailable(summary),
         }
     }
@@ -237,13 +242,12 @@ impl Dependency {
         result
     }
 
-    /// A bounded call that ignores and keeps the state: for the final flush at shutdown, which
-    /// must be tried even when the dependency looks down.
-    pub async fn attempt<T, E: Into<anyhow::Error>>(
-        &self,
-        call: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, DepError> {
-        bounded(self.timeout, call).await
+    /// Why the dependency is down, if it is; without waiting or calling it.
+    pub fn down_reason(&self) -> Option<DepError> {
+        match &self.state.borrow().health {
+            Health::Down(e) => Some(e.as_unavailable()),
+            Health::Up | Health::Connecting => None,
+        }
     }
 
     /// The epoch in which a call may proceed, or why it may not.
@@ -446,8 +450,9 @@ mod tests {
         };
         assert_eq!(dep.call(slow).await, Err(DepError::Timeout(TIMEOUT)));
         assert!(!dep.is_up());
-        // `attempt` runs even now, and its success does not heal.
-        assert_eq!(dep.attempt(ok()).await, Ok(7));
+        // Callers can learn why without calling; a call fails fast with that reason.
+        assert_eq!(dep.down_reason(), Some(DepError::Unavailable("timeout")));
+        assert_eq!(dep.call(ok()).await, Err(DepError::Unavailable("timeout")));
         assert!(!dep.is_up());
     }
 

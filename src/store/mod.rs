@@ -1,19 +1,23 @@
-//! The two dependencies and the counting rules that span them.
+//! The two dependencies and the counting rules that span them (`docs/counting.md` argues
+//! them).
 //!
-//! Redis holds the live counter; PostgreSQL holds the counter of record, raised from Redis
-//! at least every flush interval and on shutdown (write-behind). While Redis is down, visits
-//! are counted in PostgreSQL directly. This process also remembers the highest count it has
-//! seen (`high_water`); it is passed as a floor to every increment, so that whichever store
-//! counts, and whatever either of them lost, the count handed out never goes backwards.
+//! Redis counts; PostgreSQL keeps the counter of record and decides which Redis may count.
+//! Every batch Redis counts is confirmed in PostgreSQL, in the round trip that reads the
+//! clock, before any of its counts is handed out: the counter of record is never behind an
+//! answer. Redis counts only under a fence: the Redis process and a token, both recorded in
+//! PostgreSQL. Anything that could have made Redis forget or repeat counts (a restart, an
+//! older file, `FLUSHALL`, PostgreSQL counting meanwhile) changes the fence, and a batch
+//! counted under an old fence is withheld instead of answered. While Redis is down, visits
+//! are counted in PostgreSQL itself, once no Redis batch was confirmed for [`REDIS_LEASE`].
 
 pub mod cache;
 pub mod db;
 pub mod dependency;
 pub mod tls;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +28,11 @@ use cache::Cache;
 use db::Db;
 pub use dependency::DepError;
 
+/// How long after the last confirmed Redis batch PostgreSQL may count itself. A replica that
+/// cannot reach Redis while others still count there answers without a count instead of
+/// taking the counter from them, so a Redis cut off from one replica only costs that replica.
+pub const REDIS_LEASE: Duration = Duration::from_secs(1);
+
 /// Which store counted a batch of visits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CountedIn {
@@ -31,12 +40,13 @@ pub enum CountedIn {
     Db,
 }
 
-/// The outcome of counting a batch of `n` visits: the total after the batch, or why neither
-/// store could count it, plus the cache's error when PostgreSQL had to stand in.
-#[derive(Debug, Clone)]
+/// The outcome of counting a batch of `n` visits: the total after the batch, or nothing, and
+/// each dependency's reason when it failed or its count could not be used.
+#[derive(Debug, Clone, Default)]
 pub struct Counted {
-    pub total: Result<(i64, CountedIn), DepError>,
+    pub total: Option<(i64, CountedIn)>,
     pub cache_error: Option<DepError>,
+    pub db_error: Option<DepError>,
 }
 
 /// What `/readyz` reports: each dependency's answer to one round trip.
@@ -49,17 +59,21 @@ pub struct Readiness {
 pub struct Store {
     cache: Cache,
     db: Db,
-    /// Highest count known to this process: handed out, read from PostgreSQL or flushed.
-    high_water: AtomicI64,
-    /// When the counter of record last caught up with the live count (for `/metrics`).
-    last_flush: Mutex<Instant>,
+    /// The fence this process last saw PostgreSQL hold; empty until it fenced once.
+    fence: Mutex<String>,
+    /// Bounds a whole fencing: the row stays locked for it, and the batch waits.
+    fence_timeout: Duration,
 }
 
-/// The value the write-behind raises the counter of record to: what Redis holds, or this
-/// process's high-water mark when Redis is unreachable or lost data (it can only be lower
-/// than what was handed out, never higher).
-fn flush_target(live: Option<i64>, high_water: i64) -> i64 {
-    live.unwrap_or(0).max(high_water)
+/// A token no fence has held before: 64 random bits.
+fn new_token() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{:016x}",
+        RandomState::new().hash_one((nanos, std::process::id()))
+    )
 }
 
 impl Store {
@@ -81,74 +95,130 @@ impl Store {
                 config.dependency_timeout,
             )
             .context("configuring PostgreSQL")?,
-            high_water: AtomicI64::new(0),
-            last_flush: Mutex::new(Instant::now()),
+            fence: Mutex::new(String::new()),
+            fence_timeout: 2 * config.dependency_timeout,
         }))
     }
 
-    /// Starts, on `tasks`, the watcher of each dependency and the write-behind ticker; all
-    /// three return when `stop` is cancelled.
-    pub fn spawn_tasks(
-        self: &Arc<Self>,
-        tasks: &TaskTracker,
-        stop: &CancellationToken,
-        flush_interval: Duration,
-    ) {
+    /// Starts, on `tasks`, the watcher of each dependency; both return when `stop` is cancelled.
+    pub fn spawn_tasks(self: &Arc<Self>, tasks: &TaskTracker, stop: &CancellationToken) {
         let (store, token) = (Arc::clone(self), stop.clone());
         tasks.spawn(async move { store.cache.watch(token).await });
         let (store, token) = (Arc::clone(self), stop.clone());
-        tasks.spawn(async move { store.db.watch(|durable| store.learn(durable), token).await });
-        let (store, token) = (Arc::clone(self), stop.clone());
-        tasks.spawn(async move {
-            // The first tick one interval from now: at start there is nothing to flush.
-            let first = tokio::time::Instant::now() + flush_interval;
-            let mut ticker = tokio::time::interval_at(first, flush_interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-                // Failures are already logged and counted by the dependency state.
-                let _ = store.flush().await;
-            }
-        });
+        tasks.spawn(async move { store.db.watch(token).await });
     }
 
-    fn learn(&self, total: i64) {
-        self.high_water.fetch_max(total, Ordering::SeqCst);
+    fn fence(&self) -> String {
+        self.fence
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    /// Counts `n` visits and reads the database clock, concurrently. The count goes to
-    /// Redis; if Redis fails, PostgreSQL counts instead, unless the clock read just failed
-    /// too (trying PostgreSQL again would double the wait for nothing).
+    fn set_fence(&self, fence: String) {
+        *self.fence.lock().unwrap_or_else(PoisonError::into_inner) = fence;
+    }
+
+    /// Counts `n` visits and reads the database clock. Redis counts under the fence this
+    /// process knows; if Redis says the fence changed, this process fences again (once) and
+    /// retries. If Redis fails, PostgreSQL counts once the lease allows.
     pub async fn count_and_clock(&self, n: u64) -> (Counted, Result<String, DepError>) {
-        let floor = self.high_water.load(Ordering::SeqCst);
-        let (cached, clock) = tokio::join!(self.cache.increment(n, floor), self.db.now());
-        let counted = match cached {
-            Ok(total) => {
-                self.learn(total);
-                Counted {
-                    total: Ok((total, CountedIn::Cache)),
-                    cache_error: None,
+        if let Some(e) = self.db.down_reason() {
+            return (Counted::db_failed(e.clone()), Err(e));
+        }
+        let mut fenced = false;
+        loop {
+            let fence = self.fence();
+            match self.cache.count(n, &fence).await {
+                Ok(Some(total)) => return self.confirm(total, &fence).await,
+                Ok(None) if !fenced => {
+                    fenced = true;
+                    match self.fence_redis().await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(cache_error)) => return self.count_here(n, cache_error).await,
+                        Err(e) => return (Counted::db_failed(e.clone()), Err(e)),
+                    }
                 }
+                // Fenced a moment ago and superseded already: no count this time.
+                Ok(None) => {
+                    let clock = self.db.now().await;
+                    let counted = Counted {
+                        cache_error: Some(DepError::Unconfirmed),
+                        db_error: clock.as_ref().err().cloned(),
+                        ..Counted::default()
+                    };
+                    return (counted, clock);
+                }
+                Err(cache_error) => return self.count_here(n, cache_error).await,
             }
-            Err(cache_error) => {
-                let total = match &clock {
-                    // `n` is at most the batch size, far below i64::MAX.
-                    Ok(_) => self.db.increment(n as i64, floor).await.map(|total| {
-                        self.learn(total);
-                        (total, CountedIn::Db)
-                    }),
-                    Err(e) => Err(e.clone()),
+        }
+    }
+
+    async fn confirm(&self, total: i64, fence: &str) -> (Counted, Result<String, DepError>) {
+        match self.db.confirm(total, fence).await {
+            Ok((true, clock)) => (Counted::total(total, CountedIn::Cache, None), Ok(clock)),
+            Ok((false, clock)) => {
+                // The fence moved while this batch was in Redis: fence again next time.
+                self.set_fence(String::new());
+                let counted = Counted {
+                    cache_error: Some(DepError::Unconfirmed),
+                    ..Counted::default()
                 };
-                Counted {
-                    total,
-                    cache_error: Some(cache_error),
-                }
+                (counted, Ok(clock))
             }
+            Err(e) => (Counted::db_failed(e.clone()), Err(e)),
+        }
+    }
+
+    async fn count_here(
+        &self,
+        n: u64,
+        cache_error: DepError,
+    ) -> (Counted, Result<String, DepError>) {
+        // `n` is at most the batch size, far below i64::MAX.
+        match self.db.count_here(n as i64, REDIS_LEASE).await {
+            Ok((Some(total), clock)) => {
+                self.set_fence(String::new());
+                let counted = Counted::total(total, CountedIn::Db, Some(cache_error));
+                (counted, Ok(clock))
+            }
+            Ok((None, clock)) => {
+                let counted = Counted {
+                    cache_error: Some(cache_error),
+                    ..Counted::default()
+                };
+                (counted, Ok(clock))
+            }
+            Err(e) => {
+                let counted = Counted {
+                    cache_error: Some(cache_error),
+                    db_error: Some(e.clone()),
+                    ..Counted::default()
+                };
+                (counted, Err(e))
+            }
+        }
+    }
+
+    /// Fences Redis with the counter row locked (see `db::Db::fence`, `cache::Cache::fence`)
+    /// and remembers the fence in force. The outer error is PostgreSQL's, the inner Redis's.
+    async fn fence_redis(&self) -> Result<Result<(), DepError>, DepError> {
+        let token = new_token();
+        let fencing = self
+            .db
+            .fence(|floor, held| async move { self.cache.fence(floor, &token, &held).await });
+        let fence = match tokio::time::timeout(self.fence_timeout, fencing).await {
+            Ok(Ok(Ok(fence))) => fence,
+            Ok(Ok(Err(cache_error))) => return Ok(Err(cache_error)),
+            Ok(Err(db_error)) => return Err(db_error),
+            Err(_) => return Err(DepError::Timeout(self.fence_timeout)),
         };
-        (counted, clock)
+        if fence != self.fence() {
+            tracing::info!(fence = %fence, "counting in Redis under a new fence");
+            metrics::counter!("visit_counter_fences_total").increment(1);
+        }
+        self.set_fence(fence);
+        Ok(Ok(()))
     }
 
     /// One round trip to each dependency over the connections it already has: no schema
@@ -157,84 +227,50 @@ impl Store {
         let (cache, db) = tokio::join!(self.cache.check(), self.db.check());
         Readiness { cache, db }
     }
+}
 
-    /// Write-behind: makes the counter of record at least the live count. Returns the durable
-    /// count.
-    pub async fn flush(&self) -> Result<i64, DepError> {
-        let value = self.flush_value().await;
-        let durable = self.db.raise(value).await?;
-        self.flushed(durable);
-        Ok(durable)
+impl Counted {
+    fn total(total: i64, counted_in: CountedIn, cache_error: Option<DepError>) -> Self {
+        Self {
+            total: Some((total, counted_in)),
+            cache_error,
+            db_error: None,
+        }
     }
 
-    /// The flush at shutdown: tried once, bounded by the dependency timeout, even when the
-    /// database is marked down, because there is no later chance.
-    pub async fn final_flush(&self) -> Result<i64, DepError> {
-        let value = self.flush_value().await;
-        let durable = self.db.raise_once_more(value).await?;
-        self.flushed(durable);
-        Ok(durable)
-    }
-
-    async fn flush_value(&self) -> i64 {
-        let live = self.cache.current().await.ok();
-        flush_target(live, self.high_water.load(Ordering::SeqCst))
-    }
-
-    fn flushed(&self, durable: i64) {
-        self.learn(durable);
-        *self
-            .last_flush
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
-    }
-
-    /// Time since the counter of record last caught up with the live count.
-    pub fn flush_age(&self) -> Duration {
-        self.last_flush
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .elapsed()
+    fn db_failed(e: DepError) -> Self {
+        Self {
+            db_error: Some(e),
+            ..Self::default()
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
     use crate::test_support::unreachable_store;
 
     #[test]
-    fn the_flush_never_lowers_what_this_process_handed_out() {
-        // Redis ahead of this process (other replicas counted): Redis wins.
-        assert_eq!(flush_target(Some(90), 40), 90);
-        // Redis restarted empty, lost data, or is unreachable: the high-water mark wins.
-        assert_eq!(flush_target(Some(3), 40), 40);
-        assert_eq!(flush_target(None, 40), 40);
-        assert_eq!(flush_target(None, 0), 0);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_high_water_mark_only_rises() {
-        let store = unreachable_store();
-        store.learn(10);
-        store.learn(4);
-        assert_eq!(store.high_water.load(Ordering::SeqCst), 10);
-        store.learn(11);
-        assert_eq!(store.high_water.load(Ordering::SeqCst), 11);
+    fn every_token_is_new() {
+        let tokens: std::collections::HashSet<_> = (0..1000).map(|_| new_token()).collect();
+        assert_eq!(tokens.len(), 1000);
+        assert!(tokens.iter().all(|t| t.len() == 16));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn with_both_dependencies_refusing_everything_fails_promptly_and_tasks_stop() {
         let store = unreachable_store();
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-        store.spawn_tasks(&tasks, &stop, Duration::from_millis(50));
+        store.spawn_tasks(&tasks, &stop);
         let started = Instant::now();
         let (counted, clock) = store.count_and_clock(3).await;
-        assert!(counted.total.is_err() && counted.cache_error.is_some());
+        assert!(counted.total.is_none() && counted.db_error.is_some());
         assert!(clock.is_err());
         let ready = store.readiness().await;
         assert!(ready.cache.is_err() && ready.db.is_err(), "{ready:?}");
-        assert!(store.flush().await.is_err());
         assert!(
             started.elapsed() < Duration::from_millis(700),
             "refusals are known within one timeout: {:?}",
