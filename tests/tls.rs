@@ -36,8 +36,8 @@ async fn page_when(app: &TestApp, done: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-/// The app's answer while one dependency fails its TLS handshake: the page is degraded with a
-/// one-line reason for that dependency, `/readyz` gives the same reason, every answer comes
+/// The app's answer while one dependency fails its TLS handshake: the page is degraded (an
+/// error without PostgreSQL, which must confirm every count) with a one-line reason for it, `/readyz` gives the same reason, every answer comes
 /// within the request bound, and no secret shows. Returns the reason.
 async fn tls_failure_reason(app: &TestApp, dependency: &str) -> String {
     let started = Instant::now();
@@ -48,8 +48,16 @@ async fn tls_failure_reason(app: &TestApp, dependency: &str) -> String {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(code, 200, "{page}");
-    assert_eq!(page["status"], "degraded", "{page}");
+    let expected = if dependency == "db" {
+        (503, "error")
+    } else {
+        (200, "degraded")
+    };
+    assert_eq!(
+        (code, page["status"].as_str().unwrap_or("")),
+        expected,
+        "{page}"
+    );
     let reason = page["erros"][dependency]
         .as_str()
         .unwrap_or_else(|| panic!("no reason for {dependency}: {page}"))
@@ -98,7 +106,7 @@ async fn postgres_verify_full_with_the_right_ca_is_ok_and_runs_over_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_signed_by_another_ca_is_degraded_with_the_reason() {
+async fn postgres_signed_by_another_ca_is_refused_with_the_reason() {
     let pki = Pki::new();
     let (redis, pg) = (Redis::start(), Postgres::start_tls(&pki.server));
     let url = pg_url(
@@ -109,9 +117,14 @@ async fn postgres_signed_by_another_ca_is_degraded_with_the_reason() {
     let app = TestApp::spawn(Env::new(&redis.url(), &url)).await;
     let reason = tls_failure_reason(&app, "db").await;
     assert_names_tls(&reason, "tls: certificate not trusted");
-    // The cache still counts.
-    let page = page_when(&app, |p| p["visitas_cache"].is_string()).await;
-    assert_eq!(page["hora_db"], Value::Null);
+    // Redis answers, but no count goes out that PostgreSQL has not confirmed.
+    let (code, page) = app.visit().await;
+    assert_eq!(
+        (code, &page["visitas_cache"]),
+        (503, &Value::Null),
+        "{page}"
+    );
+    assert!(page["erros"].get("cache").is_none(), "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -305,7 +318,7 @@ async fn tls_dependencies_that_go_away_and_come_back_recover_within_two_seconds(
 
     inject(|| pg.kill());
     page_when(&app, |p| {
-        p["status"] == "degraded" && p["erros"]["db"].is_string()
+        p["status"] == "error" && p["erros"]["db"].is_string()
     })
     .await;
     inject(|| pg.relaunch());

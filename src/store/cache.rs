@@ -13,14 +13,16 @@ use super::tls::{self, TrustRoots};
 /// The key the seed's Flask app used; kept so the counter survives a switch between the two.
 pub const COUNTER_KEY: &str = "visitas";
 
-/// The random half of the fence: which fencing of this Redis the counter belongs to.
+/// The fence this Redis counts under: a hash of the fencing `token` (gone after a
+/// `FLUSHALL`) and the `top` of the counter as this service last left it (a counter below it
+/// went back: someone lowered it, or an older copy of it was restored).
 pub const FENCE_KEY: &str = "visitas:fence";
 
 /// Adds `ARGV[1]` visits and returns the new total, if this Redis is still the one the caller
 /// was told may count: its fence (`ARGV[2]`) names the Redis process (its `run_id`, new at
-/// every start, so a restart from an older file is noticed) and the token `FENCE_KEY` holds
-/// (gone after a `FLUSHALL`). Otherwise the error code `UNFENCED`, with nothing counted: the
-/// caller fences again (`docs/counting.md`). A missing counter is never counted from zero.
+/// every start, so a restart from an older file is noticed) and the token, and the counter is
+/// not below its top. Otherwise the error code `UNFENCED`, with nothing counted: the caller
+/// fences again (`docs/counting.md`). A missing counter is never counted from zero.
 ///
 /// A value that is not a plausible count (not digits, or more than [`MAX_COUNT`]) was written
 /// by someone else: the script refuses it with the error code `IMPLAUSIBLE` and changes
@@ -28,39 +30,48 @@ pub const FENCE_KEY: &str = "visitas:fence";
 const COUNT: &str = r"
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local raw = redis.call('GET', KEYS[1])
-if not raw or run_id .. ':' .. (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then
+local token, top = unpack(redis.call('HMGET', KEYS[2], 'token', 'top'))
+if not raw or not token or not top or run_id .. ':' .. token ~= ARGV[2] then
   return redis.error_reply('UNFENCED this Redis is not the fenced counter')
 end
 if #raw > 15 or not string.match(raw, '^%d+$') then
   return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
 end
-return redis.call('INCRBY', KEYS[1], ARGV[1])
+if tonumber(raw) < tonumber(top) then
+  return redis.error_reply('UNFENCED the counter went back')
+end
+local total = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'top', total)
+return total
 ";
 
 /// Fences this Redis, run while PostgreSQL's counter row is locked: raises the counter to the
-/// counter of record (`ARGV[1]`) and keeps the fence of record (`ARGV[3]`) only if it still
-/// names this process and token and the counter needed no raising; otherwise writes the new
-/// token `ARGV[2]`, so that counts taken under any older fence can no longer be confirmed.
-/// Returns the counter and the fence now in force.
+/// counter of record (`ARGV[1]`) and to its own top, and keeps the fence of record (`ARGV[3]`)
+/// only if it still names this process and token and the counter needed no raising;
+/// otherwise writes the new token `ARGV[2]`, so that counts taken under any older fence can
+/// no longer be confirmed. Returns the counter and the fence now in force.
 const FENCE: &str = r"
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local raw = redis.call('GET', KEYS[1])
 if raw and (#raw > 15 or not string.match(raw, '^%d+$')) then
   return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
 end
-local token = redis.call('GET', KEYS[2])
-local fence = run_id .. ':' .. (token or '')
-local renew = not token or fence ~= ARGV[3]
-if not raw or tonumber(raw) < tonumber(ARGV[1]) then
-  raw = ARGV[1]
+local token, top = unpack(redis.call('HMGET', KEYS[2], 'token', 'top'))
+local floor = ARGV[1]
+if top and tonumber(top) > tonumber(floor) then
+  floor = top
+end
+local renew = not token or run_id .. ':' .. token ~= ARGV[3]
+if not raw or tonumber(raw) < tonumber(floor) then
+  raw = floor
   redis.call('SET', KEYS[1], raw)
   renew = true
 end
 if renew then
-  redis.call('SET', KEYS[2], ARGV[2])
-  fence = run_id .. ':' .. ARGV[2]
+  token = ARGV[2]
 end
-return {raw, fence}
+redis.call('HSET', KEYS[2], 'token', token, 'top', raw)
+return {raw, run_id .. ':' .. token}
 ";
 
 /// The largest count accepted from Redis: a million visits a second for thirty years, and still

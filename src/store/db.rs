@@ -149,7 +149,9 @@ impl Db {
         let mut client = dep.call(self.pool.get()).await?;
         let tx = dep.call(client.transaction()).await?;
         let row = dep.call(tx.query_one(HOLD, &[])).await?;
-        let held = dep.call(async { Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?)) }).await?;
+        let held = dep
+            .call(async { Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?)) })
+            .await?;
         let (counter, fence) = match fence_redis(held.0, held.1).await {
             Ok(fenced) => fenced,
             Err(e) => return Ok(Err(e)),
