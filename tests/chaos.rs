@@ -98,6 +98,20 @@ impl Answer {
     fn received(&self) -> Instant {
         self.sent + self.took
     }
+
+    /// For the report: `replica 1 at 4078 ms: 200 degraded, count 1523`.
+    fn describe(&self, t0: Instant) -> String {
+        let at = self.sent.saturating_duration_since(t0).as_millis();
+        let answer = match (self.status, &self.page) {
+            (Some(status), Some(page)) => format!("{status} {page}"),
+            (Some(status), None) => status.to_string(),
+            (None, _) => "no answer".into(),
+        };
+        let count = self
+            .count
+            .map_or("no count".into(), |c| format!("count {c}"));
+        format!("replica {} at {at} ms: {answer}, {count}", self.replica)
+    }
 }
 
 async fn visit(client: &reqwest::Client, replica: usize, address: &str) -> Answer {
@@ -233,14 +247,54 @@ struct Window {
     expect: Expect,
 }
 
+impl Window {
+    /// What the answers of this window's replicas show against `expect`.
+    fn check(&self, answers: &[Answer], t0: Instant, v: &mut Vec<String>) {
+        let received: Vec<&Answer> = answers
+            .iter()
+            .filter(|a| self.replicas.contains(&a.replica) && a.status.is_some())
+            .filter(|a| (self.from..self.to).contains(&a.received()))
+            .collect();
+        // Sent once the fault was in force: an answer already on its way cannot pass for one.
+        let sent = || received.iter().filter(|a| a.sent >= self.from);
+        let ms = |t: Instant| t.saturating_duration_since(t0).as_millis();
+        let span = format!("{} ({}–{} ms)", self.what, ms(self.from), ms(self.to));
+        if received.len() < CLIENTS {
+            v.push(format!("{span}: only {} answers", received.len()));
+        }
+        match self.expect {
+            Expect::Answers => {}
+            Expect::Counts if sent().all(|a| a.count.is_none()) => {
+                v.push(format!("{span}: no answer sent during it carried a count"));
+            }
+            Expect::Counts => {}
+            Expect::NoCounts => {
+                let error = |a: &Answer| {
+                    a.count.is_none() && a.status == Some(503) && a.page.as_deref() == Some("error")
+                };
+                let wrong: Vec<&&Answer> = sent().filter(|a| !error(a)).collect();
+                if let Some(a) = wrong.first() {
+                    v.push(format!(
+                        "{span}: {} of {} answers sent during it not a 503 error without a \
+                         count, e.g. {}",
+                        wrong.len(),
+                        sent().count(),
+                        a.describe(t0)
+                    ));
+                }
+            }
+        }
+    }
+}
+
 /// One scenario: the stack under load, the faults injected so far, and what went wrong.
 struct Chaos {
     stack: Stack,
     rng: Rng,
     /// When the load started: times are reported from there.
     t0: Instant,
-    /// When each fault began, to count the requests in flight at it.
-    faults: Vec<Instant>,
+    /// When each fault (or repair) began, to count the requests in flight at it.
+    injected: Vec<Instant>,
     windows: Vec<Window>,
 }
 
@@ -252,7 +306,7 @@ impl Chaos {
     /// Injects a fault, or a repair, off the runtime (the load goes on meanwhile); returns
     /// when it is in force.
     fn inject(&mut self, fault: impl FnOnce(&mut Stack)) -> Instant {
-        self.faults.push(Instant::now());
+        self.injected.push(Instant::now());
         let stack = &mut self.stack;
         inject(|| fault(stack));
         Instant::now()
@@ -282,6 +336,26 @@ impl Chaos {
         let to = Instant::now();
         self.inject(up);
         self.window(what, from..to, replicas, expect);
+    }
+
+    /// Redis out for every replica: PostgreSQL counts meanwhile.
+    async fn redis_out(
+        &mut self,
+        what: &str,
+        down: impl FnOnce(&mut Stack),
+        up: impl FnOnce(&mut Stack),
+    ) {
+        self.outage(what, ALL, Expect::Counts, down, up).await;
+    }
+
+    /// PostgreSQL out: nothing can be confirmed, so nothing is counted.
+    async fn postgres_out(
+        &mut self,
+        what: &str,
+        down: impl FnOnce(&mut Stack),
+        up: impl FnOnce(&mut Stack),
+    ) {
+        self.outage(what, ALL, Expect::NoCounts, down, up).await;
     }
 
     /// A fault that takes no time: the answers right after it must still flow.
@@ -341,7 +415,7 @@ async fn chaos(name: &str, scenario: impl AsyncFnOnce(&mut Chaos)) {
         stack,
         rng: Rng::new(seed),
         t0: Instant::now(),
-        faults: Vec::new(),
+        injected: Vec::new(),
         windows: Vec::new(),
     };
     chaos.wait(300..1000).await;
@@ -367,45 +441,25 @@ async fn chaos(name: &str, scenario: impl AsyncFnOnce(&mut Chaos)) {
 
 /// Checks the invariant on every answer (see the top of the file); returns a summary line.
 fn check(chaos: &Chaos, answers: &[Answer], counter: Option<i64>, v: &mut Vec<String>) -> String {
-    let at = |t: Instant| t.saturating_duration_since(chaos.t0).as_millis();
-
+    let t0 = chaos.t0;
     // 1. No count twice.
-    let mut first: HashMap<i64, &Answer> = HashMap::new();
-    let mut duplicates = Vec::new();
-    for answer in answers {
-        if let Some(count) = answer.count
-            && let Some(earlier) = first.insert(count, answer)
-        {
-            duplicates.push((count, earlier, answer));
-        }
-    }
+    let mut first = HashMap::new();
+    let duplicates: Vec<String> = answers
+        .iter()
+        .filter_map(|a| {
+            let earlier = first.insert(a.count?, a)?;
+            Some(format!("{} and {}", earlier.describe(t0), a.describe(t0)))
+        })
+        .collect();
     if !duplicates.is_empty() {
-        let examples: Vec<String> = duplicates
-            .iter()
-            .take(5)
-            .map(|(count, a, b)| {
-                format!(
-                    "{count} by replica {} at {} ms and by replica {} at {} ms",
-                    a.replica,
-                    at(a.received()),
-                    b.replica,
-                    at(b.received())
-                )
-            })
-            .collect();
-        v.push(format!(
-            "{} counts handed out twice: {}",
-            duplicates.len(),
-            examples.join("; ")
-        ));
+        let some = &duplicates[..duplicates.len().min(4)];
+        let (n, some) = (duplicates.len(), some.join("; "));
+        v.push(format!("{n} counts handed out twice: {some}"));
     }
 
-    // 2. The counter of record covers every count handed out.
+    // 2. The counter of record covers every count handed out, at once.
     let highest = first.keys().copied().max().unwrap_or(0);
-    let counter = counter.unwrap_or_else(|| {
-        v.push("no counter of record".into());
-        0
-    });
+    let counter = counter.unwrap_or(0);
     if counter < highest {
         v.push(format!(
             "counter of record {counter} < highest count handed out {highest}"
@@ -413,46 +467,14 @@ fn check(chaos: &Chaos, answers: &[Answer], counter: Option<i64>, v: &mut Vec<St
     }
 
     // 3. The load flowed through every outage, and nothing hung.
-    for w in &chaos.windows {
-        let during: Vec<&Answer> = answers
-            .iter()
-            .filter(|a| w.replicas.contains(&a.replica) && a.status.is_some())
-            .filter(|a| (w.from..w.to).contains(&a.received()))
-            .collect();
-        let span = format!("{} ({}–{} ms)", w.what, at(w.from), at(w.to));
-        if during.len() < CLIENTS {
-            v.push(format!("{span}: only {} answers", during.len()));
-        }
-        if w.expect == Expect::Counts && during.iter().all(|a| a.count.is_none()) {
-            v.push(format!("{span}: no answer carried a count"));
-        }
-        let counted: Vec<&&Answer> = during
-            .iter()
-            .filter(|a| a.sent >= w.from)
-            .filter(|a| {
-                a.count.is_some() || a.status != Some(503) || a.page.as_deref() != Some("error")
-            })
-            .collect();
-        if w.expect == Expect::NoCounts && !counted.is_empty() {
-            let a = counted[0];
-            v.push(format!(
-                "{span}: {} of {} answers were not 503 \"error\" without a count, e.g. {:?} {:?} count {:?}",
-                counted.len(),
-                during.len(),
-                a.status,
-                a.page,
-                a.count
-            ));
-        }
+    for window in &chaos.windows {
+        window.check(answers, t0, v);
     }
     let slow: Vec<&Answer> = answers.iter().filter(|a| a.took > HANG).collect();
     if let Some(a) = slow.first() {
+        let (n, took, a) = (slow.len(), a.took, a.describe(t0));
         v.push(format!(
-            "{} requests took over {HANG:?}, e.g. {:?} sent to replica {} at {} ms",
-            slow.len(),
-            a.took,
-            a.replica,
-            at(a.sent)
+            "{n} requests took over {HANG:?}, e.g. {took:?}, {a}"
         ));
     }
 
@@ -462,21 +484,22 @@ fn check(chaos: &Chaos, answers: &[Answer], counter: Option<i64>, v: &mut Vec<St
     if gaps > no_count {
         v.push(format!("{gaps} gaps > {no_count} requests without a count"));
     }
-    let faults: Vec<String> = chaos
-        .faults
+    let injected: Vec<String> = chaos
+        .injected
         .iter()
-        .map(|&f| {
-            let in_flight = answers.iter().filter(|a| a.sent < f && a.received() > f);
-            format!("{} ms ({} in flight)", at(f), in_flight.count())
+        .map(|&at| {
+            let in_flight = answers.iter().filter(|a| a.sent < at && a.received() > at);
+            let at = at.saturating_duration_since(t0).as_millis();
+            format!("{at} ms ({} in flight)", in_flight.count())
         })
         .collect();
     format!(
         "{} answers, {} counts, {no_count} without; gaps {gaps} (bound {no_count}); \
-         {} duplicates; counter {counter}, highest {highest}; faults at {}",
+         {} duplicates; counter {counter}, highest {highest}; injected at {}",
         answers.len(),
         first.len(),
         duplicates.len(),
-        faults.join(", ")
+        injected.join(", ")
     )
 }
 
@@ -486,11 +509,7 @@ fn check(chaos: &Chaos, answers: &[Answer], counter: Option<i64>, v: &mut Vec<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stopped_and_started_with_its_data() {
     chaos("redis stop/start with its data", async |c| {
-        let (stop, start) = (
-            |s: &mut Stack| s.redis.stop(),
-            |s: &mut Stack| s.redis.relaunch(),
-        );
-        c.outage("redis stopped", ALL, Expect::Counts, stop, start)
+        c.redis_out("redis stopped", |s| s.redis.stop(), |s| s.redis.relaunch())
             .await;
     })
     .await;
@@ -501,16 +520,13 @@ async fn redis_restarted_from_older_data() {
     chaos("redis restarted with stale data", async |c| {
         let older = inject(|| c.stack.redis.snapshot());
         c.wait(500..1500).await;
-        let kill = |s: &mut Stack| s.redis.kill();
         let back = move |s: &mut Stack| {
             s.redis.restore(&older);
             s.redis.relaunch();
         };
-        c.outage(
+        c.redis_out(
             "redis killed, back with older data",
-            ALL,
-            Expect::Counts,
-            kill,
+            |s| s.redis.kill(),
             back,
         )
         .await;
@@ -521,9 +537,8 @@ async fn redis_restarted_from_older_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_restarted_empty() {
     chaos("redis restarted empty", async |c| {
-        let kill = |s: &mut Stack| s.redis.kill();
         let back = |s: &mut Stack| s.redis.relaunch_empty();
-        c.outage("redis killed, back empty", ALL, Expect::Counts, kill, back)
+        c.redis_out("redis killed, back empty", |s| s.redis.kill(), back)
             .await;
     })
     .await;
@@ -543,27 +558,17 @@ async fn redis_flushall_twice() {
 async fn network_cut_to_redis_reaching_the_replicas_at_different_moments() {
     chaos("network cut to redis, staggered", async |c| {
         let pauses: Vec<Duration> = (0..2 * REPLICAS).map(|_| c.rng.millis(0..400)).collect();
-        let heals = pauses[REPLICAS..].to_vec();
-        let cut = |s: &mut Stack| {
-            for (link, pause) in s.links.iter().zip(&pauses) {
-                link.cut();
+        let (cuts, heals) = pauses.split_at(REPLICAS);
+        let one_by_one = |pauses: &[Duration], s: &mut Stack, change: fn(&Partition)| {
+            for (link, pause) in s.links.iter().zip(pauses) {
+                change(link);
                 std::thread::sleep(*pause);
             }
         };
-        let heal = move |s: &mut Stack| {
-            for (link, pause) in s.links.iter().zip(heals) {
-                link.heal();
-                std::thread::sleep(pause);
-            }
-        };
-        c.outage(
-            "redis cut off from every replica",
-            ALL,
-            Expect::Counts,
-            cut,
-            heal,
-        )
-        .await;
+        let cut = |s: &mut Stack| one_by_one(cuts, s, Partition::cut);
+        let heal = |s: &mut Stack| one_by_one(heals, s, Partition::heal);
+        c.redis_out("redis cut off, replica by replica", cut, heal)
+            .await;
     })
     .await;
 }
@@ -586,8 +591,7 @@ async fn network_cut_to_redis_seen_by_one_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_stopped_and_started() {
     chaos("postgres stop/start", async |c| {
-        let (stop, start) = (|s: &mut Stack| s.pg.stop(), |s: &mut Stack| s.pg.relaunch());
-        c.outage("postgres stopped", ALL, Expect::NoCounts, stop, start)
+        c.postgres_out("postgres stopped", |s| s.pg.stop(), |s| s.pg.relaunch())
             .await;
     })
     .await;
@@ -596,8 +600,7 @@ async fn postgres_stopped_and_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_killed() {
     chaos("postgres kill -9", async |c| {
-        let (kill, start) = (|s: &mut Stack| s.pg.kill(), |s: &mut Stack| s.pg.relaunch());
-        c.outage("postgres killed", ALL, Expect::NoCounts, kill, start)
+        c.postgres_out("postgres killed", |s| s.pg.kill(), |s| s.pg.relaunch())
             .await;
     })
     .await;
@@ -665,10 +668,7 @@ async fn replicas_and_redis_crash_together_redis_back_without_its_last_second() 
         });
         c.wait(200..800).await;
         c.inject(|s| s.redis.relaunch());
-        c.instant(
-            "three new replicas, redis back from its file",
-            Stack::spawn_all,
-        );
+        c.instant("new replicas, redis back from its file", Stack::spawn_all);
     })
     .await;
 }
