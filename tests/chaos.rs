@@ -506,6 +506,28 @@ fn check(chaos: &Chaos, answers: &[Answer], counter: Option<i64>, v: &mut Vec<St
 // ---------------------------------------------------------------------------------------
 // Redis
 
+/// The scenarios rely on these moves: without them, "stale data" would test nothing.
+#[test]
+fn the_harness_restarts_redis_with_its_data_older_data_or_none() {
+    let mut redis = Redis::start_persistent();
+    redis.set_counter(5);
+    let older = redis.snapshot();
+    redis.set_counter(10);
+    redis.kill();
+    redis.relaunch();
+    assert_eq!(
+        redis.get_counter(),
+        Some(10),
+        "kill -9 keeps what was written"
+    );
+    redis.stop();
+    redis.restore(&older);
+    redis.relaunch();
+    assert_eq!(redis.get_counter(), Some(5), "back from the older file");
+    redis.restart_empty();
+    assert_eq!(redis.get_counter(), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stopped_and_started_with_its_data() {
     chaos("redis stop/start with its data", async |c| {
