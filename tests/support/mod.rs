@@ -234,10 +234,18 @@ impl Redis {
             .spawn()
             .expect("starting redis-server (is it installed and on PATH?)");
         self.child = Some(child);
-        let port = self.port;
+        // A server loading its data file accepts connections and answers LOADING meanwhile;
+        // the harness's own helpers (plain TCP only) wait until it answers.
         wait_until("redis", Duration::from_secs(10), || {
-            accepts_connections(port)
+            accepts_connections(self.port) && (self.tls || self.answers())
         });
+    }
+
+    fn answers(&self) -> bool {
+        let ping = redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+        ping.is_ok()
     }
 
     pub fn url(&self) -> String {
