@@ -148,7 +148,15 @@ pub struct Redis {
     child: Option<Child>,
     /// TLS only (see `start_tls`).
     tls: bool,
+    /// Keeps its data in an append-only file (see `start_persistent`).
+    persistent: bool,
 }
+
+/// What a Redis server keeps on disk: its append-only files (and an RDB file, if any).
+const REDIS_DATA: [&str; 2] = ["appendonlydir", "dump.rdb"];
+
+/// A copy of a Redis server's data files as they were at one moment (see `Redis::snapshot`).
+pub struct RedisData(TempDir);
 
 impl Redis {
     pub fn start() -> Self {
@@ -156,29 +164,38 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Self {
-        let mut redis = Self {
-            port,
-            dir: tempfile::tempdir().expect("temp dir for redis"),
-            child: None,
-            tls: false,
-        };
-        redis.launch();
-        redis
+        Self::configured(port, false, false).launched()
+    }
+
+    /// With an append-only file, written at every increment and fsynced every second, as the
+    /// compose file runs it: `stop` or `kill` then `relaunch` brings the data back (only a
+    /// host crash loses the last second; `snapshot` and `restore` stand in for that).
+    pub fn start_persistent() -> Self {
+        Self::configured(free_port(), false, true).launched()
     }
 
     /// TLS only (no plain listener), presenting `tls`'s certificate; clients are not asked
     /// for one. Reach it as `rediss://localhost:{port}`; the harness's own helpers
     /// (`get_counter`, …) speak plain TCP and do not work on it.
     pub fn start_tls(tls: &tls::ServerTls) -> Self {
-        let mut redis = Self {
-            port: free_port(),
+        let redis = Self::configured(free_port(), true, false);
+        write_tls_files(redis.dir.path(), tls);
+        redis.launched()
+    }
+
+    fn configured(port: u16, tls: bool, persistent: bool) -> Self {
+        Self {
+            port,
             dir: tempfile::tempdir().expect("temp dir for redis"),
             child: None,
-            tls: true,
-        };
-        write_tls_files(redis.dir.path(), tls);
-        redis.launch();
-        redis
+            tls,
+            persistent,
+        }
+    }
+
+    fn launched(mut self) -> Self {
+        self.launch();
+        self
     }
 
     fn tls_args(&self) -> Vec<String> {
@@ -206,7 +223,9 @@ impl Redis {
     fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--save", "", "--protected-mode", "no"])
+            .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
+            .args(["--appendfsync", "everysec"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(self.tls_args())
@@ -215,10 +234,18 @@ impl Redis {
             .spawn()
             .expect("starting redis-server (is it installed and on PATH?)");
         self.child = Some(child);
-        let port = self.port;
+        // A server loading its data file accepts connections and answers LOADING meanwhile;
+        // the harness's own helpers (plain TCP only) wait until it answers.
         wait_until("redis", Duration::from_secs(10), || {
-            accepts_connections(port)
+            accepts_connections(self.port) && (self.tls || self.answers())
         });
+    }
+
+    fn answers(&self) -> bool {
+        let ping = redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+        ping.is_ok()
     }
 
     pub fn url(&self) -> String {
@@ -234,22 +261,59 @@ impl Redis {
         signal_tree(self.child.as_ref().expect("redis is running"), Signal::CONT);
     }
 
-    /// SIGKILL: no goodbye, no data kept (persistence is off).
+    /// SIGKILL: no goodbye; a persistent server keeps what it wrote (the kernel has it).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             kill_tree(&mut child);
         }
     }
 
-    /// A fresh, empty server on the same port, as after a restart without a volume.
-    /// Starts a killed server again, empty, on the same port.
+    /// SIGTERM and wait: a clean shutdown, the append-only file complete.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal_tree(&child, Signal::TERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped or killed server again on the same port and data directory.
+    pub fn relaunch(&mut self) {
+        self.launch();
+    }
+
+    /// Starts a killed server again on the same port, its data gone, as after a restart
+    /// without a volume.
     pub fn relaunch_empty(&mut self) {
+        self.wipe();
         self.launch();
     }
 
     pub fn restart_empty(&mut self) {
         self.kill();
-        self.launch();
+        self.relaunch_empty();
+    }
+
+    fn wipe(&self) {
+        assert!(self.child.is_none(), "redis still running");
+        for name in REDIS_DATA {
+            let path = self.dir.path().join(name);
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+    }
+
+    /// Copies the data files as they are now (running or not), for `restore` to bring back
+    /// later: a server restarted from an older backup, or from a volume that lagged.
+    pub fn snapshot(&self) -> RedisData {
+        let copy = tempfile::tempdir().expect("temp dir for the snapshot");
+        copy_data(self.dir.path(), copy.path());
+        RedisData(copy)
+    }
+
+    /// Puts a snapshot's files in place of the data files of a stopped or killed server;
+    /// `relaunch` then loads them.
+    pub fn restore(&mut self, data: &RedisData) {
+        self.wipe();
+        copy_data(data.0.path(), self.dir.path());
     }
 
     fn client(&self) -> redis::Connection {
@@ -305,6 +369,21 @@ impl Redis {
         let _: () = redis::cmd("FLUSHALL")
             .query(&mut self.client())
             .expect("FLUSHALL");
+    }
+}
+
+/// Copies Redis's data files from one directory to another (`cp -a`, as for PostgreSQL).
+fn copy_data(from: &Path, to: &Path) {
+    for name in REDIS_DATA {
+        if from.join(name).exists() {
+            let status = Command::new("cp")
+                .arg("-a")
+                .arg(from.join(name))
+                .arg(to.join(name))
+                .status()
+                .expect("copying redis data");
+            assert!(status.success(), "copying {name}");
+        }
     }
 }
 
@@ -573,6 +652,17 @@ impl Postgres {
         }
     }
 
+    /// A clean shutdown (SIGINT, PostgreSQL's fast mode: sessions cut, data checkpointed).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(
+                i32::try_from(child.id()).expect("pid fits i32"),
+                Signal::INT,
+            );
+            let _ = child.wait();
+        }
+    }
+
     /// Freezes every PostgreSQL process (as `docker pause` does): connections stay open,
     /// the kernel still accepts and acknowledges, and nothing answers.
     pub fn pause(&self) {
@@ -819,8 +909,9 @@ impl Partition {
     }
 }
 
-/// Copies bytes until either side closes; drops them once the network was cut after this
-/// connection was opened.
+/// Copies bytes until either side closes, and passes the close on (a server that stops
+/// closes its clients' connections); drops them once the network was cut after this
+/// connection was opened, and then passes nothing on, not even the close.
 fn relay(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
@@ -831,8 +922,11 @@ fn relay(
     let mut buf = [0u8; 16 * 1024];
     while let Ok(n @ 1..) = from.read(&mut buf) {
         if generation.load(SeqCst) == born && to.write_all(&buf[..n]).is_err() {
-            return;
+            break;
         }
+    }
+    if generation.load(SeqCst) == born {
+        let _ = to.shutdown(std::net::Shutdown::Write);
     }
 }
 
@@ -1004,14 +1098,19 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str, timeout: Duration)
 }
 
 pub async fn get_page(client: &reqwest::Client, base: &str) -> (u16, Value) {
-    let response = client
-        .get(format!("{base}/"))
-        .send()
+    try_get_page(client, base)
         .await
-        .expect("request reaches the app");
+        .expect("request reaches the app, and it answers JSON")
+}
+
+/// `GET /`, for callers that expect the app to be gone or cut off at times.
+pub async fn try_get_page(
+    client: &reqwest::Client,
+    base: &str,
+) -> Result<(u16, Value), reqwest::Error> {
+    let response = client.get(format!("{base}/")).send().await?;
     let status = response.status().as_u16();
-    let body = response.json().await.expect("JSON body");
-    (status, body)
+    Ok((status, response.json().await?))
 }
 
 /// The count a page carries, if any (it is a JSON string, by contract).
@@ -1068,6 +1167,12 @@ impl WebProcess {
 
     pub async fn wait_ready(&self, timeout: Duration) {
         wait_ready(&http_client(), &self.admin_address(), timeout).await;
+    }
+
+    /// SIGKILL, and the process reaped: no drain, no final flush.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn signal(&self, signal: Signal) {
