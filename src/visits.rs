@@ -4,14 +4,15 @@
 //! PostgreSQL query per request, a single task takes every visit waiting at that moment (a
 //! batch of `n`), counts them in Redis with one `INCRBY n`, has PostgreSQL confirm the total in
 //! the round trip that reads the clock (`store`), and hands the `n` counts ending at the new
-//! total out one per visit, in arrival order. While a batch is in
-//! flight the next one gathers, so batches grow with the load and the dependencies see a
-//! constant trickle of queries instead of one per request. The contract holds exactly: every
+//! total out one per visit, in arrival order. While batches are in flight (up to
+//! [`MAX_IN_FLIGHT`]) the next one gathers, so batches grow with the load and the dependencies
+//! see a constant trickle of queries instead of one per request. The contract holds exactly: every
 //! visit gets its own count, and a clock read that started after the visit arrived.
 
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,6 +20,9 @@ use crate::store::{CountedIn, DepError, Store};
 
 /// Most visits served by one round trip; bounds the work lost to a failure mid-batch.
 const MAX_BATCH: usize = 1024;
+/// Batches in flight at once. Each waits on Redis, then on PostgreSQL's confirmation; with a
+/// few in flight, one batch's confirmation overlaps the next one's count.
+const MAX_IN_FLIGHT: usize = 2;
 /// Visits that may wait for the batching task before callers are slowed down.
 const QUEUE_DEPTH: usize = 8192;
 
@@ -106,24 +110,32 @@ async fn batch_loop(
     mut waiting: mpsc::Receiver<oneshot::Sender<Visit>>,
     close: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut running = JoinSet::new();
     loop {
-        let received = tokio::select! {
-            received = waiting.recv_many(&mut batch, MAX_BATCH) => received,
-            () = close.cancelled(), if !waiting.is_closed() => {
-                waiting.close();
-                continue;
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        tokio::select! {
+            received = waiting.recv_many(&mut batch, MAX_BATCH), if running.len() < MAX_IN_FLIGHT => {
+                if received == 0 {
+                    break;
+                }
+                running.spawn(answer(Arc::clone(&store), batch));
             }
-        };
-        if received == 0 {
-            return;
+            Some(ended) = running.join_next() => {
+                if let Err(e) = ended {
+                    tracing::error!(error = %e, "a batch failed; its visitors got no answer");
+                }
+            }
+            () = close.cancelled(), if !waiting.is_closed() => waiting.close(),
         }
-        let outcome = run_batch(&store, batch.len()).await;
-        for (index, reply) in batch.drain(..).enumerate() {
-            // A visitor who hung up still used its count; that is the bounded
-            // over-count the contract allows.
-            let _ = reply.send(outcome.visit(index));
-        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn answer(store: Arc<Store>, batch: Vec<oneshot::Sender<Visit>>) {
+    let outcome = run_batch(&store, batch.len()).await;
+    for (index, reply) in batch.into_iter().enumerate() {
+        // A visitor who hung up still used its count: a gap the contract allows.
+        let _ = reply.send(outcome.visit(index));
     }
 }
 

@@ -61,6 +61,8 @@ pub struct Store {
     db: Db,
     /// The fence this process last saw PostgreSQL hold; empty until it fenced once.
     fence: Mutex<String>,
+    /// Held while this process fences, so that its batches in flight fence once, not each.
+    fencing: tokio::sync::Mutex<()>,
     /// Bounds a whole fencing: the row stays locked for it, and the batch waits.
     fence_timeout: Duration,
 }
@@ -96,6 +98,7 @@ impl Store {
             )
             .context("configuring PostgreSQL")?,
             fence: Mutex::new(String::new()),
+            fencing: tokio::sync::Mutex::new(()),
             fence_timeout: 2 * config.dependency_timeout,
         }))
     }
@@ -133,6 +136,10 @@ impl Store {
                 Ok(Some(total)) => return self.confirm(total, &fence).await,
                 Ok(None) if !fenced => {
                     fenced = true;
+                    let _only_one = self.fencing.lock().await;
+                    if self.fence() != fence {
+                        continue; // Another batch of this process fenced meanwhile.
+                    }
                     match self.fence_redis().await {
                         Ok(Ok(())) => {}
                         Ok(Err(cache_error)) => return self.count_here(n, cache_error).await,
@@ -158,8 +165,13 @@ impl Store {
         match self.db.confirm(total, fence).await {
             Ok((true, clock)) => (Counted::total(total, CountedIn::Cache, None), Ok(clock)),
             Ok((false, clock)) => {
-                // The fence moved while this batch was in Redis: fence again next time.
-                self.set_fence(String::new());
+                // The fence moved while this batch was in Redis: fence again next time
+                // (unless another batch of this process already did).
+                let mut known = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
+                if *known == fence {
+                    known.clear();
+                }
+                drop(known);
                 let counted = Counted {
                     cache_error: Some(DepError::Unconfirmed),
                     ..Counted::default()
