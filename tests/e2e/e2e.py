@@ -615,28 +615,15 @@ def cleanup():
         print(f"e2e: cleanup failed: {last_lines(p.stderr)}", file=sys.stderr)
 
 
-def main(mode: str) -> int:
-    if mode not in ("suite", "up", "down"):
-        print("usage: tests/e2e/run [up|down]", file=sys.stderr)
-        return 2
+def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="desafio3-e2e-home-"))  # the recipe's $HOME
     COMPOSE_ENV.pop("DESAFIO3_SECRETS", None)
     COMPOSE_ENV.pop("DB_TIMEZONE", None)  # hora_db is checked against the host clock in UTC
     created, t_start = False, time.time()
     try:
         preflight()
-        if mode != "suite":  # `up` for a person to poke at (dev password), `down` to remove it
-            cleanup()
-            if mode == "up":
-                sec_images()
-                ok, dt = stack_up("up")
-                print(f"e2e: stack {PROJECT} up in {dt:.1f} s: curl http://localhost:8080/ ; remove it with "
-                      "tests/e2e/run down" if ok else "e2e: the stack did not come up")
-                return 0 if ok else 1
-            print(f"e2e: project {PROJECT} removed (containers, networks, volumes)")
-            return 0
         info(f"project {PROJECT}: {' '.join(COMPOSE)}")
-        cleanup()  # a stack left by `tests/e2e/run up`
+        cleanup()  # a stack left by an interrupted run
         created = True
         sec_images()
         secrets = sec_up(home)
@@ -668,4 +655,4 @@ def main(mode: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "suite"))
+    sys.exit(main())
