@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """desafio3 benchmark driver, run through bench/run (which installs what this needs); what it
-measures and writes (<out>/<date>.{json,md,png}, <out>/latest.md pointing at them): bench/README.md.
+measures and writes (<out>/<date>.{json,md}, <out>/latest.md pointing at them): bench/README.md.
 """
 
 import argparse
@@ -27,12 +27,9 @@ VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import free_port, spawn, stop, throwaway  # noqa: E402 - the throwaway servers shared with tests/e2e
 
-# key: (label, plot style: colour, marker, line)
-SYSTEMS = {"web": ("web GET /", ("C0", "o", "-")), "web-healthz": ("web GET /healthz", ("C0", "s", ":")),
-           "web-info": ("web GET / (RUST_LOG=info)", ("C0", "x", "--")),
-           "web-tls": ("web GET / (TLS to both)", ("C0", "s", ":")),
-           "flask-dev": ("flask-dev GET / (seed)", ("C3", "v", "-")), "gunicorn": ("gunicorn GET /", ("C1", "^", "-")),
-           "pgbench": ("pgbench SELECT now()", ("C2", "D", "--")), "redis": ("redis-benchmark INCR", ("C4", "P", "--"))}
+SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
+           "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
+           "pgbench": "pgbench SELECT now()", "redis": "redis-benchmark INCR"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
 
@@ -203,7 +200,7 @@ class Bench:
                 "errors": 0}
 
     def record(self, key, c, res, extra=None):
-        label = SYSTEMS[key][0]
+        label = SYSTEMS[key]
         self.results.append({"system": key, "label": label, "concurrency": c, **res, **(extra or {})})
         if "error" in res:
             log(f"  {label:28s} c={c:<4d} FAILED: {res['error']}")
@@ -411,43 +408,6 @@ def markdown(doc):
     return "\n".join(lines)
 
 
-def plot(doc, path):
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for key in ORDER:
-        rows = sorted((r for r in doc["results"] if r["system"] == key and "error" not in r),
-                      key=lambda r: r["concurrency"])
-        if not rows:
-            continue
-        label, (color, marker, ls) = SYSTEMS[key]
-        ax1.plot([r["concurrency"] for r in rows], [max(r["rps"], 0.1) for r in rows], color=color, marker=marker,
-                 linestyle=ls, label=label)
-        p = [(r["concurrency"], r["p99_ms"]) for r in rows if r.get("p99_ms") is not None]
-        if not p:  # pgbench: only its mean latency is meaningful
-            p, label, ls = [(r["concurrency"], r["mean_ms"]) for r in rows if r.get("mean_ms")], label + " (mean)", ":"
-        if p:
-            ax2.plot([x for x, _ in p], [y for _, y in p], color=color, marker=marker, linestyle=ls, label=label)
-    for ax, title, yl in ((ax1, "throughput", "requests/s (log)"),
-                          (ax2, "p99 latency (grey line: 5 ms target)", "p99 ms (log)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set(xlabel="concurrent connections (log)", ylabel=yl, title=title)
-        ax.set_xticks(doc["config"]["concurrency"])
-        ax.set_xticklabels([str(c) for c in doc["config"]["concurrency"]])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    ax2.axhline(5, color="grey", linewidth=0.8, linestyle="-.")
-    fig.suptitle(f"desafio3 — web vs the seed's Flask app and the dependency floors "
-                 f"({doc['date']}, {doc['meta'].get('cpus')} CPUs, loopback)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def machine_meta():
     m = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
     with open("/proc/cpuinfo") as f:
@@ -467,13 +427,8 @@ def write_outputs(doc, outdir, stamp):
     md = markdown(doc)
     with open(base + ".md", "w") as f:
         f.write(md + "\n")
-    try:
-        plot(doc, base + ".png")
-    except Exception as e:  # noqa: BLE001
-        log(f"plot failed: {e}")
     with open(os.path.join(outdir, "latest.md"), "w") as f:  # a pointer, not a second copy
-        f.write(f"Latest run: [{stamp}.md]({stamp}.md) (numbers: [{stamp}.json]({stamp}.json), "
-                f"plot: [{stamp}.png]({stamp}.png)).\n")
+        f.write(f"Latest run: [{stamp}.md]({stamp}.md) (numbers: [{stamp}.json]({stamp}.json)).\n")
     return md
 
 
@@ -509,7 +464,7 @@ def main():
            "meta": {**machine_meta(), **b.meta}, "results": b.results, "notes": b.notes}
     doc["ratios"] = ratios(doc)
     print(write_outputs(doc, out, today))
-    log(f"wrote {os.path.join(out, today)}.{{json,md,png}} and latest.md in {doc['meta']['wall_seconds']} s")
+    log(f"wrote {os.path.join(out, today)}.{{json,md}} and latest.md in {doc['meta']['wall_seconds']} s")
     failed = [r for r in b.results if "error" in r]
     if b.notes or failed:
         log(f"{len(b.notes)} system(s) failed to run, {len(failed)} point(s) failed")
