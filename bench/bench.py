@@ -25,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 REFERENCE = os.path.join(HERE, "reference")
 VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from servers import free_port, spawn, stop, throwaway  # noqa: E402 - the throwaway servers shared with tests/e2e
+from servers import free_port, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
            "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
@@ -76,16 +76,8 @@ def proc_status_kib(pid, field):
 
 def tree_pids(pid):
     """pid and its descendants (for gunicorn's workers)."""
-    kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    kids = run(["ps", "-o", "pid=", "--ppid", str(pid)], 10).stdout.split()
     return [pid] + [d for k in kids for d in tree_pids(int(k))]
-
-
-def bounded(argv, timeout, **kw):
-    """subprocess.run with a deadline: the CompletedProcess, or an {"error": ...} result."""
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-    except subprocess.TimeoutExpired:
-        return {"error": f"{os.path.basename(argv[0])} did not finish in time"}
 
 
 class Bench:
@@ -151,11 +143,11 @@ class Bench:
         script = os.path.join(self.tmp, "report.lua")
         with open(script, "w") as f:
             f.write(WRK_LUA)
-        r = bounded(["wrk", "-t", str(min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
-                     f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
-        m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M) if not isinstance(r, dict) else None
+        r = run(["wrk", "-t", str(min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
+                 f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
+        m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M)
         if not m:
-            return r if isinstance(r, dict) else {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
+            return {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
         d = dict(zip(WRK_FIELDS, json.loads(m.group(1))))
         dur, kinds = d["duration_us"] / 1e6, ("connect", "read", "write", "status", "timeout")
         res = {"requests": d["requests"], "duration_s": round(dur, 3), "errors": sum(d[k] for k in kinds),
@@ -171,11 +163,9 @@ class Bench:
         script = os.path.join(self.tmp, "now.sql")
         with open(script, "w") as f:
             f.write("SELECT now();\n")
-        r = bounded([self.pgbench, "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs),
-                     "-f", script, "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "admin", "desafio3"],
-                    secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password, PGSSLMODE="disable"), cwd=self.tmp)
-        if isinstance(r, dict):
-            return r
+        r = run([self.pgbench, "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs),
+                 "-f", script, "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "admin", "desafio3"],
+                secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password, PGSSLMODE="disable"), cwd=self.tmp)
         num = lambda pattern: (lambda g: g and float(g.group(1)))(re.search(pattern, r.stdout, re.M))  # noqa: E731
         tps = num(r"^tps = ([\d.]+) \(without initial connection time\)") or num(r"^tps = ([\d.]+)")
         if not tps:
@@ -189,10 +179,10 @@ class Bench:
         argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(self.redis.port), "-t", "incr", "-c", str(c),
                 "-n", str(n), "--csv"] + (["--threads", str(min(2, c))] if c > 1 else [])
         t0 = time.monotonic()
-        r = bounded(argv, self.args.duration + 60)
-        rows = [] if isinstance(r, dict) else [ln for ln in r.stdout.splitlines() if ln.startswith('"INCR"')]
+        r = run(argv, self.args.duration + 60)
+        rows = [ln for ln in r.stdout.splitlines() if ln.startswith('"INCR"')]
         if not rows:
-            return r if isinstance(r, dict) else {"error": f"redis-benchmark failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
+            return {"error": f"redis-benchmark failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
         d = dict(zip((h.strip('"') for h in r.stdout.splitlines()[0].split(",")), (v.strip('"') for v in rows[0].split(","))))
         return {"rps": round(float(d["rps"]), 1), "p50_ms": float(d["p50_latency_ms"]),
                 "p99_ms": float(d["p99_latency_ms"]), "mean_ms": float(d["avg_latency_ms"]),
@@ -413,8 +403,8 @@ def machine_meta():
     with open("/proc/cpuinfo") as f:
         m["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     for name, argv in (("wrk", ["wrk", "-v"]), ("rustc", ["rustc", "--version"])):
-        r = bounded(argv, 10)
-        if not isinstance(r, dict) and (r.stdout + r.stderr).strip():
+        r = run(argv, 10)
+        if (r.stdout + r.stderr).strip():
             m[name] = (r.stdout + r.stderr).strip().splitlines()[0]
     return m
 

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from servers import Postgres, Redis  # noqa: E402 - shared with bench/
+import servers  # noqa: E402 - shared with bench/
+from servers import Postgres, Redis  # noqa: E402
 
 PROJECT = os.environ.get("DESAFIO3_E2E_PROJECT", "desafio3-e2e")
 FILES = [ROOT / "docker-compose.yml"]  # + compose.test.yml when the stand-ins are used
@@ -54,11 +54,7 @@ class Abort(Exception):
 
 
 def run(cmd: list[str], timeout: float = 120, check_rc: bool = False, env=None):
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
-        p = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimeout after {timeout}s")
+    p = servers.run(cmd, timeout, env=env, cwd=ROOT)
     if check_rc and p.returncode != 0:
         raise Abort(f"{' '.join(cmd)} → rc {p.returncode}: {last_lines(p.stderr or p.stdout)}")
     return p
@@ -237,7 +233,7 @@ def sec_images():
         FILES.append(HERE / "compose.test.yml")
         COMPOSE.extend(["-f", str(FILES[-1])])
         info(f"cache/db: the stand-ins desafio3-test/redis and desafio3-test/postgres, because {why}")
-    p = subprocess.run([str(HERE / "images.sh"), "all" if why else "web"], cwd=ROOT, text=True, capture_output=True)
+    p = run([str(HERE / "images.sh"), "all" if why else "web"], timeout=3600)
     for line in p.stderr.splitlines():
         if line.startswith("images:"):
             info(line)
