@@ -31,7 +31,7 @@ NAMES = ("web", "cache", "db")
 DB, CACHE = Postgres.container("db", "admin", "desafio3"), Redis.container("cache")
 # the service's DEPENDENCY_TIMEOUT_MS default (1000) + slack for a busy 2-core machine
 ANSWER_LIMIT_S = float(os.environ.get("DESAFIO3_E2E_ANSWER_LIMIT_S", "2.0"))
-HEALTHY_TIMEOUT_S, RECOVERY_TIMEOUT_S, IMAGE_SIZE_TARGET = 180, 60, 10 * 1000 * 1000
+HEALTHY_TIMEOUT_S, RECOVERY_TIMEOUT_S = 180, 60
 RECIPE_DOC = ROOT / "secrets/README.md"  # its ```sh block after "<!-- e2e:" runs verbatim
 PASSED = FAILED = 0
 COMPOSE: list[str] = []
@@ -399,9 +399,6 @@ def sec_hardening(secrets: dict[str, str]):
           f"no password value ({', '.join(secrets)}) in docker inspect of {', '.join(NAMES)}"
           + (f"; FOUND in {leaked}" if leaked else "") + (f"; password variables {pw_env}" if pw_env else "")
           + "; only *_PASSWORD_FILE paths and an --aclfile under /run/secrets")
-    size = int(run(["docker", "image", "inspect", "-f", "{{.Size}}", cfg["Image"]], timeout=30).stdout.strip() or 0)
-    check("7.image size", 0 < size <= IMAGE_SIZE_TARGET,
-          f"{cfg['Image']} is {size / 1e6:.2f} MB ({size} bytes; target ≤ 10 MB)")
 
 
 def sec_stop():
@@ -550,9 +547,7 @@ def wait_recovered(load: Load, since: float) -> float | None:
 def sec_persistence():
     before = get().count
     collect_logs()
-    p = compose("down", timeout=120)
-    check("3.down", p.returncode == 0, f"docker compose down (volumes kept) → rc {p.returncode} "
-          + (last_lines(p.stderr, 1) if p.returncode else ""))
+    compose("down", timeout=120, check_rc=True)  # volumes kept
     ok, dt = stack_up("3.up again")
     if not ok:
         raise Abort("the stack did not come back")
@@ -560,10 +555,7 @@ def sec_persistence():
     r = get()
     check("3.count continues", before is not None and r.count == before + 1, f"before down {before}; after up {r.short()}")
     collect_logs()
-    p = compose("down", "-v", timeout=120)
-    vols = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"]).stdout.split()
-    check("3.down -v", p.returncode == 0 and not vols,
-          f"docker compose down -v → rc {p.returncode}; project volumes left: {vols or 'none'}")
+    compose("down", "-v", timeout=120, check_rc=True)
     LEDGER.append({"values": [], "nocount": 0})
     if not stack_up("3.up fresh")[0]:
         raise Abort("the stack did not come back")
