@@ -75,7 +75,7 @@ def proc_status_kib(pid, field):
 
 
 def tree_pids(pid):
-    """pid and its descendants (for gunicorn's workers)."""
+    """pid and its descendants."""
     kids = run(["ps", "-o", "pid=", "--ppid", str(pid)], 10).stdout.split()
     return [pid] + [d for k in kids for d in tree_pids(int(k))]
 
@@ -242,13 +242,11 @@ class Bench:
             log("cargo build --release --bin web")
             subprocess.run(["cargo", "build", "--release", "--bin", "web"], cwd=ROOT, check=True)
         p, port = self.serve("web", [os.path.join(ROOT, "target", "release", "web")])
-        self.meta["web_sample"] = http_get(f"http://127.0.0.1:{port}/")[1]
         self.meta["web_rss_idle_kib"] = proc_status_kib(p.pid, "VmRSS")
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
                 self.http_series(key, port, path, lambda: [p.pid])
         self.meta["web_peak_rss_kib"] = proc_status_kib(p.pid, "VmHWM")
-        self.meta["web_threads"] = proc_status_kib(p.pid, "Threads")
         t0 = time.monotonic()
         rc = self.stop(p, signal.SIGTERM)
         self.meta["web_sigterm_exit"] = {"code": rc, "seconds": round(time.monotonic() - t0, 2)}
@@ -262,18 +260,13 @@ class Bench:
                 self.http_series(key, port, "/", lambda: [p.pid])
                 self.stop(p, signal.SIGTERM)
 
-    def run_flask_dev(self):
-        p, port = self.serve("flask-dev", [sys.executable, "seed_app.py"], cwd=REFERENCE)
-        self.meta["flask_dev_sample"] = http_get(f"http://127.0.0.1:{port}/")[1]
-        self.http_series("flask-dev", port, "/", lambda: [p.pid])
-        self.stop(p)
-
-    def run_gunicorn(self):
-        p, port = self.serve("gunicorn", [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1),
-                                          "-b", "127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning",
-                                          "pooled_app:app"], cwd=REFERENCE)
-        self.meta["gunicorn_workers"] = len(tree_pids(p.pid)) - 1
-        self.http_series("gunicorn", port, "/", lambda: tree_pids(p.pid))
+    def run_reference(self, key):
+        """The seed's app under Flask's development server, or the pooled one under gunicorn."""
+        argv = {"flask-dev": [sys.executable, "seed_app.py"],
+                "gunicorn": [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1), "-b", "127.0.0.1:{port}",
+                             "--backlog", "2048", "--log-level", "warning", "pooled_app:app"]}[key]
+        p, port = self.serve(key, argv, cwd=REFERENCE)
+        self.http_series(key, port, "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
         self.stop(p)
 
     def run_pgbench(self):
@@ -295,11 +288,11 @@ class Bench:
     # ---------------------------------------------------------------- driver
     def run(self):
         started = time.time()
-        with open("/proc/loadavg") as f:
-            self.meta["loadavg_at_start"] = f.read().split()[:3]
         self.start_deps()
-        steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web), ({"flask-dev"}, self.run_flask_dev),
-                 ({"gunicorn"}, self.run_gunicorn), ({"pgbench"}, self.run_pgbench), ({"redis"}, self.run_redis)]
+        steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web),
+                 ({"flask-dev"}, lambda: self.run_reference("flask-dev")),
+                 ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench),
+                 ({"redis"}, self.run_redis)]
         for keys, fn in steps:
             if keys & set(self.args.systems):
                 log(f"== {min(keys)}")
