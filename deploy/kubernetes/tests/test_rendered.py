@@ -154,6 +154,7 @@ class WebChecks:
         cls.dep = one(cls.objs, "Deployment", "web")
         cls.c = container(cls.dep)
         cls.pod_labels = cls.dep["spec"]["template"]["metadata"]["labels"]
+        cls.env = web_env(cls.objs, cls.dep)
 
     def test_image_ports_resources(self):
         self.assertRegex(self.c["image"], r"(^|/)desafio3-web(:[\w.-]+)?$")
@@ -162,14 +163,14 @@ class WebChecks:
             self.assertLessEqual({"cpu", "memory"}, set(self.c["resources"].get(part, {})), part)
 
     def test_env_follows_the_contract(self):
-        env = web_env(self.objs, self.dep)
+        env = self.env
         self.assertEqual(set(env), CONTRACT_ENV, "env names must be exactly the service's contract")
         self.assertEqual((env["PORT"][1], env["ADMIN_PORT"][1]), ("5000", "9090"))
         for name, (kind, value) in env.items():
             self.assertNotEqual(kind, "env", f"{name}: set inline, expected from ConfigMap/Secret")
 
     def test_password_is_a_mounted_secret_file(self):
-        env = web_env(self.objs, self.dep)
+        env = self.env
         for var in ("DATABASE_URL", "REDIS_URL"):  # web's own users; each password from its file
             url = urlsplit(env[var][1])
             self.assertEqual((url.username, url.password), ("web", None), var)
@@ -255,9 +256,8 @@ class Dev(WebChecks, unittest.TestCase):
     overlay = "dev"
 
     def test_web_points_at_in_cluster_services(self):
-        env = web_env(self.objs, self.dep)
-        self.assertEqual(env["REDIS_URL"], ("ConfigMap", "redis://web@cache:6379/0"))
-        self.assertEqual(env["DATABASE_URL"], ("ConfigMap", "postgres://web@db:5432/desafio3"))
+        self.assertEqual(self.env["REDIS_URL"], ("ConfigMap", "redis://web@cache:6379/0"))
+        self.assertEqual(self.env["DATABASE_URL"], ("ConfigMap", "postgres://web@db:5432/desafio3"))
 
     def check_dependency_egress(self, egress):
         self.assertEqual(egress, {(f"app.kubernetes.io/name={n}", p, "TCP") for n, p in (("cache", 6379), ("db", 5432))})
@@ -317,8 +317,7 @@ class Dev(WebChecks, unittest.TestCase):
     def test_secrets_agree(self):
         """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
         hashes, web's database password the one db gives role web, the admin's another."""
-        env = web_env(self.objs, self.dep)
-        web = lambda var: secret_text(self.objs, self.dep, self.c, env[var][1])  # noqa: E731
+        web = lambda var: secret_text(self.objs, self.dep, self.c, self.env[var][1])  # noqa: E731
         db, cache = one(self.objs, "StatefulSet", "db"), one(self.objs, "StatefulSet", "cache")
         db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
         in_db = lambda var: secret_text(self.objs, db, container(db), db_env[var])  # noqa: E731
@@ -341,10 +340,9 @@ class Managed(WebChecks, unittest.TestCase):
         self.assertEqual({d["metadata"]["name"] for d in find(self.objs, "Deployment")}, {"web"})
 
     def test_dependencies_come_from_a_secret(self):
-        env = web_env(self.objs, self.dep)
         for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
-            self.assertEqual(env[var][0], "Secret", var)
-            self.assertRegex(env[var][1], scheme)
+            self.assertEqual(self.env[var][0], "Secret", var)
+            self.assertRegex(self.env[var][1], scheme)
             for cm in find(self.objs, "ConfigMap"):
                 self.assertNotIn(var, cm.get("data", {}))
 
