@@ -2,7 +2,8 @@
 #     docker compose up --build        (or: docker build -t desafio3-web:latest .)
 # The image is the same as the Nix one (nix/image.nix): a static binary, the CA bundle,
 # /etc/passwd + /etc/group for uid/gid 65532 and an empty /tmp, nothing else.
-# Every fact below must agree with nix/image-facts.json: ci/check-image-facts checks it.
+# Every fact below must agree with nix/image-facts.json: CI's dockerfile job holds the built
+# image to it (ci/smoke --docker-built runs nix/check-image.py).
 # Works with the classic builder (no BuildKit features are used).
 
 # --- build: the official Rust image on Alpine links against musl, statically ---

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """desafio3 benchmark driver, run through bench/run (which installs what this needs); what it
-measures and writes (<out>/<date>.{json,md,png}, <out>/latest.md pointing at them): bench/README.md.
+measures and writes (<out>/<date>.{json,md}, <out>/latest.md pointing at them): bench/README.md.
 """
 
 import argparse
@@ -25,14 +25,11 @@ ROOT = os.path.dirname(HERE)
 REFERENCE = os.path.join(HERE, "reference")
 VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from servers import free_port, spawn, stop, throwaway  # noqa: E402 - the throwaway servers shared with tests/e2e
+from servers import free_port, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
 
-# key: (label, plot style: colour, marker, line)
-SYSTEMS = {"web": ("web GET /", ("C0", "o", "-")), "web-healthz": ("web GET /healthz", ("C0", "s", ":")),
-           "web-info": ("web GET / (RUST_LOG=info)", ("C0", "x", "--")),
-           "web-tls": ("web GET / (TLS to both)", ("C0", "s", ":")),
-           "flask-dev": ("flask-dev GET / (seed)", ("C3", "v", "-")), "gunicorn": ("gunicorn GET /", ("C1", "^", "-")),
-           "pgbench": ("pgbench SELECT now()", ("C2", "D", "--")), "redis": ("redis-benchmark INCR", ("C4", "P", "--"))}
+SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
+           "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
+           "pgbench": "pgbench SELECT now()", "redis": "redis-benchmark INCR"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
 
@@ -78,17 +75,9 @@ def proc_status_kib(pid, field):
 
 
 def tree_pids(pid):
-    """pid and its descendants (for gunicorn's workers)."""
-    kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    """pid and its descendants."""
+    kids = run(["ps", "-o", "pid=", "--ppid", str(pid)], 10).stdout.split()
     return [pid] + [d for k in kids for d in tree_pids(int(k))]
-
-
-def bounded(argv, timeout, **kw):
-    """subprocess.run with a deadline: the CompletedProcess, or an {"error": ...} result."""
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-    except subprocess.TimeoutExpired:
-        return {"error": f"{os.path.basename(argv[0])} did not finish in time"}
 
 
 class Bench:
@@ -154,11 +143,11 @@ class Bench:
         script = os.path.join(self.tmp, "report.lua")
         with open(script, "w") as f:
             f.write(WRK_LUA)
-        r = bounded(["wrk", "-t", str(min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
-                     f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
-        m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M) if not isinstance(r, dict) else None
+        r = run(["wrk", "-t", str(min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
+                 f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
+        m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M)
         if not m:
-            return r if isinstance(r, dict) else {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
+            return {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
         d = dict(zip(WRK_FIELDS, json.loads(m.group(1))))
         dur, kinds = d["duration_us"] / 1e6, ("connect", "read", "write", "status", "timeout")
         res = {"requests": d["requests"], "duration_s": round(dur, 3), "errors": sum(d[k] for k in kinds),
@@ -174,11 +163,9 @@ class Bench:
         script = os.path.join(self.tmp, "now.sql")
         with open(script, "w") as f:
             f.write("SELECT now();\n")
-        r = bounded([self.pgbench, "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs),
-                     "-f", script, "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "admin", "desafio3"],
-                    secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password, PGSSLMODE="disable"), cwd=self.tmp)
-        if isinstance(r, dict):
-            return r
+        r = run([self.pgbench, "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs),
+                 "-f", script, "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "admin", "desafio3"],
+                secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password, PGSSLMODE="disable"), cwd=self.tmp)
         num = lambda pattern: (lambda g: g and float(g.group(1)))(re.search(pattern, r.stdout, re.M))  # noqa: E731
         tps = num(r"^tps = ([\d.]+) \(without initial connection time\)") or num(r"^tps = ([\d.]+)")
         if not tps:
@@ -192,10 +179,10 @@ class Bench:
         argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(self.redis.port), "-t", "incr", "-c", str(c),
                 "-n", str(n), "--csv"] + (["--threads", str(min(2, c))] if c > 1 else [])
         t0 = time.monotonic()
-        r = bounded(argv, self.args.duration + 60)
-        rows = [] if isinstance(r, dict) else [ln for ln in r.stdout.splitlines() if ln.startswith('"INCR"')]
+        r = run(argv, self.args.duration + 60)
+        rows = [ln for ln in r.stdout.splitlines() if ln.startswith('"INCR"')]
         if not rows:
-            return r if isinstance(r, dict) else {"error": f"redis-benchmark failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
+            return {"error": f"redis-benchmark failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
         d = dict(zip((h.strip('"') for h in r.stdout.splitlines()[0].split(",")), (v.strip('"') for v in rows[0].split(","))))
         return {"rps": round(float(d["rps"]), 1), "p50_ms": float(d["p50_latency_ms"]),
                 "p99_ms": float(d["p99_latency_ms"]), "mean_ms": float(d["avg_latency_ms"]),
@@ -203,7 +190,7 @@ class Bench:
                 "errors": 0}
 
     def record(self, key, c, res, extra=None):
-        label = SYSTEMS[key][0]
+        label = SYSTEMS[key]
         self.results.append({"system": key, "label": label, "concurrency": c, **res, **(extra or {})})
         if "error" in res:
             log(f"  {label:28s} c={c:<4d} FAILED: {res['error']}")
@@ -255,13 +242,11 @@ class Bench:
             log("cargo build --release --bin web")
             subprocess.run(["cargo", "build", "--release", "--bin", "web"], cwd=ROOT, check=True)
         p, port = self.serve("web", [os.path.join(ROOT, "target", "release", "web")])
-        self.meta["web_sample"] = http_get(f"http://127.0.0.1:{port}/")[1]
         self.meta["web_rss_idle_kib"] = proc_status_kib(p.pid, "VmRSS")
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
                 self.http_series(key, port, path, lambda: [p.pid])
         self.meta["web_peak_rss_kib"] = proc_status_kib(p.pid, "VmHWM")
-        self.meta["web_threads"] = proc_status_kib(p.pid, "Threads")
         t0 = time.monotonic()
         rc = self.stop(p, signal.SIGTERM)
         self.meta["web_sigterm_exit"] = {"code": rc, "seconds": round(time.monotonic() - t0, 2)}
@@ -275,18 +260,13 @@ class Bench:
                 self.http_series(key, port, "/", lambda: [p.pid])
                 self.stop(p, signal.SIGTERM)
 
-    def run_flask_dev(self):
-        p, port = self.serve("flask-dev", [sys.executable, "seed_app.py"], cwd=REFERENCE)
-        self.meta["flask_dev_sample"] = http_get(f"http://127.0.0.1:{port}/")[1]
-        self.http_series("flask-dev", port, "/", lambda: [p.pid])
-        self.stop(p)
-
-    def run_gunicorn(self):
-        p, port = self.serve("gunicorn", [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1),
-                                          "-b", "127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning",
-                                          "pooled_app:app"], cwd=REFERENCE)
-        self.meta["gunicorn_workers"] = len(tree_pids(p.pid)) - 1
-        self.http_series("gunicorn", port, "/", lambda: tree_pids(p.pid))
+    def run_reference(self, key):
+        """The seed's app under Flask's development server, or the pooled one under gunicorn."""
+        argv = {"flask-dev": [sys.executable, "seed_app.py"],
+                "gunicorn": [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1), "-b", "127.0.0.1:{port}",
+                             "--backlog", "2048", "--log-level", "warning", "pooled_app:app"]}[key]
+        p, port = self.serve(key, argv, cwd=REFERENCE)
+        self.http_series(key, port, "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
         self.stop(p)
 
     def run_pgbench(self):
@@ -308,11 +288,11 @@ class Bench:
     # ---------------------------------------------------------------- driver
     def run(self):
         started = time.time()
-        with open("/proc/loadavg") as f:
-            self.meta["loadavg_at_start"] = f.read().split()[:3]
         self.start_deps()
-        steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web), ({"flask-dev"}, self.run_flask_dev),
-                 ({"gunicorn"}, self.run_gunicorn), ({"pgbench"}, self.run_pgbench), ({"redis"}, self.run_redis)]
+        steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web),
+                 ({"flask-dev"}, lambda: self.run_reference("flask-dev")),
+                 ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench),
+                 ({"redis"}, self.run_redis)]
         for keys, fn in steps:
             if keys & set(self.args.systems):
                 log(f"== {min(keys)}")
@@ -411,50 +391,13 @@ def markdown(doc):
     return "\n".join(lines)
 
 
-def plot(doc, path):
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for key in ORDER:
-        rows = sorted((r for r in doc["results"] if r["system"] == key and "error" not in r),
-                      key=lambda r: r["concurrency"])
-        if not rows:
-            continue
-        label, (color, marker, ls) = SYSTEMS[key]
-        ax1.plot([r["concurrency"] for r in rows], [max(r["rps"], 0.1) for r in rows], color=color, marker=marker,
-                 linestyle=ls, label=label)
-        p = [(r["concurrency"], r["p99_ms"]) for r in rows if r.get("p99_ms") is not None]
-        if not p:  # pgbench: only its mean latency is meaningful
-            p, label, ls = [(r["concurrency"], r["mean_ms"]) for r in rows if r.get("mean_ms")], label + " (mean)", ":"
-        if p:
-            ax2.plot([x for x, _ in p], [y for _, y in p], color=color, marker=marker, linestyle=ls, label=label)
-    for ax, title, yl in ((ax1, "throughput", "requests/s (log)"),
-                          (ax2, "p99 latency (grey line: 5 ms target)", "p99 ms (log)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set(xlabel="concurrent connections (log)", ylabel=yl, title=title)
-        ax.set_xticks(doc["config"]["concurrency"])
-        ax.set_xticklabels([str(c) for c in doc["config"]["concurrency"]])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    ax2.axhline(5, color="grey", linewidth=0.8, linestyle="-.")
-    fig.suptitle(f"desafio3 — web vs the seed's Flask app and the dependency floors "
-                 f"({doc['date']}, {doc['meta'].get('cpus')} CPUs, loopback)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def machine_meta():
     m = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
     with open("/proc/cpuinfo") as f:
         m["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     for name, argv in (("wrk", ["wrk", "-v"]), ("rustc", ["rustc", "--version"])):
-        r = bounded(argv, 10)
-        if not isinstance(r, dict) and (r.stdout + r.stderr).strip():
+        r = run(argv, 10)
+        if (r.stdout + r.stderr).strip():
             m[name] = (r.stdout + r.stderr).strip().splitlines()[0]
     return m
 
@@ -467,13 +410,8 @@ def write_outputs(doc, outdir, stamp):
     md = markdown(doc)
     with open(base + ".md", "w") as f:
         f.write(md + "\n")
-    try:
-        plot(doc, base + ".png")
-    except Exception as e:  # noqa: BLE001
-        log(f"plot failed: {e}")
     with open(os.path.join(outdir, "latest.md"), "w") as f:  # a pointer, not a second copy
-        f.write(f"Latest run: [{stamp}.md]({stamp}.md) (numbers: [{stamp}.json]({stamp}.json), "
-                f"plot: [{stamp}.png]({stamp}.png)).\n")
+        f.write(f"Latest run: [{stamp}.md]({stamp}.md) (numbers: [{stamp}.json]({stamp}.json)).\n")
     return md
 
 
@@ -509,7 +447,7 @@ def main():
            "meta": {**machine_meta(), **b.meta}, "results": b.results, "notes": b.notes}
     doc["ratios"] = ratios(doc)
     print(write_outputs(doc, out, today))
-    log(f"wrote {os.path.join(out, today)}.{{json,md,png}} and latest.md in {doc['meta']['wall_seconds']} s")
+    log(f"wrote {os.path.join(out, today)}.{{json,md}} and latest.md in {doc['meta']['wall_seconds']} s")
     failed = [r for r in b.results if "error" in r]
     if b.notes or failed:
         log(f"{len(b.notes)} system(s) failed to run, {len(failed)} point(s) failed")

@@ -1,7 +1,7 @@
 # The image desafio3-web:latest. Its only files: /bin/web, the CA bundle, /etc/passwd,
 # /etc/group and an empty /tmp. The files are copied, not symlinked, so the image has no
-# /nix/store at all. Every fact comes from image-facts.json, which the fallback Dockerfile
-# is checked against (ci/check-image-facts).
+# /nix/store at all. Every fact comes from image-facts.json, which the built image (and the
+# fallback Dockerfile's) is checked against (nix/check-image.py).
 { pkgs, web }:
 let
   inherit (pkgs) lib;

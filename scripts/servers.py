@@ -5,6 +5,7 @@ stack's containers (tests/e2e/), queried the same way. Standard library only.
         redis.cmd("PING"); pg.value("SELECT now()")
     Redis.container("cache").cmd("GET", "visitas")    # `docker exec cache redis-cli ...`
     Postgres.container("db", "admin", "desafio3").value("SELECT 1")
+    run(argv, timeout)                                # subprocess.run, bounded, never raising
 
 (The Rust tests have their own harness, tests/support/.)
 """
@@ -21,8 +22,18 @@ import subprocess
 import time
 
 
+def run(argv, timeout=120, **kw):
+    """subprocess.run with output captured as text and a deadline: past it, the process is
+    killed and the result has returncode 124 and says so on stderr (never an exception)."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        return subprocess.CompletedProcess(argv, 124, out, f"{err}\n{os.path.basename(argv[0])}: timeout after {timeout} s")
+
+
 def _output(argv, timeout):
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    p = run(argv, timeout)
     if p.returncode != 0 or p.stdout.startswith("ERR"):  # redis-cli says ERR on stdout, rc 0
         raise RuntimeError(f"{argv[-1]}: {(p.stderr or p.stdout).strip()}")
     return p.stdout.strip()

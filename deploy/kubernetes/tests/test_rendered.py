@@ -21,6 +21,9 @@ SOURCE = Path(os.environ.get("K8S_SOURCE_DIR", Path(__file__).resolve().parent.p
 CONTRACT_ENV = {"PORT", "ADMIN_PORT", "REDIS_URL", "REDIS_PASSWORD_FILE", "DATABASE_URL",
                 "DATABASE_PASSWORD_FILE", "DB_TIMEZONE", "DEPENDENCY_TIMEOUT_MS", "FLUSH_INTERVAL_MS", "RUST_LOG"}
 WEB_UID = 65532
+# the effective securityContext of every container (Pod Security "restricted", and a read-only root)
+RESTRICTED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+              "capabilities.drop": ["ALL"], "seccompProfile.type": "RuntimeDefault"}
 # git-ignored secret material: what scripts/make-secrets writes into an overlay's secrets/, and
 # files copied from the committed <file>.example beside them
 MADE_SECRETS = [f"overlays/{o}/secrets/{f}" for o in ("dev", "managed")
@@ -30,6 +33,11 @@ PLACEHOLDER = re.compile(r"change[-_]?me", re.IGNORECASE)
 # NetworkPolicy peers as flows() spells them
 DNS = {("ns kubernetes.io/metadata.name=kube-system pod k8s-app=kube-dns", 53, proto) for proto in ("UDP", "TCP")}
 MONITORING = "ns kubernetes.io/metadata.name=monitoring pod *"
+# dev's cache and db: image, Service port, data mount (a PersistentVolumeClaim), the compose file's probe
+STATEFULSETS = {
+    "cache": ("redis:8.2", 6379, "/data", ["redis-cli", "ping"]),
+    "db": ("postgres:17", 5432, "/var/lib/postgresql/data", ["pg_isready", "-U", "admin", "-d", "desafio3"]),
+}
 
 
 def load(name):
@@ -52,12 +60,10 @@ def matches(selector, labels):
     return bool(ml) and all(labels.get(k) == v for k, v in ml.items())
 
 
-def container(workload, name=None):
+def container(workload):
     cs = workload["spec"]["template"]["spec"]["containers"]
-    if name is None:
-        assert len(cs) == 1, f"{workload['metadata']['name']}: expected one container"
-        return cs[0]
-    return next(c for c in cs if c["name"] == name)
+    assert len(cs) == 1, f"{workload['metadata']['name']}: expected one container"
+    return cs[0]
 
 
 def effective_security(workload, c):
@@ -148,23 +154,23 @@ class WebChecks:
         cls.dep = one(cls.objs, "Deployment", "web")
         cls.c = container(cls.dep)
         cls.pod_labels = cls.dep["spec"]["template"]["metadata"]["labels"]
+        cls.env = web_env(cls.objs, cls.dep)
 
-    def test_replicas_at_least_two(self):
-        self.assertGreaterEqual(self.dep["spec"]["replicas"], 2)
-
-    def test_image_and_port(self):
+    def test_image_ports_resources(self):
         self.assertRegex(self.c["image"], r"(^|/)desafio3-web(:[\w.-]+)?$")
         self.assertEqual((port_number(self.c, "http"), port_number(self.c, "admin")), (5000, 9090))
+        for part in ("requests", "limits"):
+            self.assertLessEqual({"cpu", "memory"}, set(self.c["resources"].get(part, {})), part)
 
     def test_env_follows_the_contract(self):
-        env = web_env(self.objs, self.dep)
+        env = self.env
         self.assertEqual(set(env), CONTRACT_ENV, "env names must be exactly the service's contract")
         self.assertEqual((env["PORT"][1], env["ADMIN_PORT"][1]), ("5000", "9090"))
         for name, (kind, value) in env.items():
             self.assertNotEqual(kind, "env", f"{name}: set inline, expected from ConfigMap/Secret")
 
     def test_password_is_a_mounted_secret_file(self):
-        env = web_env(self.objs, self.dep)
+        env = self.env
         for var in ("DATABASE_URL", "REDIS_URL"):  # web's own users; each password from its file
             url = urlsplit(env[var][1])
             self.assertEqual((url.username, url.password), ("web", None), var)
@@ -189,21 +195,17 @@ class WebChecks:
         self.assertFalse(sc.get("capabilities", {}).get("add"))
         self.assertIs(self.dep["spec"]["template"]["spec"].get("automountServiceAccountToken"), False)
 
-    def test_resources(self):
-        for part in ("requests", "limits"):
-            self.assertLessEqual({"cpu", "memory"}, set(self.c["resources"].get(part, {})), part)
-
-    def test_topology_spread(self):
-        tsc = self.dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
-        keys = {t["topologyKey"] for t in tsc}
-        self.assertIn("kubernetes.io/hostname", keys)
-        for t in tsc:
-            self.assertTrue(matches(t["labelSelector"], self.pod_labels))
+    def test_selectors_pick_the_web_pods(self):
+        spread = self.dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        self.assertIn("kubernetes.io/hostname", {t["topologyKey"] for t in spread})
+        selectors = [("Service", {"matchLabels": one(self.objs, "Service", "web")["spec"]["selector"]}),
+                     ("PodDisruptionBudget", one(self.objs, "PodDisruptionBudget", "web")["spec"]["selector"]),
+                     ("NetworkPolicy", one(self.objs, "NetworkPolicy", "web")["spec"]["podSelector"])]
+        for what, selector in selectors + [(t["topologyKey"], t["labelSelector"]) for t in spread]:
+            self.assertTrue(matches(selector, self.pod_labels), what)
 
     def test_service(self):
-        svc = one(self.objs, "Service", "web")
-        self.assertTrue(matches({"matchLabels": svc["spec"]["selector"]}, self.pod_labels))
-        for p in svc["spec"]["ports"]:  # the public port only, never the admin port
+        for p in one(self.objs, "Service", "web")["spec"]["ports"]:  # the public port only, never the admin port
             self.assertEqual(port_number(self.c, p["targetPort"]), 5000)
             self.assertNotEqual(p["port"], 9090)
 
@@ -215,20 +217,16 @@ class WebChecks:
 
     def test_web_network_policy(self):
         np = one(self.objs, "NetworkPolicy", "web")
-        self.assertTrue(matches(np["spec"]["podSelector"], self.pod_labels))
         self.assertEqual(sorted(np["spec"]["policyTypes"]), ["Egress", "Ingress"])
         self.assertEqual(flows(np["spec"]["ingress"], "from"), {("any", 5000, "TCP"), (MONITORING, 9090, "TCP")})
         egress = flows(np["spec"]["egress"], "to")
         self.assertLessEqual(DNS, egress)
         self.check_dependency_egress(egress - DNS)
 
-    def test_pod_disruption_budget(self):
-        pdb = one(self.objs, "PodDisruptionBudget", "web")
-        self.assertTrue(matches(pdb["spec"]["selector"], self.pod_labels))
-        budget = pdb["spec"].get("maxUnavailable", pdb["spec"].get("minAvailable"))
-        self.assertTrue(1 <= int(budget) < self.dep["spec"]["replicas"])
-
-    def test_hpa_on_cpu(self):
+    def test_replicas_budget_and_autoscaling(self):
+        replicas, pdb = self.dep["spec"]["replicas"], one(self.objs, "PodDisruptionBudget", "web")["spec"]
+        self.assertGreaterEqual(replicas, 2)
+        self.assertTrue(1 <= int(pdb.get("maxUnavailable", pdb.get("minAvailable"))) < replicas)
         hpa = one(self.objs, "HorizontalPodAutoscaler", "web")
         spec, ref = hpa["spec"], hpa["spec"]["scaleTargetRef"]
         self.assertEqual((hpa["apiVersion"], ref["kind"], ref["name"]), ("autoscaling/v2", "Deployment", "web"))
@@ -245,14 +243,12 @@ class WebChecks:
     def test_every_pod_meets_restricted(self):
         for w in find(self.objs, "Deployment") + find(self.objs, "StatefulSet"):
             for c in w["spec"]["template"]["spec"]["containers"]:
-                sc = effective_security(w, c)
-                where = f"{w['metadata']['name']}/{c['name']}"
-                self.assertIs(sc.get("runAsNonRoot"), True, where)
+                sc, where = effective_security(w, c), f"{w['metadata']['name']}/{c['name']}"
+                for path, want in RESTRICTED.items():
+                    outer, _, inner = path.partition(".")
+                    got = sc.get(outer, {}).get(inner) if inner else sc.get(outer)
+                    (self.assertIs if isinstance(want, bool) else self.assertEqual)(got, want, f"{where} {path}")
                 self.assertNotEqual(sc.get("runAsUser"), 0, where)
-                self.assertIs(sc.get("allowPrivilegeEscalation"), False, where)
-                self.assertEqual(sc.get("capabilities", {}).get("drop"), ["ALL"], where)
-                self.assertEqual(sc.get("seccompProfile", {}).get("type"), "RuntimeDefault", where)
-                self.assertIs(sc.get("readOnlyRootFilesystem"), True, where)
                 self.assertIn("limits", c.get("resources", {}), where)
 
 
@@ -260,34 +256,38 @@ class Dev(WebChecks, unittest.TestCase):
     overlay = "dev"
 
     def test_web_points_at_in_cluster_services(self):
-        env = web_env(self.objs, self.dep)
-        self.assertEqual(env["REDIS_URL"], ("ConfigMap", "redis://web@cache:6379/0"))
-        self.assertEqual(env["DATABASE_URL"], ("ConfigMap", "postgres://web@db:5432/desafio3"))
+        self.assertEqual(self.env["REDIS_URL"], ("ConfigMap", "redis://web@cache:6379/0"))
+        self.assertEqual(self.env["DATABASE_URL"], ("ConfigMap", "postgres://web@db:5432/desafio3"))
 
     def check_dependency_egress(self, egress):
         self.assertEqual(egress, {(f"app.kubernetes.io/name={n}", p, "TCP") for n, p in (("cache", 6379), ("db", 5432))})
 
-    def check_statefulset(self, name, image, port, mount, probe):
-        sts = one(self.objs, "StatefulSet", name)
-        svc = one(self.objs, "Service", name)
-        self.assertEqual(svc["spec"].get("clusterIP"), "None", f"Service {name} must be headless")
-        self.assertEqual(sts["spec"]["serviceName"], name)
-        labels = sts["spec"]["template"]["metadata"]["labels"]
-        self.assertTrue(matches({"matchLabels": svc["spec"]["selector"]}, labels))
-        self.assertEqual([p["port"] for p in svc["spec"]["ports"]], [port])
-        c = container(sts)
-        self.assertEqual(c["image"], image)
-        self.assertEqual(port_number(c, svc["spec"]["ports"][0]["targetPort"]), port)
-        claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-        data = [m for m in c["volumeMounts"] if m["mountPath"] == mount]
-        self.assertEqual(len(data), 1, f"{name}: nothing mounted at {mount}")
-        self.assertIn(data[0]["name"], claims, f"{name}: {mount} is not a PersistentVolumeClaim")
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-            self.assertEqual(c[kind]["exec"]["command"], probe, f"{name} {kind}")
-        return sts, c
+    def test_statefulsets(self):
+        """cache and db: headless Service, the image, the port, data on a PersistentVolumeClaim,
+        the compose file's probe; a NetworkPolicy that admits only web and lets them reach nothing."""
+        for name, (image, port, mount, probe) in STATEFULSETS.items():
+            sts, svc, np = (one(self.objs, kind, name) for kind in ("StatefulSet", "Service", "NetworkPolicy"))
+            labels, c = sts["spec"]["template"]["metadata"]["labels"], container(sts)
+            self.assertEqual(svc["spec"].get("clusterIP"), "None", f"Service {name} must be headless")
+            self.assertEqual(sts["spec"]["serviceName"], name)
+            self.assertTrue(matches({"matchLabels": svc["spec"]["selector"]}, labels), name)
+            self.assertEqual([p["port"] for p in svc["spec"]["ports"]], [port])
+            self.assertEqual(c["image"], image)
+            self.assertEqual(port_number(c, svc["spec"]["ports"][0]["targetPort"]), port)
+            claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+            data = [m for m in c["volumeMounts"] if m["mountPath"] == mount]
+            self.assertEqual(len(data), 1, f"{name}: nothing mounted at {mount}")
+            self.assertIn(data[0]["name"], claims, f"{name}: {mount} is not a PersistentVolumeClaim")
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                self.assertEqual(c[kind]["exec"]["command"], probe, f"{name} {kind}")
+            self.assertTrue(matches(np["spec"]["podSelector"], labels), name)
+            self.assertEqual(np["spec"]["policyTypes"], ["Ingress", "Egress"], name)
+            self.assertFalse(np["spec"].get("egress"), f"{name} must reach nothing")
+            self.assertEqual(flows(np["spec"]["ingress"], "from"), {("app.kubernetes.io/name=web", port, "TCP")})
 
     def test_cache_statefulset(self):
-        sts, c = self.check_statefulset("cache", "redis:8.2", 6379, "/data", ["redis-cli", "ping"])
+        sts = one(self.objs, "StatefulSet", "cache")
+        c = container(sts)
         # compose's `command:` is the image's CMD, i.e. Kubernetes `args` (keeps the entrypoint)
         self.assertNotIn("command", c)
         self.assertEqual(c["args"], ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
@@ -296,8 +296,8 @@ class Dev(WebChecks, unittest.TestCase):
         self.assertNotIn("env", c)  # the passwords are in the ACL file only (test_secrets_agree)
 
     def test_db_statefulset(self):
-        mount = "/var/lib/postgresql/data"
-        sts, c = self.check_statefulset("db", "postgres:17", 5432, mount, ["pg_isready", "-U", "admin", "-d", "desafio3"])
+        sts = one(self.objs, "StatefulSet", "db")
+        c, mount = container(sts), STATEFULSETS["db"][2]
         env = {e["name"]: e for e in c["env"]}
         self.assertEqual(env["POSTGRES_USER"]["value"], "admin")
         self.assertEqual(env["POSTGRES_DB"]["value"], "desafio3")
@@ -314,20 +314,10 @@ class Dev(WebChecks, unittest.TestCase):
         script = (SOURCE / "base/db/initdb/10-web-role.sh").read_text()
         self.assertEqual(one(self.objs, "ConfigMap", ref["name"])["data"], {"10-web-role.sh": script})
 
-    def test_network_policies_admit_only_web(self):
-        for name, port in (("cache", 6379), ("db", 5432)):
-            np = one(self.objs, "NetworkPolicy", name)
-            labels = one(self.objs, "StatefulSet", name)["spec"]["template"]["metadata"]["labels"]
-            self.assertTrue(matches(np["spec"]["podSelector"], labels), name)
-            self.assertEqual(np["spec"]["policyTypes"], ["Ingress", "Egress"], name)
-            self.assertFalse(np["spec"].get("egress"), f"{name} must reach nothing")
-            self.assertEqual(flows(np["spec"]["ingress"], "from"), {("app.kubernetes.io/name=web", port, "TCP")})
-
     def test_secrets_agree(self):
         """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
         hashes, web's database password the one db gives role web, the admin's another."""
-        env = web_env(self.objs, self.dep)
-        web = lambda var: secret_text(self.objs, self.dep, self.c, env[var][1])  # noqa: E731
+        web = lambda var: secret_text(self.objs, self.dep, self.c, self.env[var][1])  # noqa: E731
         db, cache = one(self.objs, "StatefulSet", "db"), one(self.objs, "StatefulSet", "cache")
         db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
         in_db = lambda var: secret_text(self.objs, db, container(db), db_env[var])  # noqa: E731
@@ -350,10 +340,9 @@ class Managed(WebChecks, unittest.TestCase):
         self.assertEqual({d["metadata"]["name"] for d in find(self.objs, "Deployment")}, {"web"})
 
     def test_dependencies_come_from_a_secret(self):
-        env = web_env(self.objs, self.dep)
         for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
-            self.assertEqual(env[var][0], "Secret", var)
-            self.assertRegex(env[var][1], scheme)
+            self.assertEqual(self.env[var][0], "Secret", var)
+            self.assertRegex(self.env[var][1], scheme)
             for cm in find(self.objs, "ConfigMap"):
                 self.assertNotIn(var, cm.get("data", {}))
 

@@ -1,27 +1,22 @@
 #!/bin/bash
-# TEST-ONLY stand-in for the entrypoint of postgres:17; each step is named after the function of
-# docker-library/postgres 17/bookworm/docker-entrypoint.sh it reproduces (tests/e2e/README.md).
+# TEST-ONLY stand-in for the entrypoint of postgres:17, where docker-compose.yml relies on it; each
+# step is named after the function of docker-library/postgres 17/bookworm/docker-entrypoint.sh it
+# reproduces (tests/e2e/README.md).
 set -Eeuo pipefail
 
 # docker_setup_env (file_env): POSTGRES_* from VAR or the file VAR_FILE, read as root, before the drop
 from_env_or_file() {
     local var=$1 file_var=${1}_FILE value=${2:-}
-    if [ -n "${!var:-}" ] && [ -n "${!file_var:-}" ]; then
-        echo "error: both $var and $file_var are set (but are exclusive)" >&2
-        exit 1
-    fi
     if [ -n "${!var:-}" ]; then value=${!var}; elif [ -n "${!file_var:-}" ]; then value=$(<"${!file_var}"); fi
     export "$var=$value"
     unset "$file_var"
 }
 
-if [ "${1:0:1}" = - ]; then set -- postgres "$@"; fi   # _main: a leading option means postgres
 [ "$1" = postgres ] || exec "$@"
 
 from_env_or_file POSTGRES_PASSWORD
 from_env_or_file POSTGRES_USER postgres
 from_env_or_file POSTGRES_DB "$POSTGRES_USER"
-from_env_or_file POSTGRES_INITDB_ARGS
 
 if [ "$(id -u)" = 0 ]; then
     # docker_create_db_directories, then _main's re-exec as postgres (setpriv for gosu)
@@ -36,19 +31,17 @@ fi
 [ ! -s "$PGDATA/PG_VERSION" ] || { echo "stand-in: $PGDATA holds a database; skipping initialisation"; exec "$@"; }
 
 # docker_verify_minimum_env
-if [ -z "$POSTGRES_PASSWORD" ] && [ "${POSTGRES_HOST_AUTH_METHOD:-}" != trust ]; then
+if [ -z "$POSTGRES_PASSWORD" ]; then
     echo "Error: Database is uninitialized and superuser password is not specified." >&2; exit 1
 fi
 ls /docker-entrypoint-initdb.d/ >/dev/null   # fail before initdb if the directory is unreadable
 
 # docker_init_database_dir
-# shellcheck disable=SC2086
-initdb --username="$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") $POSTGRES_INITDB_ARGS >/dev/null
+initdb --username="$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") >/dev/null
 # the image's postgresql.conf listens on all addresses (its Dockerfile edits the sample)
 printf "\nlisten_addresses = '*'\n" >>"$PGDATA/postgresql.conf"
 # pg_setup_hba_conf: host connections need the method of password_encryption
-auth=${POSTGRES_HOST_AUTH_METHOD:-$(postgres -C password_encryption)}
-printf '\nhost all all all %s\n' "$auth" >>"$PGDATA/pg_hba.conf"
+printf '\nhost all all all %s\n' "$(postgres -C password_encryption)" >>"$PGDATA/pg_hba.conf"
 
 # docker_temp_server_start: socket only
 export PGPASSWORD=$POSTGRES_PASSWORD
@@ -64,7 +57,6 @@ fi
 for f in /docker-entrypoint-initdb.d/*; do
     case $f in
         *.sh) if [ -x "$f" ]; then echo "stand-in: running $f"; "$f"; else echo "stand-in: sourcing $f"; . "$f"; fi ;;
-        *.sql) echo "stand-in: running $f"; sql --dbname "$POSTGRES_DB" -f "$f" ;;
         */\*) ;;
         *) echo "stand-in: ignoring $f" ;;
     esac

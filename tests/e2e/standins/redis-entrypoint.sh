@@ -3,9 +3,6 @@
 # debian/docker-entrypoint.sh where docker-compose.yml relies on it (tests/e2e/README.md).
 set -euo pipefail
 
-# a first argument that is an option or a *.conf file means: redis-server with these arguments
-if [ "${1#-}" != "$1" ] || [ "${1%.conf}" != "$1" ]; then set -- redis-server "$@"; fi
-
 if [ "$1" = redis-server ] && [ "$(id -u)" = 0 ]; then
     # fix_data_dir_perms: /data becomes redis's when it holds only *.rdb and appendonlydir
     if [ -z "$(find . -mindepth 1 -maxdepth 1 ! -name '*.rdb' ! \( -type d -name appendonlydir \) -print -quit)" ]; then
@@ -14,13 +11,9 @@ if [ "$1" = redis-server ] && [ "$(id -u)" = 0 ]; then
     exec setpriv --reuid=redis --regid=redis --clear-groups --nnp "${BASH_SOURCE[0]}" "$@"
 fi
 
-if [ "$1" = redis-server ]; then
-    # the official redis-server is patched to protected-mode off; say it, unless a config file does
+if [ "$1" = redis-server ]; then  # the official redis-server is patched to protected-mode off
     shift
-    conf=()
-    if [ -f "${1:-}" ]; then conf=("$1"); shift; fi
-    if ! grep -qs '^protected-mode' "${conf[@]:-/dev/null}"; then set -- --protected-mode no "$@"; fi
-    set -- redis-server "${conf[@]}" "$@"
+    set -- redis-server --protected-mode no "$@"
 fi
 
 [ "$(umask)" != 0022 ] || umask 0077   # files the server writes are its own only
