@@ -234,6 +234,8 @@ enum Expect {
     Answers,
     /// Answers, and some carried a count: Redis is out, PostgreSQL counts.
     Counts,
+    /// Every answer sent during it was `ok`: the fault is not these replicas'.
+    AllOk,
     /// Answers, and none sent during the outage carried a count: PostgreSQL is out, and it
     /// confirms every count. 503, status "error".
     NoCounts,
@@ -269,6 +271,11 @@ impl Window {
                 v.push(format!("{span}: no answer sent during it carried a count"));
             }
             Expect::Counts => {}
+            Expect::AllOk => {
+                if let Some(a) = sent().find(|a| a.page.as_deref() != Some("ok")) {
+                    v.push(format!("{span}: not ok: {}", a.describe(t0)));
+                }
+            }
             Expect::NoCounts => {
                 let error = |a: &Answer| {
                     a.count.is_none() && a.status == Some(503) && a.page.as_deref() == Some("error")
@@ -604,8 +611,16 @@ async fn network_cut_to_redis_seen_by_one_replica() {
         let cut = move |s: &mut Stack| s.links[slot].cut();
         let heal = move |s: &mut Stack| s.links[slot].heal();
         // Answers, not counts: the other replicas go on confirming Redis's counts, so this one
-        // cannot know that PostgreSQL may count, and degrades instead.
+        // cannot know that PostgreSQL may count, and degrades instead; the others stay ok.
+        let from = Instant::now();
         c.outage(&what, &[slot], Expect::Answers, cut, heal).await;
+        let others: Vec<usize> = (0..REPLICAS).filter(|r| *r != slot).collect();
+        c.window(
+            "the other replicas meanwhile",
+            from..Instant::now(),
+            &others,
+            Expect::AllOk,
+        );
     })
     .await;
 }
