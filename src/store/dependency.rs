@@ -2,7 +2,7 @@
 //!
 //! A dependency is `Connecting` until its watcher's first attempt ends, then `Up` or `Down`.
 //! Only the watcher's probe makes it `Up`, because only the probe does the recovery work
-//! (a fresh connection, a purged pool, the durable count read again). A failed call makes it
+//! (a fresh connection, a purged pool, the schema checked). A failed call makes it
 //! `Down`, but only if it started in the current `Up` epoch: a call that began before an
 //! outage and ends after the recovery changes nothing, so the state never flaps on stale news.
 //!
@@ -297,7 +297,7 @@ impl Dependency {
     }
 
     /// Probes the dependency, with backoff, whenever it is not up, until `stop` is cancelled.
-    /// The probe does the recovery work (fresh connections, the durable count); its success is
+    /// The probe does the recovery work (fresh connections, the schema); its success is
     /// the only way the dependency becomes up.
     pub async fn watch<F, Fut, E>(&self, mut probe: F, stop: CancellationToken)
     where
