@@ -29,7 +29,7 @@ from servers import free_port, run, spawn, stop, throwaway  # noqa: E402 - share
 
 SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
            "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
-           "pgbench": "pgbench SELECT now()", "redis": "redis-benchmark INCR"}  # key: label
+           "pgbench": "pgbench SELECT now()"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
 
@@ -175,20 +175,6 @@ class Bench:
                 "errors": int(num(r"number of failed transactions: (\d+)") or 0),
                 "mean_ms": num(r"latency average = ([\d.]+) ms")}
 
-    def redis_run(self, c, n):
-        argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(self.redis.port), "-t", "incr", "-c", str(c),
-                "-n", str(n), "--csv"] + (["--threads", str(min(2, c))] if c > 1 else [])
-        t0 = time.monotonic()
-        r = run(argv, self.args.duration + 60)
-        rows = [ln for ln in r.stdout.splitlines() if ln.startswith('"INCR"')]
-        if not rows:
-            return {"error": f"redis-benchmark failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
-        d = dict(zip((h.strip('"') for h in r.stdout.splitlines()[0].split(",")), (v.strip('"') for v in rows[0].split(","))))
-        return {"rps": round(float(d["rps"]), 1), "p50_ms": float(d["p50_latency_ms"]),
-                "p99_ms": float(d["p99_latency_ms"]), "mean_ms": float(d["avg_latency_ms"]),
-                "max_ms": float(d["max_latency_ms"]), "requests": n, "duration_s": round(time.monotonic() - t0, 3),
-                "errors": 0}
-
     def record(self, key, c, res, extra=None):
         label = SYSTEMS[key]
         self.results.append({"system": key, "label": label, "concurrency": c, **res, **(extra or {})})
@@ -215,7 +201,7 @@ class Bench:
                 served = res["requests"] - res["error_detail"].get("status", 0)
                 if extra["visits_counted"] < served:
                     self.notes.append(f"{key} c={c}: {served} successful GET / but only "
-                                      f"{extra['visits_counted']} INCRs reached Redis (degraded answers?)")
+                                      f"{extra['visits_counted']} counts reached Redis (degraded answers?)")
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
             extra["peak_rss_kib"] = sum(proc_status_kib(p, "VmHWM") or 0 for p in pids())
@@ -275,24 +261,13 @@ class Bench:
                 self.pgbench_run(c, self.args.warmup)
             self.record("pgbench", c, self.pgbench_run(c, self.args.duration))
 
-    def run_redis(self):
-        a = self.args
-        for c in a.concurrency:
-            # redis-benchmark counts requests, not seconds: the warm-up doubles as a rate estimate
-            # (a short probe, then ~warm-up seconds) so the measured run lasts about `duration`
-            rate = self.redis_run(c, 5000).get("rps") or 10000
-            if a.warmup:
-                rate = self.redis_run(c, max(5000, int(rate * a.warmup))).get("rps") or rate
-            self.record("redis", c, self.redis_run(c, max(1000, int(rate * a.duration))))
-
     # ---------------------------------------------------------------- driver
     def run(self):
         started = time.time()
         self.start_deps()
         steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web),
                  ({"flask-dev"}, lambda: self.run_reference("flask-dev")),
-                 ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench),
-                 ({"redis"}, self.run_redis)]
+                 ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench)]
         for keys, fn in steps:
             if keys & set(self.args.systems):
                 log(f"== {min(keys)}")
@@ -370,7 +345,7 @@ def markdown(doc):
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["error_detail"].items()) + ")"
             lines.append(f"| {r['label']} | {c} | {fmt_rps(r['rps'])} | {fmt_ms(r.get('p50_ms'))} | "
                          f"{fmt_ms(r.get('p99_ms'))} | {fmt_ms(r.get('mean_ms'))} | {errs} |")
-    lines += ["", "wrk and redis-benchmark report latency percentiles. pgbench reports only its `latency average` "
+    lines += ["", "wrk reports latency percentiles. pgbench reports only its `latency average` "
               "(the mean column): its per-transaction log takes one timestamp per event-loop pass for all clients of "
               "a thread, so percentiles from it are not meaningful at c > 1 (many 0 µs transactions), and logging "
               "would slow the floor down.", "", "## Targets (c=64 unless noted)", "",
