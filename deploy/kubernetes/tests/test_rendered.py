@@ -19,7 +19,7 @@ SOURCE = Path(os.environ.get("K8S_SOURCE_DIR", Path(__file__).resolve().parent.p
 
 # The service's variables the manifests set (README); the connection limits keep their defaults.
 CONTRACT_ENV = {"PORT", "ADMIN_PORT", "REDIS_URL", "REDIS_PASSWORD_FILE", "DATABASE_URL",
-                "DATABASE_PASSWORD_FILE", "DB_TIMEZONE", "DEPENDENCY_TIMEOUT_MS", "FLUSH_INTERVAL_MS", "RUST_LOG"}
+                "DATABASE_PASSWORD_FILE", "DB_TIMEZONE", "DEPENDENCY_TIMEOUT_MS", "RUST_LOG"}
 WEB_UID = 65532
 # the effective securityContext of every container (Pod Security "restricted", and a read-only root)
 RESTRICTED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
