@@ -406,12 +406,14 @@ def sec_stop():
     st = inspect("web").get("web", {}).get("State", {})
     check("6.stop web", p.returncode == 0 and dt < 3 and st.get("ExitCode") == 0 and not st.get("Running"),
           f"docker compose stop web → rc {p.returncode} in {dt:.2f} s (< 3 s), container exit code {st.get('ExitCode')}")
-    try:
+    try:  # every count is confirmed in PostgreSQL before it is answered; a batch confirmed
+        # after its requests timed out may have raised it further (docs/counting.md)
         durable, live = durable_counter(), CACHE.cmd("GET", "visitas")
-        check("6.flushed", last is not None and durable == last,
-              f"last answer visitas_cache={last}; after stop: Postgres visit_counter.value={durable}, Redis visitas={live}")
+        check("6.recorded", last is not None and durable is not None and durable >= last,
+              f"last answer visitas_cache={last}; after stop: Postgres visit_counter.value={durable} (≥ it), "
+              f"Redis visitas={live}")
     except RuntimeError as e:
-        check("6.flushed", False, str(e))
+        check("6.recorded", False, str(e))
     p = compose("start", "web", timeout=120)
     if p.returncode != 0 or not wait_healthy(120):
         raise Abort(f"web did not come back after `docker compose start web`: {last_lines(p.stderr)}")
