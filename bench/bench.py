@@ -25,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 REFERENCE = os.path.join(HERE, "reference")
 VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from servers import free_port, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
+from servers import free_port, proc_status, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
            "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
@@ -66,14 +66,6 @@ def settle(port, path):
     return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
 
-def proc_status_kib(pid, field):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
-    except OSError:
-        return None
-
-
 def tree_pids(pid):
     """pid and its descendants."""
     kids = run(["ps", "-o", "pid=", "--ppid", str(pid)], 10).stdout.split()
@@ -82,17 +74,14 @@ def tree_pids(pid):
 
 class Bench:
     def __init__(self, args):
-        self.args, self.results, self.notes, self.meta, self.procs = args, [], [], {}, []
+        self.args, self.results, self.notes, self.meta = args, [], [], {}
         self.tmp = tempfile.mkdtemp(prefix="desafio3-bench-")
         self.stack = ExitStack()
 
     def start(self, name, argv, **kw):
-        self.procs.append(spawn(argv, os.path.join(self.tmp, f"{name}.log"), **kw))
-        return self.procs[-1]
-
-    def stop(self, p, sig=signal.SIGTERM):
-        self.procs.remove(p)
-        return stop(p, sig)
+        p = spawn(argv, os.path.join(self.tmp, f"{name}.log"), **kw)
+        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
+        return p
 
     def make_certs(self):
         """A throwaway CA and a certificate for `localhost` (no IP), for GET / over TLS."""
@@ -204,7 +193,7 @@ class Bench:
                                       f"{extra['visits_counted']} counts reached Redis (degraded answers?)")
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
-            extra["peak_rss_kib"] = sum(proc_status_kib(p, "VmHWM") or 0 for p in pids())
+            extra["peak_rss_kib"] = sum(int(proc_status(p).get("VmHWM", [0])[0]) for p in pids())
             st, body = settle(port, path)
             extra["check_after"] = {"status": st, "body": body[:200]}
             self.record(key, c, res, extra)
@@ -217,7 +206,7 @@ class Bench:
         end = time.monotonic() + 30
         while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
             if p.poll() is not None or time.monotonic() > end:
-                self.stop(p)
+                stop(p)
                 raise RuntimeError(f"{name} did not become ready: {st}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
             time.sleep(0.1)
         return p, port
@@ -228,13 +217,13 @@ class Bench:
             log("cargo build --release --bin web")
             subprocess.run(["cargo", "build", "--release", "--bin", "web"], cwd=ROOT, check=True)
         p, port = self.serve("web", [os.path.join(ROOT, "target", "release", "web")])
-        self.meta["web_rss_idle_kib"] = proc_status_kib(p.pid, "VmRSS")
+        self.meta["web_rss_idle_kib"] = int(proc_status(p.pid)["VmRSS"][0])
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
                 self.http_series(key, port, path, lambda: [p.pid])
-        self.meta["web_peak_rss_kib"] = proc_status_kib(p.pid, "VmHWM")
+        self.meta["web_peak_rss_kib"] = int(proc_status(p.pid)["VmHWM"][0])
         t0 = time.monotonic()
-        rc = self.stop(p, signal.SIGTERM)
+        rc = stop(p, signal.SIGTERM)
         self.meta["web_sigterm_exit"] = {"code": rc, "seconds": round(time.monotonic() - t0, 2)}
         errs = [ln for ln in open(p.log_path) if '"ERROR"' in ln or '"WARN"' in ln]
         self.meta["web_log_warnings"] = len(errs)
@@ -244,7 +233,7 @@ class Bench:
             if key in self.args.systems:
                 p, port = self.serve(key, [os.path.join(ROOT, "target", "release", "web")], env=env)
                 self.http_series(key, port, "/", lambda: [p.pid])
-                self.stop(p, signal.SIGTERM)
+                stop(p, signal.SIGTERM)
 
     def run_reference(self, key):
         """The seed's app under Flask's development server, or the pooled one under gunicorn."""
@@ -253,7 +242,7 @@ class Bench:
                              "--backlog", "2048", "--log-level", "warning", "pooled_app:app"]}[key]
         p, port = self.serve(key, argv, cwd=REFERENCE)
         self.http_series(key, port, "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
-        self.stop(p)
+        stop(p)
 
     def run_pgbench(self):
         for c in self.args.concurrency:
@@ -279,8 +268,6 @@ class Bench:
         self.meta["wall_seconds"] = round(time.time() - started, 1)
 
     def close(self):
-        for p in reversed(self.procs):
-            stop(p)
         self.stack.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

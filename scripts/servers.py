@@ -83,6 +83,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def proc_status(pid):
+    """/proc/<pid>/status as {field: [words]} (memory in kB); {} once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: v.split() for k, _, v in (line.partition(":") for line in f)}
+    except OSError:
+        return {}
+
+
 def unprivileged(argv):
     """initdb and postgres refuse root: run them as `nobody` when we are root."""
     pw = pwd.getpwnam("nobody")
@@ -100,7 +109,10 @@ def spawn(argv, log_path, **kw):
 
 
 def stop(p, sig=signal.SIGTERM, timeout=15):
-    """Signal p's process group, wait, SIGKILL after timeout seconds; returns the exit code."""
+    """Signal p's process group, wait, SIGKILL after timeout seconds; returns the exit code.
+    Once p has been waited for, only returns its code (its pid may be another process's by now)."""
+    if p.returncode is not None:
+        return p.returncode
     for s in (sig, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, s)

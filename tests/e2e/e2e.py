@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import servers  # noqa: E402 - shared with bench/
-from servers import Postgres, Redis  # noqa: E402
+from servers import Postgres, Redis, proc_status  # noqa: E402
 
 PROJECT = os.environ.get("DESAFIO3_E2E_PROJECT", "desafio3-e2e")
 FILES = [ROOT / "docker-compose.yml"]  # + compose.test.yml when the stand-ins are used
@@ -75,12 +75,6 @@ def inspect(*names: str) -> dict[str, dict]:
     except json.JSONDecodeError:
         return {}
     return {d["Name"].lstrip("/"): d for d in data}
-
-
-def proc_status(pid: int) -> dict[str, list[str]]:
-    """/proc/<pid>/status of a container's process, seen from the host: {field: words}."""
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {k: v.split() for k, _, v in (line.partition(":") for line in lines)}
 
 
 def durable_counter() -> int | None:
