@@ -318,29 +318,6 @@ def sec_least_privilege(secrets: dict[str, str]):
           f"redis-cli --user web: {got}")
 
 
-# capabilities each container may add (its entrypoint chowns, then drops to a user), and the
-# capability sets that must be empty in its running process (the server, after that drop)
-HARDENING = {"web": (set(), ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")),
-             "cache": ({"CHOWN", "DAC_READ_SEARCH", "SETGID", "SETUID"}, ("CapEff",)),
-             "db": ({"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}, ("CapEff",))}
-
-
-def sec_capabilities():
-    data = inspect(*NAMES)
-    for name, (caps, empty) in HARDENING.items():
-        hc, status = data[name]["HostConfig"], proc_status(data[name]["State"]["Pid"])
-        added = {c.removeprefix("CAP_") for c in hc.get("CapAdd") or []}
-        sets = {k: status.get(k, ["?"])[0] for k in empty}
-        nnp = status.get("NoNewPrivs", ["?"])[0]
-        check(f"5.{name} hardening", "ALL" in (hc.get("CapDrop") or []) and added == caps
-              and "no-new-privileges:true" in (hc.get("SecurityOpt") or []) and nnp == "1"
-              and all(v == "0" * 16 for v in sets.values()) and (hc.get("Memory") or 0) > 0
-              and (name != "web" or (hc.get("NanoCpus") or 0) > 0),
-              f"CapDrop {hc.get('CapDrop')} CapAdd {sorted(added)}; process uid {status.get('Uid', ['?'])[0]} "
-              + " ".join(f"{k}={v}" for k, v in sets.items())
-              + f" NoNewPrivs={nnp}; limits {(hc.get('Memory') or 0) // 2**20} MiB, {(hc.get('NanoCpus') or 0) / 1e9} CPUs")
-
-
 def sec_seed():
     p = run(["docker", "exec", "cache", "redis-cli", "ping"], timeout=30)
     check("2.redis-cli ping", p.returncode == 0 and p.stdout.strip() == "PONG",
@@ -349,6 +326,13 @@ def sec_seed():
     check("2.psql SELECT NOW()", p.returncode == 0 and re.search(r"\(1 row\)", p.stdout) is not None,
           'docker exec db psql -U admin -d desafio3 -c "SELECT NOW();" → '
           + (" / ".join(l.strip() for l in p.stdout.strip().splitlines()) if p.returncode == 0 else last_lines(p.stderr)))
+
+
+# capabilities each container may add (its entrypoint chowns, then drops to a user), and the
+# capability sets that must be empty in its running process (the server, after that drop)
+HARDENING = {"web": (set(), ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")),
+             "cache": ({"CHOWN", "DAC_READ_SEARCH", "SETGID", "SETUID"}, ("CapEff",)),
+             "db": ({"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}, ("CapEff",))}
 
 
 def sec_hardening(secrets: dict[str, str]):
@@ -396,6 +380,18 @@ def sec_hardening(secrets: dict[str, str]):
           f"no password value ({', '.join(secrets)}) in docker inspect of {', '.join(NAMES)}"
           + (f"; FOUND in {leaked}" if leaked else "") + (f"; password variables {pw_env}" if pw_env else "")
           + "; only *_PASSWORD_FILE paths and an --aclfile under /run/secrets")
+    for name, (caps, empty) in HARDENING.items():
+        hc, status = data[name]["HostConfig"], proc_status(data[name]["State"]["Pid"])
+        added = {c.removeprefix("CAP_") for c in hc.get("CapAdd") or []}
+        sets = {k: status.get(k, ["?"])[0] for k in empty}
+        nnp = status.get("NoNewPrivs", ["?"])[0]
+        check(f"5.{name} hardening", "ALL" in (hc.get("CapDrop") or []) and added == caps
+              and "no-new-privileges:true" in (hc.get("SecurityOpt") or []) and nnp == "1"
+              and all(v == "0" * 16 for v in sets.values()) and (hc.get("Memory") or 0) > 0
+              and (name != "web" or (hc.get("NanoCpus") or 0) > 0),
+              f"CapDrop {hc.get('CapDrop')} CapAdd {sorted(added)}; process uid {status.get('Uid', ['?'])[0]} "
+              + " ".join(f"{k}={v}" for k, v in sets.items())
+              + f" NoNewPrivs={nnp}; limits {(hc.get('Memory') or 0) // 2**20} MiB, {(hc.get('NanoCpus') or 0) / 1e9} CPUs")
 
 
 def sec_stop():
@@ -609,7 +605,6 @@ def main() -> int:
         sec_seed()
         sec_least_privilege(secrets)
         sec_hardening(secrets)
-        sec_capabilities()
         sec_stop()
         sec_faults()
         sec_persistence()
