@@ -328,10 +328,8 @@ def markdown(doc):
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["error_detail"].items()) + ")"
             lines.append(f"| {r['label']} | {c} | {fmt_rps(r['rps'])} | {fmt_ms(r.get('p50_ms'))} | "
                          f"{fmt_ms(r.get('p99_ms'))} | {fmt_ms(r.get('mean_ms'))} | {errs} |")
-    lines += ["", "wrk reports latency percentiles. pgbench reports only its `latency average` "
-              "(the mean column): its per-transaction log takes one timestamp per event-loop pass for all clients of "
-              "a thread, so percentiles from it are not meaningful at c > 1 (many 0 µs transactions), and logging "
-              "would slow the floor down.", "", "## Targets (c=64 unless noted)", "",
+    lines += ["", "pgbench reports only its mean latency (why: bench/README.md, step 4).", "",
+              "## Targets (c=64 unless noted)", "",
               "| measure | value | target | met |", "|---|---:|---:|:---:|"]
     for r in doc["ratios"]:
         tgt = ("≥ " if r["cmp"] == "ge" else "≤ ") + f"{r['target']:g}"
