@@ -184,10 +184,10 @@ def wait_healthy(timeout: float = HEALTHY_TIMEOUT_S) -> bool:
     return True
 
 
-def stack_up(label: str, up=None) -> tuple[bool, float]:
-    """compose up -d (or up(), which must start the stack); returns (all healthy, seconds from `up`
-    to all healthy). That web starts only once cache and db are healthy is the compose file's
-    depends_on, asserted by ci/check-compose."""
+def stack_up(label: str, up=None) -> float:
+    """compose up -d (or up(), which must start the stack); returns the seconds from `up` to all
+    healthy, or fails `label` and aborts the suite. That web starts only once cache and db are
+    healthy is the compose file's depends_on, asserted by ci/check-compose."""
     t0 = time.time()
     p = up() if up else compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
     if p.returncode != 0:
@@ -195,8 +195,8 @@ def stack_up(label: str, up=None) -> tuple[bool, float]:
     elif not wait_healthy():
         check(label, False, f"not all healthy after {HEALTHY_TIMEOUT_S} s: { {n: health(n) for n in NAMES} }")
     else:
-        return True, time.time() - t0
-    return False, 0.0
+        return time.time() - t0
+    raise Abort("the stack did not come up")
 
 
 LOGS: list[str] = []
@@ -260,11 +260,8 @@ def run_recipe(home: Path, doc: Path = RECIPE_DOC, then: str = 'echo "recipe-dir
 def sec_up(home: Path) -> dict[str, str]:
     """Starts the stack with the password recipe; returns the passwords it made, by file."""
     recipe = []
-    ok, dt = stack_up("1.up", lambda: recipe.append(run_recipe(home)) or recipe[0])
-    made = re.search(r"^recipe-dir=(.+)$", recipe[0].stdout, re.M) if recipe else None
-    if not ok or not made:
-        raise Abort("the stack did not come up")
-    secrets_dir = Path(made[1])
+    dt = stack_up("1.up", lambda: recipe.append(run_recipe(home)) or recipe[0])
+    secrets_dir = Path(re.search(r"^recipe-dir=(.+)$", recipe[0].stdout, re.M)[1])  # the recipe ran: printed
     COMPOSE_ENV["DESAFIO3_SECRETS"] = str(secrets_dir)  # for the suite's later `up`s
     secrets = {n: (secrets_dir / n).read_text().strip() for n in ("db_password", "web_db_password", "redis_password")}
     modes = {f.name: oct(f.stat().st_mode & 0o777) for f in sorted(secrets_dir.iterdir())}
@@ -531,17 +528,14 @@ def sec_persistence():
     before = get().count
     collect_logs()
     compose("down", timeout=120, check_rc=True)  # volumes kept
-    ok, dt = stack_up("3.up again")
-    if not ok:
-        raise Abort("the stack did not come back")
+    dt = stack_up("3.up again")
     info(f"warm start: docker compose up → all healthy in {dt:.1f} s (existing volumes)")
     r = get()
     check("3.count continues", before is not None and r.count == before + 1, f"before down {before}; after up {r.short()}")
     collect_logs()
     compose("down", "-v", timeout=120, check_rc=True)
     LEDGER.append({"values": [], "nocount": 0})
-    if not stack_up("3.up fresh")[0]:
-        raise Abort("the stack did not come back")
+    stack_up("3.up fresh")
     r = get()
     check("3.reset", r.count == 1, f"after down -v and up: {r.short()}")
 
