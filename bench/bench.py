@@ -25,11 +25,11 @@ ROOT = os.path.dirname(HERE)
 REFERENCE = os.path.join(HERE, "reference")
 VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from servers import free_port, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
+from servers import free_port, proc_status, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
            "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
-           "pgbench": "pgbench SELECT now()", "redis": "redis-benchmark INCR"}  # key: label
+           "pgbench": "pgbench SELECT now()"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
 
@@ -66,14 +66,6 @@ def settle(port, path):
     return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
 
-def proc_status_kib(pid, field):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
-    except OSError:
-        return None
-
-
 def tree_pids(pid):
     """pid and its descendants."""
     kids = run(["ps", "-o", "pid=", "--ppid", str(pid)], 10).stdout.split()
@@ -82,17 +74,14 @@ def tree_pids(pid):
 
 class Bench:
     def __init__(self, args):
-        self.args, self.results, self.notes, self.meta, self.procs = args, [], [], {}, []
+        self.args, self.results, self.notes, self.meta = args, [], [], {}
         self.tmp = tempfile.mkdtemp(prefix="desafio3-bench-")
         self.stack = ExitStack()
 
     def start(self, name, argv, **kw):
-        self.procs.append(spawn(argv, os.path.join(self.tmp, f"{name}.log"), **kw))
-        return self.procs[-1]
-
-    def stop(self, p, sig=signal.SIGTERM):
-        self.procs.remove(p)
-        return stop(p, sig)
+        p = spawn(argv, os.path.join(self.tmp, f"{name}.log"), **kw)
+        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
+        return p
 
     def make_certs(self):
         """A throwaway CA and a certificate for `localhost` (no IP), for GET / over TLS."""
@@ -175,20 +164,6 @@ class Bench:
                 "errors": int(num(r"number of failed transactions: (\d+)") or 0),
                 "mean_ms": num(r"latency average = ([\d.]+) ms")}
 
-    def redis_run(self, c, n):
-        argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(self.redis.port), "-t", "incr", "-c", str(c),
-                "-n", str(n), "--csv"] + (["--threads", str(min(2, c))] if c > 1 else [])
-        t0 = time.monotonic()
-        r = run(argv, self.args.duration + 60)
-        rows = [ln for ln in r.stdout.splitlines() if ln.startswith('"INCR"')]
-        if not rows:
-            return {"error": f"redis-benchmark failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
-        d = dict(zip((h.strip('"') for h in r.stdout.splitlines()[0].split(",")), (v.strip('"') for v in rows[0].split(","))))
-        return {"rps": round(float(d["rps"]), 1), "p50_ms": float(d["p50_latency_ms"]),
-                "p99_ms": float(d["p99_latency_ms"]), "mean_ms": float(d["avg_latency_ms"]),
-                "max_ms": float(d["max_latency_ms"]), "requests": n, "duration_s": round(time.monotonic() - t0, 3),
-                "errors": 0}
-
     def record(self, key, c, res, extra=None):
         label = SYSTEMS[key]
         self.results.append({"system": key, "label": label, "concurrency": c, **res, **(extra or {})})
@@ -215,12 +190,11 @@ class Bench:
                 served = res["requests"] - res["error_detail"].get("status", 0)
                 if extra["visits_counted"] < served:
                     self.notes.append(f"{key} c={c}: {served} successful GET / but only "
-                                      f"{extra['visits_counted']} INCRs reached Redis (degraded answers?)")
+                                      f"{extra['visits_counted']} counts reached Redis (degraded answers?)")
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
-            extra["peak_rss_kib"] = sum(proc_status_kib(p, "VmHWM") or 0 for p in pids())
-            st, body = settle(port, path)
-            extra["check_after"] = {"status": st, "body": body[:200]}
+            extra["peak_rss_kib"] = sum(int(proc_status(p).get("VmHWM", [0])[0]) for p in pids())
+            settle(port, path)
             self.record(key, c, res, extra)
 
     def serve(self, name, argv, env=None, **kw):
@@ -231,7 +205,7 @@ class Bench:
         end = time.monotonic() + 30
         while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
             if p.poll() is not None or time.monotonic() > end:
-                self.stop(p)
+                stop(p)
                 raise RuntimeError(f"{name} did not become ready: {st}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
             time.sleep(0.1)
         return p, port
@@ -242,23 +216,20 @@ class Bench:
             log("cargo build --release --bin web")
             subprocess.run(["cargo", "build", "--release", "--bin", "web"], cwd=ROOT, check=True)
         p, port = self.serve("web", [os.path.join(ROOT, "target", "release", "web")])
-        self.meta["web_rss_idle_kib"] = proc_status_kib(p.pid, "VmRSS")
+        self.meta["web_rss_idle_kib"] = int(proc_status(p.pid)["VmRSS"][0])
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
                 self.http_series(key, port, path, lambda: [p.pid])
-        self.meta["web_peak_rss_kib"] = proc_status_kib(p.pid, "VmHWM")
+        self.meta["web_peak_rss_kib"] = int(proc_status(p.pid)["VmHWM"][0])
         t0 = time.monotonic()
-        rc = self.stop(p, signal.SIGTERM)
+        rc = stop(p, signal.SIGTERM)
         self.meta["web_sigterm_exit"] = {"code": rc, "seconds": round(time.monotonic() - t0, 2)}
-        errs = [ln for ln in open(p.log_path) if '"ERROR"' in ln or '"WARN"' in ln]
-        self.meta["web_log_warnings"] = len(errs)
-        self.meta["web_log_sample"] = [ln.strip()[:300] for ln in errs[:5]]
         # the same binary logging every request (non-blocking); and speaking TLS to both dependencies
         for key, env in (("web-info", {"RUST_LOG": "info"}), ("web-tls", self.tls_env)):
             if key in self.args.systems:
                 p, port = self.serve(key, [os.path.join(ROOT, "target", "release", "web")], env=env)
                 self.http_series(key, port, "/", lambda: [p.pid])
-                self.stop(p, signal.SIGTERM)
+                stop(p, signal.SIGTERM)
 
     def run_reference(self, key):
         """The seed's app under Flask's development server, or the pooled one under gunicorn."""
@@ -267,7 +238,7 @@ class Bench:
                              "--backlog", "2048", "--log-level", "warning", "pooled_app:app"]}[key]
         p, port = self.serve(key, argv, cwd=REFERENCE)
         self.http_series(key, port, "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
-        self.stop(p)
+        stop(p)
 
     def run_pgbench(self):
         for c in self.args.concurrency:
@@ -275,24 +246,13 @@ class Bench:
                 self.pgbench_run(c, self.args.warmup)
             self.record("pgbench", c, self.pgbench_run(c, self.args.duration))
 
-    def run_redis(self):
-        a = self.args
-        for c in a.concurrency:
-            # redis-benchmark counts requests, not seconds: the warm-up doubles as a rate estimate
-            # (a short probe, then ~warm-up seconds) so the measured run lasts about `duration`
-            rate = self.redis_run(c, 5000).get("rps") or 10000
-            if a.warmup:
-                rate = self.redis_run(c, max(5000, int(rate * a.warmup))).get("rps") or rate
-            self.record("redis", c, self.redis_run(c, max(1000, int(rate * a.duration))))
-
     # ---------------------------------------------------------------- driver
     def run(self):
         started = time.time()
         self.start_deps()
         steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web),
                  ({"flask-dev"}, lambda: self.run_reference("flask-dev")),
-                 ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench),
-                 ({"redis"}, self.run_redis)]
+                 ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench)]
         for keys, fn in steps:
             if keys & set(self.args.systems):
                 log(f"== {min(keys)}")
@@ -304,8 +264,6 @@ class Bench:
         self.meta["wall_seconds"] = round(time.time() - started, 1)
 
     def close(self):
-        for p in reversed(self.procs):
-            stop(p)
         self.stack.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -370,10 +328,8 @@ def markdown(doc):
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["error_detail"].items()) + ")"
             lines.append(f"| {r['label']} | {c} | {fmt_rps(r['rps'])} | {fmt_ms(r.get('p50_ms'))} | "
                          f"{fmt_ms(r.get('p99_ms'))} | {fmt_ms(r.get('mean_ms'))} | {errs} |")
-    lines += ["", "wrk and redis-benchmark report latency percentiles. pgbench reports only its `latency average` "
-              "(the mean column): its per-transaction log takes one timestamp per event-loop pass for all clients of "
-              "a thread, so percentiles from it are not meaningful at c > 1 (many 0 µs transactions), and logging "
-              "would slow the floor down.", "", "## Targets (c=64 unless noted)", "",
+    lines += ["", "pgbench reports only its mean latency (why: bench/README.md, step 4).", "",
+              "## Targets (c=64 unless noted)", "",
               "| measure | value | target | met |", "|---|---:|---:|:---:|"]
     for r in doc["ratios"]:
         tgt = ("≥ " if r["cmp"] == "ge" else "≤ ") + f"{r['target']:g}"

@@ -83,6 +83,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def proc_status(pid):
+    """/proc/<pid>/status as {field: [words]} (memory in kB); {} once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: v.split() for k, _, v in (line.partition(":") for line in f)}
+    except OSError:
+        return {}
+
+
 def unprivileged(argv):
     """initdb and postgres refuse root: run them as `nobody` when we are root."""
     pw = pwd.getpwnam("nobody")
@@ -100,7 +109,10 @@ def spawn(argv, log_path, **kw):
 
 
 def stop(p, sig=signal.SIGTERM, timeout=15):
-    """Signal p's process group, wait, SIGKILL after timeout seconds; returns the exit code."""
+    """Signal p's process group, wait, SIGKILL after timeout seconds; returns the exit code.
+    Once p has been waited for, only returns its code (its pid may be another process's by now)."""
+    if p.returncode is not None:
+        return p.returncode
     for s in (sig, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, s)
@@ -130,8 +142,7 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
     given to `nobody` when run as root). PostgreSQL: superuser `user` with a random password
     (also in workdir/db_password, mode 0644), scram-sha-256 over TCP, trust on its socket in
     workdir, database `db`. Both are stopped when the block ends, also on errors."""
-    procs = []
-    try:
+    with contextlib.ExitStack() as stack:
         if os.geteuid() == 0:
             os.chown(workdir, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
         os.chmod(workdir, 0o755)
@@ -140,9 +151,10 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
             f.write(password + "\n")
         os.chmod(pwfile, 0o644)  # initdb reads it as nobody
 
-        def start(name, argv):
-            procs.append(spawn(argv, os.path.join(workdir, f"{name}.log"), cwd=workdir))
-            return procs[-1]
+        def start(name, argv, sig=signal.SIGTERM):  # stopped when the block ends
+            p = spawn(argv, os.path.join(workdir, f"{name}.log"), cwd=workdir)
+            stack.callback(stop, p, sig)
+            return p
 
         rport = free_port()
         rproc = start("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
@@ -156,7 +168,8 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
         pport = free_port()
         pproc = start("postgres", unprivileged([f"{bindir}/postgres", "-D", f"{workdir}/pgdata", "-p", str(pport),
                                                 "-c", "listen_addresses=127.0.0.1",
-                                                "-c", f"unix_socket_directories={workdir}", *pg_args]))
+                                                "-c", f"unix_socket_directories={workdir}", *pg_args]),
+                      signal.SIGINT)  # postgres' fast stop
         psql = shutil.which("psql", path=bindir) or "psql"
         socket_psql = [psql, "-h", workdir, "-p", str(pport), "-U", user, "--no-psqlrc"]
         _wait(lambda: redis.cmd("PING") == "PONG", rproc, "redis-server")
@@ -164,6 +177,3 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
         Postgres(socket_psql + ["-d", "postgres"]).value(f'CREATE DATABASE "{db}"')
         yield redis, Postgres(socket_psql + ["-d", db], port=pport, password=password, password_file=pwfile,
                               bindir=bindir)
-    finally:
-        for p, sig in zip(procs, (signal.SIGTERM, signal.SIGINT)):  # SIGINT: postgres' fast stop
-            stop(p, sig)
