@@ -36,11 +36,9 @@ const NOW: &str = "SELECT to_char(now() AT TIME ZONE $1::text, 'YYYY-MM-DD HH24:
 /// record rises to the batch's total if, and only if, the batch was counted under the fence in
 /// force. The row lock orders this against fencing and against counting in PostgreSQL.
 const CONFIRM: &str = "
-    WITH confirmed AS (
-        UPDATE visit_counter SET value = GREATEST(value, $1), updated_at = now()
-        WHERE id = 1 AND fence = $2 AND fence <> '' RETURNING 1)
-    SELECT EXISTS (SELECT FROM confirmed),
-           to_char(now() AT TIME ZONE $3::text, 'YYYY-MM-DD HH24:MI:SS.US')";
+    UPDATE visit_counter SET value = GREATEST(value, $1), updated_at = now()
+    WHERE id = 1 AND fence = $2 AND fence <> ''
+    RETURNING to_char(now() AT TIME ZONE $3::text, 'YYYY-MM-DD HH24:MI:SS.US')";
 
 /// Counts a batch in PostgreSQL itself, and reads the clock: allowed once no Redis batch was
 /// confirmed for the lease (`$2` ms), and then it lifts the fence, so that Redis counts taken
@@ -116,11 +114,20 @@ impl Db {
     }
 
     /// Confirms a batch Redis counted under `fence` up to `total` (see [`CONFIRM`]); returns
-    /// whether it was confirmed, and the clock.
+    /// whether it was confirmed, and the clock (read apart when it was not: rare).
     pub async fn confirm(&self, total: i64, fence: &str) -> Result<(bool, String), DepError> {
-        self.dependency
-            .call(self.query_pair(CONFIRM, &[&total, &fence, &self.timezone]))
-            .await
+        let confirmed = self.dependency.call(async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(CONFIRM).await?;
+            let row = client
+                .query_opt(&statement, &[&total, &fence, &self.timezone])
+                .await?;
+            Ok::<_, anyhow::Error>(row.map(|row| row.try_get(0)).transpose()?)
+        });
+        match confirmed.await? {
+            Some(clock) => Ok((true, clock)),
+            None => Ok((false, self.now().await?)),
+        }
     }
 
     /// Counts `n` visits in PostgreSQL itself once Redis's `lease` has run out (see
