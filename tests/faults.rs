@@ -157,10 +157,11 @@ async fn redis_restarted_empty_never_sends_the_count_backwards() {
     }
     assert_increasing(&counts);
     assert!(counts.len() >= 12, "{counts:?}");
-    // Every count skipped belongs to an answer that carried none.
+    // Every count skipped belongs to an answer that carried none, or to the visit in flight
+    // at one of the three restarts.
     let answered_without = answers - counts.len();
     assert!(
-        *counts.last().unwrap() <= answers as i64,
+        *counts.last().unwrap() <= answers as i64 + 3,
         "{answered_without} answers without a count cannot explain {counts:?}"
     );
 }
@@ -181,7 +182,11 @@ async fn flushall_and_a_stale_restore_are_survived() {
     for (_, page) in visits(&app, 2).await {
         counts.extend(count_of(&page));
     }
-    assert_eq!(counts, (1..=9).collect::<Vec<_>>());
+    // Never backwards, never twice; a number may be skipped for the visit in flight at each
+    // fault (its confirmation went out with the count, for the total Redis used to hold).
+    assert_increasing(&counts);
+    assert_eq!(counts.len(), 9, "{counts:?}");
+    assert!(*counts.last().unwrap() <= 9 + 2, "{counts:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -138,6 +138,11 @@ impl Cache {
         })
     }
 
+    /// Why the cache is down, if it is known to be, without a round trip.
+    pub fn down_reason(&self) -> Option<DepError> {
+        self.dependency.down_reason()
+    }
+
     /// Counts `n` visits at once under `fence` and returns the new total (the caller hands out
     /// the `n` values ending there once PostgreSQL confirms them), or `None` when this Redis is
     /// not under that fence any more: nothing was counted.

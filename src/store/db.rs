@@ -145,9 +145,12 @@ impl Db {
 
     /// Fences Redis: with the counter row locked, hands the counter of record and the fence in
     /// force to `fence_redis`, then records what it returns (the counter Redis now holds, and
-    /// the fence in force). The outer error is PostgreSQL's, the inner one Redis's; on either
+    /// the fence in force), and returns both. The outer error is PostgreSQL's, the inner one Redis's; on either
     /// the transaction rolls back and the fence of record stays as it was.
-    pub async fn fence<F, Fut>(&self, fence_redis: F) -> Result<Result<String, DepError>, DepError>
+    pub async fn fence<F, Fut>(
+        &self,
+        fence_redis: F,
+    ) -> Result<Result<(i64, String), DepError>, DepError>
     where
         F: FnOnce(i64, String) -> Fut,
         Fut: std::future::Future<Output = Result<(i64, String), DepError>>,
@@ -165,7 +168,7 @@ impl Db {
         };
         dep.call(tx.execute(SET_FENCE, &[&counter, &fence])).await?;
         dep.call(tx.commit()).await?;
-        Ok(Ok(fence))
+        Ok(Ok((counter, fence)))
     }
 
     /// Keeps the database's state up to date until `stop` (see [`Dependency::watch`]).

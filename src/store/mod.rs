@@ -16,6 +16,7 @@ pub mod dependency;
 pub mod tls;
 
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +62,9 @@ pub struct Store {
     db: Db,
     /// The fence this process last saw PostgreSQL hold; empty until it fenced once.
     fence: Mutex<String>,
+    /// What Redis's counter will be once this process's batches in flight are counted, if no
+    /// other replica counts meanwhile: the guess that lets confirmation start with the count.
+    expected: AtomicI64,
     /// Held while this process fences, so that its batches in flight fence once, not each.
     fencing: tokio::sync::Mutex<()>,
     /// Bounds a whole fencing: the row stays locked for it, and the batch waits.
@@ -98,6 +102,7 @@ impl Store {
             )
             .context("configuring PostgreSQL")?,
             fence: Mutex::new(String::new()),
+            expected: AtomicI64::new(0),
             fencing: tokio::sync::Mutex::new(()),
             fence_timeout: 2 * config.dependency_timeout,
         }))
@@ -132,52 +137,77 @@ impl Store {
         let mut fenced = false;
         loop {
             let fence = self.fence();
-            match self.cache.count(n, &fence).await {
-                Ok(Some(total)) => return self.confirm(total, &fence).await,
-                Ok(None) if !fenced => {
-                    fenced = true;
-                    let _only_one = self.fencing.lock().await;
-                    if self.fence() != fence {
-                        continue; // Another batch of this process fenced meanwhile.
-                    }
-                    match self.fence_redis().await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(cache_error)) => return self.count_here(n, cache_error).await,
-                        Err(e) => return (Counted::db_failed(e.clone()), Err(e)),
-                    }
+            // Confirmation starts with the count, for the total this process expects; when
+            // another replica counted meanwhile, Redis's total is higher and is confirmed after.
+            let n_i64 = n as i64; // At most the batch size.
+            let expected = self.expected.fetch_add(n_i64, Ordering::SeqCst) + n_i64;
+            // Not while Redis is known to be down: the confirmation would renew its lease.
+            let early = async {
+                if fence.is_empty() || self.cache.down_reason().is_some() {
+                    None
+                } else {
+                    Some(self.db.confirm(expected, &fence).await)
                 }
+            };
+            let (counted, early) = tokio::join!(self.cache.count(n, &fence), early);
+            match counted {
+                Ok(Some(total)) => match early {
+                    Some(Ok((true, clock))) if total <= expected => {
+                        return (Counted::total(total, CountedIn::Cache, None), Ok(clock));
+                    }
+                    Some(Ok((false, clock))) => return (self.withhold(&fence), Ok(clock)),
+                    Some(Err(e)) => return (Counted::db_failed(e.clone()), Err(e)),
+                    _ => {
+                        self.expected.fetch_max(total, Ordering::SeqCst);
+                        return self.confirm(total, &fence).await;
+                    }
+                },
+                Ok(None) => self.expected.fetch_sub(n_i64, Ordering::SeqCst),
+                Err(cache_error) => {
+                    self.expected.fetch_sub(n_i64, Ordering::SeqCst);
+                    return self.count_here(n, cache_error).await;
+                }
+            };
+            if fenced {
                 // Fenced a moment ago and superseded already: no count this time.
-                Ok(None) => {
-                    let clock = self.db.now().await;
-                    let counted = Counted {
-                        cache_error: Some(DepError::Unconfirmed),
-                        db_error: clock.as_ref().err().cloned(),
-                        ..Counted::default()
-                    };
-                    return (counted, clock);
-                }
-                Err(cache_error) => return self.count_here(n, cache_error).await,
+                let clock = self.db.now().await;
+                let counted = Counted {
+                    cache_error: Some(DepError::Unconfirmed),
+                    db_error: clock.as_ref().err().cloned(),
+                    ..Counted::default()
+                };
+                return (counted, clock);
             }
+            fenced = true;
+            let _only_one = self.fencing.lock().await;
+            if self.fence() != fence {
+                continue; // Another batch of this process fenced meanwhile.
+            }
+            match self.fence_redis().await {
+                Ok(Ok(())) => {}
+                Ok(Err(cache_error)) => return self.count_here(n, cache_error).await,
+                Err(e) => return (Counted::db_failed(e.clone()), Err(e)),
+            }
+        }
+    }
+
+    /// A batch counted under a fence that is no longer the fence of record: its counts may
+    /// not be new. Fence again next time (unless another batch of this process already did).
+    fn withhold(&self, fence: &str) -> Counted {
+        let mut known = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
+        if *known == fence {
+            known.clear();
+        }
+        Counted {
+            cache_error: Some(DepError::Unconfirmed),
+            ..Counted::default()
         }
     }
 
     async fn confirm(&self, total: i64, fence: &str) -> (Counted, Result<String, DepError>) {
         match self.db.confirm(total, fence).await {
             Ok((true, clock)) => (Counted::total(total, CountedIn::Cache, None), Ok(clock)),
-            Ok((false, clock)) => {
-                // The fence moved while this batch was in Redis: fence again next time
-                // (unless another batch of this process already did).
-                let mut known = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
-                if *known == fence {
-                    known.clear();
-                }
-                drop(known);
-                let counted = Counted {
-                    cache_error: Some(DepError::Unconfirmed),
-                    ..Counted::default()
-                };
-                (counted, Ok(clock))
-            }
+            Ok((false, clock)) => (self.withhold(fence), Ok(clock)),
             Err(e) => (Counted::db_failed(e.clone()), Err(e)),
         }
     }
@@ -219,8 +249,8 @@ impl Store {
         let fencing = self
             .db
             .fence(|floor, held| async move { self.cache.fence(floor, &token, &held).await });
-        let fence = match tokio::time::timeout(self.fence_timeout, fencing).await {
-            Ok(Ok(Ok(fence))) => fence,
+        let (counter, fence) = match tokio::time::timeout(self.fence_timeout, fencing).await {
+            Ok(Ok(Ok(fenced))) => fenced,
             Ok(Ok(Err(cache_error))) => return Ok(Err(cache_error)),
             Ok(Err(db_error)) => return Err(db_error),
             Err(_) => return Err(DepError::Timeout(self.fence_timeout)),
@@ -229,6 +259,7 @@ impl Store {
             tracing::info!(fence = %fence, "counting in Redis under a new fence");
             metrics::counter!("visit_counter_fences_total").increment(1);
         }
+        self.expected.store(counter, Ordering::SeqCst);
         self.set_fence(fence);
         Ok(Ok(()))
     }

@@ -498,8 +498,11 @@ def sec_faults():
     cf, top, distinct = final.count, max(values), len(set(values))
     check("4.no visit lost", cf >= top and cf >= len(values), f"final counter {cf} ≥ the highest count handed "
           f"out ({top}) and ≥ the {len(values)} answers that carried one")
-    check("4.over-count bounded", 0 <= cf - distinct <= nocount, f"final counter {cf} − {distinct} distinct counts "
-          f"handed out = {cf - distinct} ≤ {nocount} requests that got no count")
+    # A number may also be skipped for each request in flight at a fault (confirmed ahead, then not counted).
+    bound = nocount + len(load.threads) * len(FAULTS)
+    check("4.over-count bounded", 0 <= cf - distinct <= bound, f"final counter {cf} − {distinct} distinct counts "
+          f"handed out = {cf - distinct} ≤ {nocount} requests that got no count + {len(load.threads)} in flight "
+          f"at each of {len(FAULTS)} faults")
     check_recorded("4.recorded", top, "right away")
 
 
