@@ -513,3 +513,25 @@ async fn a_network_cut_to_redis_is_survived_and_healed_within_two_seconds() {
     assert_increasing(&counts);
     println!("ok {took:?} after the network healed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_count_the_counter_of_record_does_not_confirm_is_withheld_then_fenced_again() {
+    let (_redis, pg, app) = healthy_app().await;
+    let before = count_of(&app.visit().await.1).unwrap();
+    // As if another replica had fenced Redis anew while this batch was counting there.
+    pg.execute("UPDATE visit_counter SET fence = 'someone else''s' WHERE id = 1");
+    let (status, page) = app.visit().await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["status"], "degraded", "{page}");
+    assert!(page["visitas_cache"].is_null(), "withheld: {page}");
+    assert!(page["hora_db"].is_string(), "{page}");
+    assert_eq!(
+        page["erros"]["cache"],
+        "count withheld: counter changing hands"
+    );
+    // The next visit fences again, and counts on above everything withheld.
+    let (_, page) = app.visit().await;
+    assert_eq!(page["status"], "ok", "{page}");
+    assert!(count_of(&page).unwrap() > before + 1, "{page}");
+    assert_eq!(pg.counter(), count_of(&page));
+}
