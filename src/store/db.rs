@@ -34,9 +34,12 @@ const NOW: &str = "SELECT to_char(now() AT TIME ZONE $1::text, 'YYYY-MM-DD HH24:
 
 /// Records a batch counted in Redis, in the round trip that reads the clock: the counter of
 /// record rises to the batch's total if, and only if, the batch was counted under the fence in
-/// force. The row lock orders this against fencing and against counting in PostgreSQL.
+/// force. The row lock orders this against fencing and against counting in PostgreSQL. Only a
+/// confirmation that raises the counter renews Redis's lease (`updated_at`): one sent ahead
+/// for a batch Redis then refused (a poisoned counter) must not keep PostgreSQL from counting.
 const CONFIRM: &str = "
-    UPDATE visit_counter SET value = GREATEST(value, $1), updated_at = now()
+    UPDATE visit_counter SET value = GREATEST(value, $1),
+                             updated_at = CASE WHEN $1 > value THEN now() ELSE updated_at END
     WHERE id = 1 AND fence = $2 AND fence <> ''
     RETURNING to_char(now() AT TIME ZONE $3::text, 'YYYY-MM-DD HH24:MI:SS.US')";
 
