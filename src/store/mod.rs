@@ -141,7 +141,8 @@ impl Store {
             // another replica counted meanwhile, Redis's total is higher and is confirmed after.
             let n_i64 = n as i64; // At most the batch size.
             let expected = self.expected.fetch_add(n_i64, Ordering::SeqCst) + n_i64;
-            // Not while Redis is known to be down: the confirmation would renew its lease.
+            // Not while Redis is known to be down: there will be no count to confirm, and
+            // PostgreSQL's own count (`count_here`) makes its round trip anyway.
             let early = async {
                 if fence.is_empty() || self.cache.down_reason().is_some() {
                     None
