@@ -3,16 +3,21 @@
 //! Every `GET /` needs an increment and the database clock. Instead of one Redis call and one
 //! PostgreSQL query per request, a single task takes every visit waiting at that moment (a
 //! batch of `n`), counts them in Redis with one `INCRBY n`, has PostgreSQL confirm the total in
-//! the round trip that reads the clock (`store`), and hands the `n` counts ending at the new
-//! total out one per visit, in arrival order. While batches are in flight (up to
-//! [`MAX_IN_FLIGHT`]) the next one gathers, so batches grow with the load and the dependencies
-//! see a constant trickle of queries instead of one per request. The contract holds exactly: every
+//! the round trip that reads the clock (`store`, which sends both at once), and hands the `n`
+//! counts ending at the new total out one per visit, in arrival order. While one batch is in
+//! flight the next one gathers, so batches grow with the load and the dependencies see a
+//! constant trickle of queries instead of one per request. The contract holds exactly: every
 //! visit gets its own count, and a clock read that started after the visit arrived.
+//!
+//! One batch at a time, not several: the count and its confirmation already travel together,
+//! so a second batch in flight overlaps nothing and only halves the batches, doubling the
+//! round trips every dependency and this process pay per visit (wrk, c = 64, the two side by
+//! side on one machine, medians of 3: one in flight 36,677 req/s, p99 3.34 ms; two 29,829
+//! req/s, p99 3.80 ms).
 
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,9 +25,6 @@ use crate::store::{CountedIn, DepError, Store};
 
 /// Most visits served by one round trip; bounds the work lost to a failure mid-batch.
 const MAX_BATCH: usize = 1024;
-/// Batches in flight at once. Each waits on Redis, then on PostgreSQL's confirmation; with a
-/// few in flight, one batch's confirmation overlaps the next one's count.
-const MAX_IN_FLIGHT: usize = 2;
 /// Visits that may wait for the batching task before callers are slowed down.
 const QUEUE_DEPTH: usize = 8192;
 
@@ -110,32 +112,21 @@ async fn batch_loop(
     mut waiting: mpsc::Receiver<oneshot::Sender<Visit>>,
     close: CancellationToken,
 ) {
-    let mut running = JoinSet::new();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
         tokio::select! {
-            received = waiting.recv_many(&mut batch, MAX_BATCH), if running.len() < MAX_IN_FLIGHT => {
+            received = waiting.recv_many(&mut batch, MAX_BATCH) => {
                 if received == 0 {
                     break;
                 }
-                running.spawn(answer(Arc::clone(&store), batch));
-            }
-            Some(ended) = running.join_next() => {
-                if let Err(e) = ended {
-                    tracing::error!(error = %e, "a batch failed; its visitors got no answer");
+                let outcome = run_batch(&store, batch.len()).await;
+                for (index, reply) in batch.drain(..).enumerate() {
+                    // A visitor who hung up still used its count: a gap the contract allows.
+                    let _ = reply.send(outcome.visit(index));
                 }
             }
             () = close.cancelled(), if !waiting.is_closed() => waiting.close(),
         }
-    }
-    while running.join_next().await.is_some() {}
-}
-
-async fn answer(store: Arc<Store>, batch: Vec<oneshot::Sender<Visit>>) {
-    let outcome = run_batch(&store, batch.len()).await;
-    for (index, reply) in batch.into_iter().enumerate() {
-        // A visitor who hung up still used its count: a gap the contract allows.
-        let _ = reply.send(outcome.visit(index));
     }
 }
 
