@@ -65,7 +65,8 @@ pub struct Store {
     /// What Redis's counter will be once this process's batches in flight are counted, if no
     /// other replica counts meanwhile: the guess that lets confirmation start with the count.
     expected: AtomicI64,
-    /// Held while this process fences, so that its batches in flight fence once, not each.
+    /// Held while this process fences, so that batches counted at once fence once, not each
+    /// (`visits` sends one batch at a time, but the store does not rely on it).
     fencing: tokio::sync::Mutex<()>,
     /// Bounds a whole fencing: the row stays locked for it, and the batch waits.
     fence_timeout: Duration,
