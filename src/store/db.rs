@@ -29,30 +29,45 @@ const SCHEMA: &str = "
     INSERT INTO visit_counter (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 ";
 
-/// `to_char` renders microseconds always with six digits, which `now()::text` does not.
-const NOW: &str = "SELECT to_char(now() AT TIME ZONE $1::text, 'YYYY-MM-DD HH24:MI:SS.US')";
+/// The database clock as the page shows it, in the time zone bound to parameter `$tz`, for
+/// every statement that reads it. `to_char` renders microseconds always with six digits,
+/// which `now()::text` does not.
+macro_rules! clock {
+    ($tz:literal) => {
+        concat!(
+            "to_char(now() AT TIME ZONE ",
+            $tz,
+            "::text, 'YYYY-MM-DD HH24:MI:SS.US')"
+        )
+    };
+}
+
+const NOW: &str = concat!("SELECT ", clock!("$1"));
 
 /// Records a batch counted in Redis, in the round trip that reads the clock: the counter of
 /// record rises to the batch's total if, and only if, the batch was counted under the fence in
 /// force. The row lock orders this against fencing and against counting in PostgreSQL. Only a
 /// confirmation that raises the counter renews Redis's lease (`updated_at`): one sent ahead
 /// for a batch Redis then refused (a poisoned counter) must not keep PostgreSQL from counting.
-const CONFIRM: &str = "
-    UPDATE visit_counter SET value = GREATEST(value, $1),
+const CONFIRM: &str = concat!(
+    "UPDATE visit_counter SET value = GREATEST(value, $1),
                              updated_at = CASE WHEN $1 > value THEN now() ELSE updated_at END
-    WHERE id = 1 AND fence = $2 AND fence <> ''
-    RETURNING to_char(now() AT TIME ZONE $3::text, 'YYYY-MM-DD HH24:MI:SS.US')";
+     WHERE id = 1 AND fence = $2 AND fence <> ''
+     RETURNING ",
+    clock!("$3")
+);
 
 /// Counts a batch in PostgreSQL itself, and reads the clock: allowed once no Redis batch was
 /// confirmed for the lease (`$2` ms), and then it lifts the fence, so that Redis counts taken
 /// meanwhile are never confirmed. NULL while the lease holds.
-const COUNT_HERE: &str = "
-    WITH counted AS (
-        UPDATE visit_counter SET value = value + $1, fence = '', updated_at = now()
-        WHERE id = 1 AND (fence = '' OR updated_at < now() - $2::bigint * interval '1 millisecond')
-        RETURNING value)
-    SELECT (SELECT value FROM counted),
-           to_char(now() AT TIME ZONE $3::text, 'YYYY-MM-DD HH24:MI:SS.US')";
+const COUNT_HERE: &str = concat!(
+    "WITH counted AS (
+         UPDATE visit_counter SET value = value + $1, fence = '', updated_at = now()
+         WHERE id = 1 AND (fence = '' OR updated_at < now() - $2::bigint * interval '1 millisecond')
+         RETURNING value)
+     SELECT (SELECT value FROM counted), ",
+    clock!("$3")
+);
 
 const HOLD: &str = "SELECT value, fence FROM visit_counter WHERE id = 1 FOR UPDATE";
 const SET_FENCE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), fence = $2, \
@@ -102,10 +117,8 @@ impl Db {
     pub async fn now(&self) -> Result<String, DepError> {
         self.dependency
             .call(async {
-                let client = self.pool.get().await?;
-                let statement = client.prepare_cached(NOW).await?;
-                let row = client.query_one(&statement, &[&self.timezone]).await?;
-                Ok::<String, anyhow::Error>(row.try_get(0)?)
+                let row = self.row(NOW, &[&self.timezone]).await?;
+                Ok::<String, anyhow::Error>(row.context("no clock")?.try_get(0)?)
             })
             .await
     }
@@ -120,11 +133,7 @@ impl Db {
     /// whether it was confirmed, and the clock (read apart when it was not: rare).
     pub async fn confirm(&self, total: i64, fence: &str) -> Result<(bool, String), DepError> {
         let confirmed = self.dependency.call(async {
-            let client = self.pool.get().await?;
-            let statement = client.prepare_cached(CONFIRM).await?;
-            let row = client
-                .query_opt(&statement, &[&total, &fence, &self.timezone])
-                .await?;
+            let row = self.row(CONFIRM, &[&total, &fence, &self.timezone]).await?;
             Ok::<_, anyhow::Error>(row.map(|row| row.try_get(0)).transpose()?)
         });
         match confirmed.await? {
@@ -142,7 +151,13 @@ impl Db {
     ) -> Result<(Option<i64>, String), DepError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         self.dependency
-            .call(self.query_pair(COUNT_HERE, &[&n, &lease_ms, &self.timezone]))
+            .call(async {
+                let row = self
+                    .row(COUNT_HERE, &[&n, &lease_ms, &self.timezone])
+                    .await?;
+                let row = row.context("no count")?;
+                Ok::<_, anyhow::Error>((row.try_get(0)?, row.try_get(1)?))
+            })
             .await
     }
 
@@ -190,19 +205,15 @@ impl Db {
             .await
     }
 
-    async fn query_pair<A, B>(
+    /// The row a prepared statement returns, if any, on a pooled connection.
+    async fn row(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> anyhow::Result<(A, B)>
-    where
-        A: for<'a> tokio_postgres::types::FromSql<'a>,
-        B: for<'a> tokio_postgres::types::FromSql<'a>,
-    {
+    ) -> anyhow::Result<Option<tokio_postgres::Row>> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(sql).await?;
-        let row = client.query_one(&statement, params).await?;
-        Ok((row.try_get(0)?, row.try_get(1)?))
+        Ok(client.query_opt(&statement, params).await?)
     }
 
     /// The watcher's probe while the database is not up: creates the
