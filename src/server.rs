@@ -1,8 +1,8 @@
 //! The accept loop. Every connection is a task this loop owns: at shutdown it stops
 //! accepting, asks each connection to finish its request in flight and close, and closes
-//! whatever is still open when the drain deadline passes, before the caller goes on to the
-//! final flush. (`axum::serve` spawns connections it cannot close, and runs hyper without a
-//! timer, so hyper's header-read timeout never applies.)
+//! whatever is still open when the drain deadline passes, before the caller goes on to
+//! close the batch queue. (`axum::serve` spawns connections it cannot close, and runs hyper
+//! without a timer, so hyper's header-read timeout never applies.)
 
 use std::future::Future;
 use std::sync::Arc;

@@ -325,6 +325,6 @@ mod tests {
         tasks.close();
         tokio::time::timeout(Duration::from_secs(1), tasks.wait())
             .await
-            .expect("watchers and the flush ticker stop when cancelled");
+            .expect("the watchers stop when cancelled");
     }
 }

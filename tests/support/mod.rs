@@ -372,19 +372,29 @@ impl Redis {
     }
 }
 
-/// Copies Redis's data files from one directory to another (`cp -a`, as for PostgreSQL).
+/// Copies Redis's data files from one directory to another.
 fn copy_data(from: &Path, to: &Path) {
     for name in REDIS_DATA {
         if from.join(name).exists() {
-            let status = Command::new("cp")
-                .arg("-a")
-                .arg(from.join(name))
-                .arg(to.join(name))
-                .status()
-                .expect("copying redis data");
-            assert!(status.success(), "copying {name}");
+            copy_tree(&from.join(name), &to.join(name));
         }
     }
+}
+
+/// `cp -a`: a file or directory with its owner and modes, as a server's data must keep them.
+fn copy_tree(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("running cp");
+    assert!(
+        status.success(),
+        "copying {} to {}",
+        from.display(),
+        to.display()
+    );
 }
 
 impl Drop for Redis {
@@ -549,13 +559,7 @@ impl Postgres {
         let template = template_cluster().join("data");
         let dir = tempfile::tempdir().expect("temp dir for postgres");
         give_to_postgres(dir.path());
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(&template)
-            .arg(dir.path().join("data"))
-            .status()
-            .expect("copying the template cluster");
-        assert!(status.success());
+        copy_tree(&template, &dir.path().join("data"));
         if let Some(tls) = tls {
             write_tls_files(dir.path(), tls);
         }
@@ -1062,7 +1066,8 @@ impl TestApp {
         get_page(&self.client, &self.address).await
     }
 
-    /// Graceful stop, as on SIGTERM; returns once the final flush is done.
+    /// Graceful stop, as on SIGTERM; returns once the app has shut down (queued visits answered,
+    /// background tasks joined).
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -1169,7 +1174,7 @@ impl WebProcess {
         wait_ready(&http_client(), &self.admin_address(), timeout).await;
     }
 
-    /// SIGKILL, and the process reaped: no drain, no final flush.
+    /// SIGKILL, and the process reaped: no drain.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -1207,8 +1212,7 @@ impl WebProcess {
 
 impl Drop for WebProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
