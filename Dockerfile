@@ -1,33 +1,41 @@
-# Fallback build of desafio3-web:latest for machines without Nix:
+# Build of desafio3-web:latest for machines without Nix:
 #     docker compose up --build        (or: docker build -t desafio3-web:latest .)
 # The image is the same as the Nix one (nix/image.nix): a static binary, the CA bundle,
 # /etc/passwd + /etc/group for uid/gid 65532 and an empty /tmp, nothing else.
-# Every fact below must agree with nix/image-facts.json: CI's dockerfile job holds the built
-# image to it (ci/smoke --docker-built runs nix/check-image.py).
-# Works with the classic builder (no BuildKit features are used).
+# Every fact below must agree with nix/image-facts.json: the end-to-end suite builds this
+# file and holds the image to it (nix/check-image.py), as CI's dockerfile job does.
+#
+# RUST_IMAGE: the builder. The official Rust image on Alpine (musl) by default; the end-to-end
+# suite passes a local stand-in where no image can be pulled (tests/e2e/README.md).
+ARG RUST_IMAGE=rust:1-alpine
 
-# --- build: the official Rust image on Alpine links against musl, statically ---
-FROM rust:1-alpine AS builder
+# --- build: a static binary for the builder's own target ---
+FROM ${RUST_IMAGE} AS builder
 RUN apk add --no-cache gcc musl-dev binutils ca-certificates
 WORKDIR /src
+# The target is named on every cargo command: with --target, RUSTFLAGS reach only the target's
+# code, not build scripts and proc-macros, which cannot be built with +crt-static (rustc
+# refuses: "cannot produce proc-macro ... does not support these crate types"). Static is
+# musl's default; the flag says so explicitly, and makes a glibc builder link statically too.
 ENV RUSTFLAGS="-C target-feature=+crt-static"
+RUN rustc -vV | sed -n 's/^host: //p' > /rust-target && test -s /rust-target
 
 # Dependencies first, in their own layer: rebuilt only when Cargo.toml/Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked --bin web \
+ && cargo build --release --locked --bin web --target "$(cat /rust-target)" \
  && rm -rf src
 
 COPY src ./src
 # COPY keeps the sources' old mtimes; touch them so cargo rebuilds over the stub build.
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin web
+ && cargo build --release --locked --bin web --target "$(cat /rust-target)"
 
 # The image's whole root filesystem, assembled under /rootfs.
 RUN mkdir -p /rootfs/bin /rootfs/etc/ssl/certs /rootfs/tmp \
- && cp target/release/web /rootfs/bin/web \
+ && cp "target/$(cat /rust-target)/release/web" /rootfs/bin/web \
  && cp /etc/ssl/certs/ca-certificates.crt /rootfs/etc/ssl/certs/ca-certificates.crt \
  && printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' > /rootfs/etc/passwd \
  && printf 'web:x:65532:\n' > /rootfs/etc/group \
