@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +34,7 @@ DB = Postgres.container("db", "admin", "desafio3")
 # the service's DEPENDENCY_TIMEOUT_MS default (1000) + slack for a busy 2-core machine
 ANSWER_LIMIT_S = float(os.environ.get("DESAFIO3_E2E_ANSWER_LIMIT_S", "2.0"))
 HEALTHY_TIMEOUT_S, RECOVERY_TIMEOUT_S = 180, 60
+FIRST_RUN_TIMEOUT_S = 1800  # the first run builds the image: cargo on 2 cores, crates downloaded
 RECIPE_DOC = ROOT / "secrets/README.md"  # its ```sh block after "<!-- e2e:" runs verbatim
 PASSED = FAILED = 0
 COMPOSE: list[str] = []
@@ -217,10 +220,12 @@ def network_id(logical: str) -> str:
 # sections
 
 def sec_images():
-    """The official cache/db images when the engine has them or can pull them, else the stand-ins."""
+    """The official images (redis, postgres, and the Dockerfile's Rust builder) when the engine has
+    them or can pull them, else the stand-ins. desafio3-web:latest is built by the first run."""
     t0, why = time.time(), ""
     images = [json.loads(compose("config", "--format", "json", timeout=60, check_rc=True).stdout)["services"][n]["image"]
               for n in ("cache", "db")]
+    images.append(re.search(r"^ARG RUST_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)[1])
     for image in images:
         if run(["docker", "image", "inspect", image], timeout=30).returncode != 0:
             p = run(["docker", "pull", "-q", image], timeout=900)
@@ -229,32 +234,76 @@ def sec_images():
                 why = f"`docker pull {image}` failed (rc {p.returncode})"
                 break
     if not why:
-        info(f"cache/db: the official images {' and '.join(images)}")
-    else:
-        FILES.append(HERE / "compose.test.yml")
-        COMPOSE.extend(["-f", str(FILES[-1])])
-        info(f"cache/db: the stand-ins desafio3-test/redis and desafio3-test/postgres, because {why}")
-    p = run([str(HERE / "images.sh"), "all" if why else "web"], timeout=3600)
+        info(f"the official images {', '.join(images)}")
+        return
+    FILES.append(HERE / "compose.test.yml")
+    COMPOSE.extend(["-f", str(FILES[-1])])
+    info(f"the stand-ins desafio3-test/redis, /postgres and /rust (builder), because {why}")
+    p = run([str(HERE / "images.sh"), "standins"], timeout=3600)
     for line in p.stderr.splitlines():
         if line.startswith("images:"):
             info(line)
     if p.returncode != 0:
         raise Abort(f"images could not be built: {last_lines(p.stderr, 8)}")
-    info(f"{'stand-in' if why else 'official'} cache/db + desafio3-web:latest ready in {time.time() - t0:.1f} s")
+    info(f"stand-ins ready in {time.time() - t0:.1f} s")
 
 
-def run_recipe(home: Path, doc: Path = RECIPE_DOC, then: str = 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'):
-    """The ```sh block after the `<!-- e2e:` marker of doc, verbatim, in bash -e with HOME=home,
-    then `then`; the stack it acts on is this suite's (COMPOSE_PROJECT_NAME, COMPOSE_FILE)."""
-    m = re.search(r"<!-- e2e:.*?-->\n```sh\n(.*?)```", doc.read_text(), re.S)
+def doc_block(doc: Path, key: str = "") -> str:
+    """The ```sh block after the first `<!-- e2e: ... -->` marker of doc that contains key."""
+    m = re.search(r"<!-- e2e:[^>]*?" + re.escape(key) + r"[^>]*?-->\n```sh\n(.*?)```", doc.read_text(), re.S)
     if not m:
-        raise Abort(f"{doc}: no ```sh block after an `<!-- e2e:` marker")
-    env = dict(COMPOSE_ENV, HOME=str(home), COMPOSE_PROJECT_NAME=PROJECT, COMPOSE_FILE=os.pathsep.join(map(str, FILES)),
-               DOCKER_CONFIG=os.environ.get("DOCKER_CONFIG", str(Path.home() / ".docker")))
+        raise Abort(f"{doc}: no ```sh block after an `<!-- e2e:` marker naming {key!r}")
+    return m[1]
+
+
+def doc_env(home: Path) -> dict[str, str]:
+    """The environment a documented command runs in: this suite's project and files."""
+    return dict(COMPOSE_ENV, HOME=str(home), COMPOSE_PROJECT_NAME=PROJECT, COMPOSE_FILE=os.pathsep.join(map(str, FILES)),
+                DOCKER_CONFIG=os.environ.get("DOCKER_CONFIG", str(Path.home() / ".docker")))
+
+
+def run_recipe(home: Path, doc: Path = RECIPE_DOC, key: str = "", then: str = 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'):
+    """doc's block (doc_block), verbatim, in bash -e with HOME=home, then `then`; the stack it acts
+    on is this suite's (COMPOSE_PROJECT_NAME, COMPOSE_FILE)."""
+    block = doc_block(doc, key)
     info(f"running {doc.relative_to(ROOT)}'s recipe as written (HOME={home}):")
-    for line in m[1].strip().splitlines():
+    for line in block.strip().splitlines():
         info(f"  $ {line}")
-    return run(["bash", "-euo", "pipefail", "-c", m[1] + then], timeout=HEALTHY_TIMEOUT_S + 60, env=env)
+    return run(["bash", "-euo", "pipefail", "-c", block + then], timeout=HEALTHY_TIMEOUT_S + 60, env=doc_env(home))
+
+
+def sec_first_run(home: Path):
+    """README's first command exactly as written, in the foreground as a newcomer runs it: it builds
+    desafio3-web:latest from the Dockerfile and starts the stack; the page then counts from 1, and
+    Ctrl-C stops the stack. Its volumes are then removed: the password recipe needs fresh ones."""
+    command = doc_block(ROOT / "README.md", "0.first run").strip().splitlines()[0]
+    info(f"running README.md's first command as written: $ {command}")
+    log, t0 = (home / "first-run.log").open("w"), time.time()
+    proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=doc_env(home), stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while proc.poll() is None and not all(health(n) == "healthy" for n in NAMES) and time.time() - t0 < FIRST_RUN_TIMEOUT_S:
+            time.sleep(1)
+        dt, built = time.time() - t0, inspect("web").get("web", {}).get("Image", "")
+        r = get()
+        ok = proc.poll() is None and r.status == 200 and r.state == "ok" and r.count == 1
+        check("0.first run", ok, f"`{command}` built the Dockerfile ({FILES[-1].name} build args: "
+              f"{'stand-in builder' if len(FILES) > 1 else 'its defaults'}) and started the stack; first page after "
+              f"{dt:.0f} s: {r.short()}" + ("" if ok else f"; its output: {last_lines((home / 'first-run.log').read_text(), 8)}"))
+        if not ok:
+            raise Abort("README's first command did not bring the stack up")
+        info(f"web runs image {built[:19]} (desafio3-web:latest, just built)")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: compose stops the containers, then exits
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+        log.close()
+    running = [n for n, d in inspect(*NAMES).items() if d["State"]["Running"]]
+    check("0.ctrl-c stops", proc.returncode is not None and not running,
+          f"Ctrl-C → compose exited (rc {proc.returncode}); still running: {running or 'none'}")
+    compose("down", "-v", timeout=120, check_rc=True)
+    LEDGER.append({"values": [], "nocount": 0})
 
 
 def sec_up(home: Path) -> dict[str, str]:
@@ -550,7 +599,7 @@ def sec_upgrade(home: Path):
     compose("stop", "web", timeout=60, check_rc=True)
     DB.value("ALTER TABLE web.visit_counter SET SCHEMA public; ALTER TABLE public.visit_counter OWNER TO admin; "
              "DROP SCHEMA web; DROP ROLE web; SELECT 1;")
-    p = run_recipe(home, ROOT / "README.md", then="")
+    p = run_recipe(home, ROOT / "README.md", "3.upgrade recipe", then="")
     healthy = p.returncode == 0 and wait_healthy(RECOVERY_TIMEOUT_S)
     r = get()
     owner = DB.value("SELECT schemaname || '.' || tablename || ' owned by ' || tableowner FROM pg_tables "
@@ -598,6 +647,7 @@ def main() -> int:
         cleanup()  # a stack left by an interrupted run
         created = True
         sec_images()
+        sec_first_run(home)
         secrets = sec_up(home)
         sec_seed()
         sec_least_privilege(secrets)

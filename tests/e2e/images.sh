@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the images of the end-to-end suite locally: desafio3-web:latest (the static binary built
-# here, nothing else) and the stand-ins desafio3-test/{redis,postgres}:latest (a debootstrap root
-# filesystem, cached in ~/.cache/desafio3, plus standins/*.sh). See tests/e2e/README.md.
-#   tests/e2e/images.sh [all|standins|web|rootfs]
+# Builds the stand-ins of the end-to-end suite locally, for an engine that cannot pull the
+# official images: desafio3-test/{redis,postgres,rust}:latest, on one debootstrap root filesystem
+# (cached in ~/.cache/desafio3) plus tests/e2e/standins/*. The web image itself is built from the
+# Dockerfile by `docker compose up --build`, as a user builds it. See tests/e2e/README.md.
+#   tests/e2e/images.sh [standins|rootfs]
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,8 +15,8 @@ LABEL=org.desafio3.e2e.standin
 SUITE="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
 ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 # Packages of the stand-ins, on top of the minbase variant (which already has bash, dash and
-# util-linux's setpriv, used instead of gosu).
-PACKAGES="redis-server redis-tools postgresql postgresql-client procps tzdata"
+# util-linux's setpriv, used instead of gosu); the last four are the Rust builder's C toolchain.
+PACKAGES="redis-server redis-tools postgresql postgresql-client procps tzdata gcc libc6-dev binutils ca-certificates"
 
 log() { printf 'images: %s\n' "$*" >&2; }
 die() { printf 'images: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -119,6 +120,8 @@ build_standins() {
         log "docker import $base"
         docker import -m "desafio3 e2e stand-ins base (test-only)" "$ROOTFS_TAR" "$base" >/dev/null
     fi
+    log "docker build desafio3-test/rust:latest"
+    build_rust "$base"
     for name in redis postgres; do
         log "docker build desafio3-test/$name:latest"
         { echo "FROM $base"; echo "COPY *-entrypoint.sh /usr/local/bin/"; "changes_$name"; echo "LABEL $LABEL=1"; } |
@@ -132,41 +135,32 @@ build_standins() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The web image: the static binary built here, with the files of nix/image-facts.json, imported
-# FROM nothing (docker import) with the config of the facts; tests/e2e checks the result with
-# nix/check-image.py, the checker `nix flake check` runs on the Nix image.
-build_web() {
-    local target=x86_64-unknown-linux-gnu
-    case "$(uname -m)" in aarch64|arm64) target=aarch64-unknown-linux-gnu ;; esac
-    log "cargo build --release --bin web --target $target (static, +crt-static)"
-    (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-        cargo build --quiet --release --locked --bin web --target "$target")
-    local bin="$ROOT/target/$target/release/web" ca=/etc/ssl/certs/ca-certificates.crt
-    [ -s "$ca" ] || die "no CA bundle at $ca (install ca-certificates)"
-    local r
-    r="$(mktemp -d "${TMPDIR:-/tmp}/desafio3-web-root.XXXXXX")"
+# The builder stand-in for rust:1-alpine, which the Dockerfile builds FROM: the root filesystem's
+# gcc and C library, this machine's Rust toolchain (no other can be fetched here; docs left out),
+# its trust store (cargo downloads crates through this machine's network), and standins/apk.
+build_rust() (  # a subshell: its EXIT trap removes the context
+    local base="$1" sysroot ctx
+    sysroot="$(rustc --print sysroot)"
+    ctx="$(mktemp -d "$CACHE_DIR/rust-context.XXXXXX")"
     # shellcheck disable=SC2064
-    trap "rm -rf '$r'" EXIT
-    mkdir -p "$r/bin" "$r/etc/ssl/certs" "$r/tmp"
-    install -m 0555 "$bin" "$r/bin/web"
-    install -m 0444 "$ca" "$r/etc/ssl/certs/ca-certificates.crt"
-    printf 'web:x:65532:65532:web:/nonexistent:/sbin/nologin\n' >"$r/etc/passwd"
-    printf 'web:x:65532:\n' >"$r/etc/group"
-    chmod 0444 "$r/etc/passwd" "$r/etc/group"
-    chmod 1777 "$r/tmp"
-    log "docker import desafio3-web:latest"
-    tar --numeric-owner --owner=0 --group=0 -C "$r" -c bin etc tmp |
-        docker import -c 'USER 65532:65532' -c 'EXPOSE 5000/tcp' -c 'ENV PORT=5000' \
-            -c 'ENTRYPOINT ["/bin/web"]' - desafio3-web:latest >/dev/null
-    rm -rf "$r"
-    trap - EXIT
-    log "desafio3-web:latest: $(docker image inspect -f '{{.Size}}' desafio3-web:latest) bytes"
-}
+    trap "rm -rf '$ctx'" EXIT
+    mkdir -p "$ctx/rust/lib"
+    cp -a "$sysroot/bin" "$ctx/rust/"
+    cp -a "$sysroot"/lib/*.so* "$sysroot/lib/rustlib" "$ctx/rust/lib/"
+    cp "$STANDINS/apk" /etc/ssl/certs/ca-certificates.crt "$ctx/"
+    { echo "FROM $base"
+      echo "COPY rust /usr/local/rust"
+      echo "COPY apk /sbin/apk"
+      echo "COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt"
+      echo "ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+      echo "LABEL $LABEL=1"; } > "$ctx/Dockerfile"
+    DOCKER_BUILDKIT=0 docker build -q -t desafio3-test/rust:latest "$ctx" >/dev/null 2>"$CACHE_DIR/build.err" ||
+        { grep -v -e DEPRECATED -e BuildKit -e 'legacy builder' "$CACHE_DIR/build.err" >&2; die "docker build failed"; }
+    log "desafio3-test/rust:latest: $("$sysroot/bin/rustc" --version)"
+)
 
-case "${1:-all}" in
+case "${1:-standins}" in
     rootfs)   ensure_rootfs ;;
     standins) build_standins ;;
-    web)      build_web ;;
-    all)      build_standins; build_web ;;
-    *) die "usage: $0 [all|standins|web|rootfs]" ;;
+    *) die "usage: $0 [standins|rootfs]" ;;
 esac
