@@ -28,11 +28,20 @@ in
   fmt = craneLib.cargoFmt { inherit src; };
 
   # `cargo test`: the integration tests start their own redis-server and
-  # PostgreSQL (initdb, postgres) from PATH, on free loopback ports.
+  # PostgreSQL (initdb, postgres) from PATH, on free loopback ports. tests/outage_table.rs
+  # also reads the documents (*.md, *.yaml) it holds to the code, so they stay in its source.
   tests = craneLib.cargoTest (
     commonArgs
     // {
       inherit cargoArtifacts;
+      src = pkgs.lib.cleanSourceWith {
+        src = ../.;
+        filter =
+          path: type:
+          craneLib.filterCargoSources path type
+          || pkgs.lib.hasSuffix ".md" path
+          || pkgs.lib.hasSuffix ".yaml" path;
+      };
       nativeCheckInputs = [
         pkgs.redis
         pkgs.postgresql_17

@@ -1,6 +1,7 @@
 """Holds the rendered Kubernetes manifests (K8S_RENDERED_DIR/{base,dev,managed}.yaml, made by
-ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to the lists of
-issues 6 and 14. unittest plus PyYAML; closes with the line `k8s: N passed, M failed`."""
+ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to what
+deploy/kubernetes/README.md promises ("Offline checks", item 3). unittest plus PyYAML; closes
+with the line `k8s: N passed, M failed`."""
 
 import base64
 import hashlib
