@@ -380,3 +380,39 @@ async fn healthcheck_ready_follows_readyz_on_the_admin_port() {
     web.wait_ready(Duration::from_secs(10)).await;
     assert_eq!(ready(web.admin_port).status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_subcommand_prints_the_admin_ports_metrics() {
+    let metrics = |admin_port: u16| {
+        Command::new(env!("CARGO_BIN_EXE_web"))
+            .arg("metrics")
+            .env_clear()
+            .env("ADMIN_PORT", admin_port.to_string())
+            .output()
+            .unwrap()
+    };
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let web = WebProcess::spawn(Env::for_servers(&redis, &pg));
+    web.wait_ready(Duration::from_secs(10)).await;
+    let (status, page) = get_page(&http_client(), &web.address()).await;
+    assert_eq!(status, 200, "{page}");
+
+    let output = metrics(web.admin_port);
+    assert_eq!(output.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains(r#"http_requests_total{method="GET",route="/",status="200"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("visits_counted_total"), "{text}");
+    assert!(!text.contains("HTTP/1."), "the body only: {text}");
+    assert!(output.stderr.is_empty());
+
+    let output = metrics(free_port());
+    assert_eq!(output.status.code(), Some(1), "nothing listening");
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("metrics unavailable: "), "{stderr}");
+}
