@@ -219,7 +219,7 @@ pub fn port_from_env() -> Result<u16, ConfigError> {
     port(&Env(&|name| std::env::var_os(name)))
 }
 
-/// `ADMIN_PORT` alone, for `healthcheck --ready`.
+/// `ADMIN_PORT` alone, for `healthcheck --ready` and `metrics`.
 pub fn admin_port_from_env() -> Result<u16, ConfigError> {
     admin_port(&Env(&|name| std::env::var_os(name)))
 }

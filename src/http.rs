@@ -416,18 +416,56 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND, "the page is public only");
     }
 
+    /// Every answer `web` produces, on either listener, success or error. (The HTTP parser's
+    /// own bare 400 and 431 come before `web` sees a request, and carry nothing.)
     #[tokio::test]
-    async fn every_answer_forbids_caching_and_sniffing() {
-        let (router, _close) = app();
-        for path in ["/", "/healthz", "/nope"] {
+    async fn every_answer_web_produces_forbids_caching_and_sniffing() {
+        let (state, _close) = state();
+        let (public, admin) = (public_router(state.clone()), admin_router(state));
+        let cases = [
+            (&public, request("GET", "/").body(Body::empty()), 503),
+            (&public, request("GET", "/healthz").body(Body::empty()), 200),
+            (&public, request("GET", "/nope").body(Body::empty()), 404),
+            (&public, request("POST", "/").body(Body::empty()), 405),
+            (
+                &public,
+                request("POST", "/")
+                    .header(header::CONTENT_LENGTH, 64 * 1024)
+                    .body(Body::from(vec![b'x'; 64 * 1024])),
+                413,
+            ),
+            (
+                &public,
+                request("GET", &format!("/?q={}", "a".repeat(4096))).body(Body::empty()),
+                414,
+            ),
+            (
+                &public,
+                request("GET", "/")
+                    .header("x-big", "b".repeat(16 * 1024))
+                    .body(Body::empty()),
+                431,
+            ),
+            (&admin, request("GET", "/metrics").body(Body::empty()), 200),
+            (&admin, request("GET", "/readyz").body(Body::empty()), 503),
+            (&admin, request("GET", "/healthz").body(Body::empty()), 200),
+            (&admin, request("GET", "/").body(Body::empty()), 404),
+        ];
+        for (router, built, expected) in cases {
             let response = router
                 .clone()
-                .oneshot(request("GET", path).body(Body::empty()).unwrap())
+                .oneshot(built.unwrap())
                 .await
                 .expect("infallible");
+            let status = response.status().as_u16();
+            assert_eq!(status, expected);
             let headers = response.headers();
-            assert_eq!(headers[header::CACHE_CONTROL], "no-store", "{path}");
-            assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+            assert_eq!(headers[header::CACHE_CONTROL], "no-store", "{status}");
+            assert_eq!(
+                headers[header::X_CONTENT_TYPE_OPTIONS],
+                "nosniff",
+                "{status}"
+            );
         }
     }
 

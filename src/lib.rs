@@ -191,8 +191,8 @@ impl Application {
     }
 }
 
-/// What unit tests share: a store whose dependencies refuse connections (closed loopback
-/// ports: real refusals, no servers needed) and the metrics recorder.
+/// Listens on every IPv4 address (`0.0.0.0`), not on IPv6: what the container and the
+/// Service need, and what README promises for `PORT` and `ADMIN_PORT`.
 async fn bind(port: u16) -> anyhow::Result<TcpListener> {
     let address = SocketAddr::from(([0, 0, 0, 0], port));
     TcpListener::bind(address)
@@ -200,6 +200,8 @@ async fn bind(port: u16) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {address}"))
 }
 
+/// What unit tests share: a store whose dependencies refuse connections (closed loopback
+/// ports: real refusals, no servers needed) and the metrics recorder.
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::sync::{Arc, OnceLock};
@@ -242,6 +244,23 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn listeners_are_on_every_ipv4_address_only() {
+        let listener = bind(0).await.expect("binds");
+        let address = listener.local_addr().expect("address");
+        assert_eq!(address.ip(), std::net::IpAddr::from([0, 0, 0, 0]));
+        let port = address.port();
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        );
+        // IPv6 loopback, where the host has it: nothing there.
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            assert!(tokio::net::TcpStream::connect(("::1", port)).await.is_err());
+        }
+    }
 
     #[test]
     fn shutdown_fits_the_grace_period_for_every_accepted_timeout() {

@@ -1,6 +1,8 @@
 //! `web` serves the page; `web healthcheck [--ready]` probes a running `web` (for container
-//! healthchecks, and readiness where the admin port is not reachable).
+//! healthchecks, and readiness where the admin port is not reachable); `web metrics` prints
+//! its `/metrics` from inside the container, where the admin port is reachable.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use desafio3::config::{self, Config};
@@ -14,12 +16,13 @@ fn main() -> ExitCode {
         (Some("healthcheck"), Some(flag)) if flag == "--ready" => {
             check_health(config::admin_port_from_env(), "/readyz")
         }
+        (Some("metrics"), None) => print_metrics(config::admin_port_from_env()),
         (Some("--version" | "-V"), None) => {
             println!("web {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: web [healthcheck [--ready] | --version]");
+            eprintln!("usage: web [healthcheck [--ready] | metrics | --version]");
             ExitCode::from(2)
         }
     }
@@ -72,6 +75,26 @@ fn check_health(port: Result<u16, config::ConfigError>, path: &str) -> ExitCode 
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_metrics(admin_port: Result<u16, config::ConfigError>) -> ExitCode {
+    let result = admin_port
+        .map_err(|e| e.to_string())
+        .and_then(|port| healthcheck::get(port, "/metrics"))
+        .and_then(|body| {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&body)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| format!("writing to stdout: {e}"))
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("metrics unavailable: {e}");
             ExitCode::FAILURE
         }
     }

@@ -756,6 +756,24 @@ impl Postgres {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
 
+    /// A client program (`psql`, `pg_dump`, ...), of the server's version where it lies
+    /// beside the server, reaching this
+    /// server as the superuser over TCP; `-U admin -d desafio3` on its command line then means
+    /// what it means in the compose stack's `docker exec db ...`.
+    pub fn client_command(&self, program: &str) -> Command {
+        let beside_server = postgres_bin_dir().join(program);
+        let mut cmd = if beside_server.is_file() {
+            Command::new(beside_server)
+        } else {
+            Command::new(program) // e.g. Debian's version-independent wrapper on PATH
+        };
+        cmd.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", self.port.to_string())
+            .env("PGPASSWORD", DB_PASSWORD)
+            .env("LC_ALL", "C");
+        cmd
+    }
+
     /// Runs SQL as the superuser, for tests that arrange state behind the service's back.
     pub fn execute(&self, sql: &str) {
         let sql = sql.to_owned();
