@@ -56,8 +56,8 @@ class Abort(Exception):
     """The stack is unusable: the remaining sections cannot run."""
 
 
-def run(cmd: list[str], timeout: float = 120, check_rc: bool = False, env=None):
-    p = servers.run(cmd, timeout, env=env, cwd=ROOT)
+def run(cmd: list[str], timeout: float = 120, check_rc: bool = False, env=None, **kw):
+    p = servers.run(cmd, timeout, env=env, cwd=ROOT, **kw)
     if check_rc and p.returncode != 0:
         raise Abort(f"{' '.join(cmd)} → rc {p.returncode}: {last_lines(p.stderr or p.stdout)}")
     return p
@@ -262,14 +262,18 @@ def doc_env(home: Path) -> dict[str, str]:
                 DOCKER_CONFIG=os.environ.get("DOCKER_CONFIG", str(Path.home() / ".docker")))
 
 
-def run_recipe(home: Path, doc: Path = RECIPE_DOC, key: str = "", then: str = 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'):
+def run_recipe(home: Path, doc: Path = RECIPE_DOC, key: str = "", then: str = 'echo "recipe-dir=$DESAFIO3_SECRETS"\n',
+               cwd: Path = ROOT):
     """doc's block (doc_block), verbatim, in bash -e with HOME=home, then `then`; the stack it acts
     on is this suite's (COMPOSE_PROJECT_NAME, COMPOSE_FILE)."""
     block = doc_block(doc, key)
-    info(f"running {doc.relative_to(ROOT)}'s recipe as written (HOME={home}):")
+    info(f"running {doc.relative_to(ROOT)}'s {key or 'recipe'} block as written (HOME={home}, in {cwd}):")
     for line in block.strip().splitlines():
         info(f"  $ {line}")
-    return run(["bash", "-euo", "pipefail", "-c", block + then], timeout=HEALTHY_TIMEOUT_S + 60, env=doc_env(home))
+    p = servers.run(["bash", "-euo", "pipefail", "-c", block + then], HEALTHY_TIMEOUT_S + 60, env=doc_env(home), cwd=cwd)
+    if p.returncode != 0:
+        info(f"  → rc {p.returncode}: {last_lines(p.stderr or p.stdout)}")
+    return p
 
 
 def sec_first_run(home: Path):
@@ -610,6 +614,56 @@ def sec_upgrade(home: Path):
           f"after {r.short()}")
 
 
+def wait_ok(above: int, tries: int = 40) -> Resp:
+    """GET / until an `ok` page (0.25 s apart); its count must then be above `above`."""
+    for _ in range(tries):
+        r = get()
+        if r.state == "ok":
+            break
+        time.sleep(0.25)
+    return r
+
+
+def sec_readme_blocks(home: Path):
+    """README's other command blocks, each run as written: readiness and metrics, the settings
+    from .env and the shell, and the runbook's repairs (a poisoned counter, a restored backup)."""
+    p = run_recipe(home, ROOT / "README.md", "7.readiness and metrics", then="")
+    series = 'http_requests_total{method="GET",route="/",status="200"}'
+    check("7.readiness and metrics", p.returncode == 0 and series in p.stdout,
+          f"rc {p.returncode}; `web metrics` printed {p.stdout.count(chr(10))} lines, {series} among them: {series in p.stdout}")
+
+    try:  # the settings block writes .env next to docker-compose.yml, as a user does
+        p = run_recipe(home, ROOT / "README.md", "7.settings", then="")
+        env = dict(v.split("=", 1) for v in inspect("web")["web"]["Config"]["Env"])
+        r = wait_ok(0)
+        check("7.settings", p.returncode == 0 and env.get("DB_TIMEZONE") == "Europe/Lisbon" and env.get("RUST_LOG") == "warn"
+              and r.state == "ok", f"rc {p.returncode}; web then has DB_TIMEZONE={env.get('DB_TIMEZONE')} (the shell's), "
+              f"RUST_LOG={env.get('RUST_LOG')} (.env's); {r.short()}")
+    finally:
+        (ROOT / ".env").unlink(missing_ok=True)
+        stack_up("7.settings undone")
+
+    web_redis = lambda *cmd: run(["docker", "exec", "-i", "cache", "redis-cli", "--user", "web", "--askpass", *cmd],  # noqa: E731
+                                 timeout=30, input=(Path(COMPOSE_ENV["DESAFIO3_SECRETS"]) / "redis_password").read_text())
+    top = get().count or 0
+    web_redis("SET", "visitas", "12ab")
+    poisoned = [get() for _ in range(3)]
+    p = run_recipe(home, ROOT / "README.md", "7.poisoned counter", then="")
+    r = wait_ok(top)
+    check("7.poisoned counter", any((x.json or {}).get("erros", {}).get("cache") == "invalid counter value" for x in poisoned)
+          and p.returncode == 0 and r.state == "ok" and (r.count or 0) > top,
+          f"visitas set to '12ab' → {poisoned[-1].short()}; the runbook's block → rc {p.returncode}; then {r.short()}")
+
+    p = run_recipe(home, ROOT / "README.md", "7.backup", then="", cwd=home)
+    answered = [get().count for _ in range(5)]
+    q = run_recipe(home, ROOT / "README.md", "7.restore", then="", cwd=home)
+    r = wait_ok(0)
+    n = int(re.search(r"^N=(\d+)", doc_block(ROOT / "README.md", "7.restore"), re.M)[1])
+    check("7.backup and restore", p.returncode == 0 and q.returncode == 0 and r.state == "ok" and (r.count or 0) > n,
+          f"backup → rc {p.returncode} ({(home / 'backup.sql').stat().st_size if (home / 'backup.sql').exists() else 0} bytes); "
+          f"then counts {answered}; restore with N={n} → rc {q.returncode}; then {r.short()} (each count once: 9.)")
+
+
 def sec_logs(secrets: dict[str, str]):
     collect_logs()
     text = "\n".join(LOGS)
@@ -656,6 +710,7 @@ def main() -> int:
         sec_faults()
         sec_persistence()
         sec_upgrade(home)
+        sec_readme_blocks(home)
         sec_logs(secrets)
     except Abort as e:
         check("aborted", False, str(e))
