@@ -291,9 +291,11 @@ def sec_first_run(home: Path):
         dt, built = time.time() - t0, inspect("web").get("web", {}).get("Image", "")
         r = get()
         ok = proc.poll() is None and r.status == 200 and r.state == "ok" and r.count == 1
-        check("0.first run", ok, f"`{command}` built the Dockerfile ({FILES[-1].name} build args: "
-              f"{'stand-in builder' if len(FILES) > 1 else 'its defaults'}) and started the stack; first page after "
-              f"{dt:.0f} s: {r.short()}" + ("" if ok else f"; its output: {last_lines((home / 'first-run.log').read_text(), 8)}"))
+        builder = "the stand-in builder" if len(FILES) > 1 else "rust:1-alpine"
+        check("0.first run", ok, (f"`{command}` built the Dockerfile on {builder} and started the stack" if ok else
+                                  f"`{command}` did not bring the stack up (rc {proc.poll()})") +
+              f"; first page after {dt:.0f} s: {r.short()}" +
+              ("" if ok else f"; its output: {last_lines((home / 'first-run.log').read_text(), 8)}"))
         if not ok:
             raise Abort("README's first command did not bring the stack up")
         info(f"web runs image {built[:19]} (desafio3-web:latest, just built)")
