@@ -98,6 +98,10 @@ fn describe() {
     );
     describe_counter!(
         "visit_counter_fences_total",
-        "Times this process fenced Redis anew (a restart, FLUSHALL, or PostgreSQL counting meanwhile)"
+        "Times this process fenced Redis anew (a restart, a resync, FLUSHALL, or PostgreSQL counting meanwhile)"
+    );
+    describe_counter!(
+        "visit_counter_confirmations_total",
+        "Redis batches confirmed in PostgreSQL: sent=ahead with the count, sent=after once Redis answered, sent=again as a second write"
     );
 }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::store::{CountedIn, DepError, Store};
+use crate::store::{CountedIn, Counting, DepError, Store};
 
 /// Most visits served by one round trip; bounds the work lost to a failure mid-batch.
 const MAX_BATCH: usize = 1024;
@@ -113,13 +113,15 @@ async fn batch_loop(
     close: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // This task is the only one that counts, so it owns what counting needs to remember.
+    let mut counting = Counting::default();
     loop {
         tokio::select! {
             received = waiting.recv_many(&mut batch, MAX_BATCH) => {
                 if received == 0 {
                     break;
                 }
-                let outcome = run_batch(&store, batch.len()).await;
+                let outcome = run_batch(&store, &mut counting, batch.len()).await;
                 for (index, reply) in batch.drain(..).enumerate() {
                     // A visitor who hung up still used its count: a gap the contract allows.
                     let _ = reply.send(outcome.visit(index));
@@ -130,8 +132,8 @@ async fn batch_loop(
     }
 }
 
-async fn run_batch(store: &Store, size: usize) -> BatchOutcome {
-    let (counted, db_time) = store.count_and_clock(size as u64).await;
+async fn run_batch(store: &Store, counting: &mut Counting, size: usize) -> BatchOutcome {
+    let (counted, db_time) = store.count_and_clock(counting, size as u64).await;
     metrics::histogram!("visit_batch_size").record(size as f64);
     let total = counted.total.map(|(total, counted_in)| {
         let store_label = match counted_in {

@@ -18,24 +18,39 @@ pub const COUNTER_KEY: &str = "visitas";
 /// went back: someone lowered it, or an older copy of it was restored).
 pub const FENCE_KEY: &str = "visitas:fence";
 
+/// The first lines of both scripts: `id`, the identity of this Redis's data, which changes
+/// whenever the data may have been replaced. `run_id` is new at every start of the process (so a
+/// restart from an older file is noticed); `master_replid` is new on every start and promotion,
+/// and is taken from the master on a full resync (so a server whose data was replaced by a copy,
+/// as a failover and failback or a repaired replica do, is noticed although its `run_id` stays).
+/// Then the counter's value, refused unless it is a count this service could have written.
+macro_rules! script {
+    ($body:literal) => {
+        concat!(
+            "local info = redis.call('INFO', 'server', 'replication')
+local id = string.match(info, 'run_id:(%x+)') .. ':' .. string.match(info, 'master_replid:(%x+)')
+local raw = redis.call('GET', KEYS[1])
+if raw and (#raw > 15 or not string.match(raw, '^%d+$')) then
+  return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
+end
+local token, top = unpack(redis.call('HMGET', KEYS[2], 'token', 'top'))
+",
+            $body
+        )
+    };
+}
+
 /// Adds `ARGV[1]` visits and returns the new total, if this Redis is still the one the caller
-/// was told may count: its fence (`ARGV[2]`) names the Redis process (its `run_id`, new at
-/// every start, so a restart from an older file is noticed) and the token, and the counter is
-/// not below its top. Otherwise the error code `UNFENCED`, with nothing counted: the caller
-/// fences again (`docs/counting.md`). A missing counter is never counted from zero.
+/// was told may count: its fence (`ARGV[2]`) names this Redis's data (`id`) and the token, and
+/// the counter is not below its top. Otherwise the error code `UNFENCED`, with nothing counted:
+/// the caller fences again (`docs/counting.md`). A missing counter is never counted from zero.
 ///
 /// A value that is not a plausible count (not digits, or more than [`MAX_COUNT`]) was written
 /// by someone else: the script refuses it with the error code `IMPLAUSIBLE` and changes
 /// nothing, so the value never reaches an answer or PostgreSQL.
-const COUNT: &str = r"
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local raw = redis.call('GET', KEYS[1])
-local token, top = unpack(redis.call('HMGET', KEYS[2], 'token', 'top'))
-if not raw or not token or not top or run_id .. ':' .. token ~= ARGV[2] then
+const COUNT: &str = script!(
+    r"if not raw or not token or not top or id .. ':' .. token ~= ARGV[2] then
   return redis.error_reply('UNFENCED this Redis is not the fenced counter')
-end
-if #raw > 15 or not string.match(raw, '^%d+$') then
-  return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
 end
 if tonumber(raw) < tonumber(top) then
   return redis.error_reply('UNFENCED the counter went back')
@@ -43,25 +58,21 @@ end
 local total = redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'top', total)
 return total
-";
+"
+);
 
-/// Fences this Redis, run while PostgreSQL's counter row is locked: raises the counter to the
-/// counter of record (`ARGV[1]`) and to its own top, and keeps the fence of record (`ARGV[3]`)
-/// only if it still names this process and token and the counter needed no raising;
-/// otherwise writes the new token `ARGV[2]`, so that counts taken under any older fence can
-/// no longer be confirmed. Returns the counter and the fence now in force.
-const FENCE: &str = r"
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local raw = redis.call('GET', KEYS[1])
-if raw and (#raw > 15 or not string.match(raw, '^%d+$')) then
-  return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
-end
-local token, top = unpack(redis.call('HMGET', KEYS[2], 'token', 'top'))
-local floor = ARGV[1]
+/// Fences this Redis: raises the counter to the counter of record PostgreSQL held when asked
+/// (`ARGV[1]`) and to its own top, and keeps the fence of record (`ARGV[3]`) only if it still
+/// names this Redis's data and token and the counter needed no raising; otherwise writes the
+/// new token `ARGV[2]`, so that counts taken under any older fence can no longer be
+/// confirmed. Returns the counter and the fence now in force; the caller records a new fence
+/// in PostgreSQL only if the row has not moved meanwhile.
+const FENCE: &str = script!(
+    r"local floor = ARGV[1]
 if top and tonumber(top) > tonumber(floor) then
   floor = top
 end
-local renew = not token or run_id .. ':' .. token ~= ARGV[3]
+local renew = not token or id .. ':' .. token ~= ARGV[3]
 if not raw or tonumber(raw) < tonumber(floor) then
   raw = floor
   redis.call('SET', KEYS[1], raw)
@@ -71,8 +82,9 @@ if renew then
   token = ARGV[2]
 end
 redis.call('HSET', KEYS[2], 'token', token, 'top', raw)
-return {raw, run_id .. ':' .. token}
-";
+return {raw, id .. ':' .. token}
+"
+);
 
 /// The largest count accepted from Redis: a million visits a second for thirty years, and still
 /// far below where Lua's doubles (2^53) stop being exact. 15 digits, as the script checks.

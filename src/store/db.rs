@@ -1,5 +1,6 @@
 //! PostgreSQL: the clock shown on the page and the counter of record.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,8 +17,16 @@ const POOL_SIZE: usize = 8;
 /// `CREATE TABLE IF NOT EXISTS` can both decide to create and one then fails.
 pub const SCHEMA_LOCK_ID: i64 = 0x6465_7361_6669_6f33; // "desafio3"
 
-/// `fence` names the Redis that may count (its process and fencing token, see `cache`), or is
-/// empty while PostgreSQL counts itself. Tables from before fencing gain the column.
+/// The fence of a counter row that this process had to create: PostgreSQL must not count by
+/// itself from 0 while Redis may hold a higher count. No Redis fence has this value, so nothing
+/// is confirmed under it either; the first fencing lifts the row to Redis's counter.
+pub const UNLIFTED: &str = "unlifted";
+
+/// Run once, at the first connection (never by a recovery probe: a lock behind a frozen
+/// session would stall it). `fence` names the Redis that may count (its data and fencing
+/// token, see `cache`), is empty while PostgreSQL counts itself, or is [`UNLIFTED`]. Tables
+/// from before fencing gain the column; the `ALTER`, which locks the table exclusively even
+/// when the column exists, runs only when it is missing.
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS visit_counter (
         id         smallint    PRIMARY KEY CHECK (id = 1),
@@ -25,9 +34,19 @@ const SCHEMA: &str = "
         updated_at timestamptz NOT NULL DEFAULT now(),
         fence      text        NOT NULL DEFAULT ''
     );
-    ALTER TABLE visit_counter ADD COLUMN IF NOT EXISTS fence text NOT NULL DEFAULT '';
-    INSERT INTO visit_counter (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+    DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                       WHERE table_schema = current_schema() AND table_name = 'visit_counter'
+                         AND column_name = 'fence') THEN
+            ALTER TABLE visit_counter ADD COLUMN fence text NOT NULL DEFAULT '';
+        END IF;
+    END $$;
+    INSERT INTO visit_counter (id, value, fence) VALUES (1, 0, 'unlifted') ON CONFLICT (id) DO NOTHING;
 ";
+
+/// The row that schema set-up reads back: proves the table is there without taking any lock
+/// a reader would wait on.
+const CHECK_TABLE: &str = "SELECT value FROM visit_counter WHERE id = 1";
 
 /// The database clock as the page shows it, in the time zone bound to parameter `$tz`, for
 /// every statement that reads it. `to_char` renders microseconds always with six digits,
@@ -59,24 +78,60 @@ const CONFIRM: &str = concat!(
 
 /// Counts a batch in PostgreSQL itself, and reads the clock: allowed once no Redis batch was
 /// confirmed for the lease (`$2` ms), and then it lifts the fence, so that Redis counts taken
-/// meanwhile are never confirmed. NULL while the lease holds.
+/// meanwhile are never confirmed. NULL while the lease holds, and while the row is
+/// [`UNLIFTED`].
 const COUNT_HERE: &str = concat!(
     "WITH counted AS (
          UPDATE visit_counter SET value = value + $1, fence = '', updated_at = now()
-         WHERE id = 1 AND (fence = '' OR updated_at < now() - $2::bigint * interval '1 millisecond')
+         WHERE id = 1 AND fence <> 'unlifted'
+           AND (fence = '' OR updated_at < now() - $2::bigint * interval '1 millisecond')
          RETURNING value)
      SELECT (SELECT value FROM counted), ",
     clock!("$3")
 );
 
-const HOLD: &str = "SELECT value, fence FROM visit_counter WHERE id = 1 FOR UPDATE";
-const SET_FENCE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), fence = $2, \
-                         updated_at = now() WHERE id = 1";
+const READ_FENCE: &str = "SELECT value, fence FROM visit_counter WHERE id = 1";
+
+/// Records a new fence, compare-and-set: only if the fence is still the one read before Redis
+/// was fenced (`$3`), and the counter of record is not above what Redis now holds (PostgreSQL
+/// did not count past it meanwhile). No lock is held while Redis is asked, so a replica that
+/// freezes mid-fencing stalls nobody.
+const RECORD_FENCE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), fence = $2, \
+                            updated_at = now() WHERE id = 1 AND fence = $3 AND value <= $1 \
+                            RETURNING value";
 
 pub struct Db {
     pool: Pool,
     timezone: String,
     dependency: Dependency,
+    /// Set once the schema is in place; recovery probes then only read.
+    schema_ready: AtomicBool,
+}
+
+/// Server-side bounds on every session `web` opens, and the durability a confirmation relies
+/// on, whatever the server's defaults: a statement, a lock wait or a transaction left idle by
+/// a frozen or cut-off replica is ended by the server itself. TCP keepalives and a user
+/// timeout let the client's kernel drop a half-open connection.
+fn bounded(mut config: tokio_postgres::Config, timeout: Duration) -> tokio_postgres::Config {
+    let ms = timeout.as_millis();
+    let ours = format!(
+        "-c statement_timeout={} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={} \
+         -c synchronous_commit=on",
+        2 * ms,
+        2 * ms
+    );
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.is_empty() => format!("{theirs} {ours}"),
+        _ => ours,
+    };
+    config
+        .options(options)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3)
+        .tcp_user_timeout(4 * timeout);
+    config
 }
 
 impl Db {
@@ -88,7 +143,7 @@ impl Db {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let manager = Manager::from_config(
-            config,
+            bounded(config, timeout),
             tls.connector().context("configuring TLS to PostgreSQL")?,
             ManagerConfig {
                 // A connection whose server closed it is discarded on checkout. Verifying
@@ -110,6 +165,7 @@ impl Db {
             pool,
             timezone,
             dependency: Dependency::new("db", timeout),
+            schema_ready: AtomicBool::new(false),
         })
     }
 
@@ -161,32 +217,30 @@ impl Db {
             .await
     }
 
-    /// Fences Redis: with the counter row locked, hands the counter of record and the fence in
-    /// force to `fence_redis`, then records what it returns (the counter Redis now holds, and
-    /// the fence in force), and returns both. The outer error is PostgreSQL's, the inner one Redis's; on either
-    /// the transaction rolls back and the fence of record stays as it was.
-    pub async fn fence<F, Fut>(
+    /// The counter of record and the fence in force, read without a lock.
+    pub async fn fence_of_record(&self) -> Result<(i64, String), DepError> {
+        self.dependency
+            .call(async {
+                let row = self.row(READ_FENCE, &[]).await?.context("no counter row")?;
+                Ok::<_, anyhow::Error>((row.try_get(0)?, row.try_get(1)?))
+            })
+            .await
+    }
+
+    /// Records `fence` (under which Redis now holds `counter`) in place of `held`, if the row
+    /// did not move meanwhile (see [`RECORD_FENCE`]); returns whether it was recorded.
+    pub async fn record_fence(
         &self,
-        fence_redis: F,
-    ) -> Result<Result<(i64, String), DepError>, DepError>
-    where
-        F: FnOnce(i64, String) -> Fut,
-        Fut: std::future::Future<Output = Result<(i64, String), DepError>>,
-    {
-        let dep = &self.dependency;
-        let mut client = dep.call(self.pool.get()).await?;
-        let tx = dep.call(client.transaction()).await?;
-        let row = dep.call(tx.query_one(HOLD, &[])).await?;
-        let held = dep
-            .call(async { Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?)) })
-            .await?;
-        let (counter, fence) = match fence_redis(held.0, held.1).await {
-            Ok(fenced) => fenced,
-            Err(e) => return Ok(Err(e)),
-        };
-        dep.call(tx.execute(SET_FENCE, &[&counter, &fence])).await?;
-        dep.call(tx.commit()).await?;
-        Ok(Ok((counter, fence)))
+        counter: i64,
+        fence: &str,
+        held: &str,
+    ) -> Result<bool, DepError> {
+        self.dependency
+            .call(async {
+                let row = self.row(RECORD_FENCE, &[&counter, &fence, &held]).await?;
+                Ok::<_, anyhow::Error>(row.is_some())
+            })
+            .await
     }
 
     /// Keeps the database's state up to date until `stop` (see [`Dependency::watch`]).
@@ -216,19 +270,27 @@ impl Db {
         Ok(client.query_opt(&statement, params).await?)
     }
 
-    /// The watcher's probe while the database is not up: creates the
-    /// schema if needed. It runs at start and after every outage, which also repairs a dropped
-    /// table.
+    /// The watcher's probe while the database is not up. The first one that reaches the
+    /// database sets up the schema; later ones only read the counter row over a new connection:
+    /// a dropped table then keeps the database down, named in the log, instead of being made
+    /// again at 0.
     async fn prepare(&self) -> anyhow::Result<()> {
         // Idle connections from before the outage may be half-open: they would time out
         // instead of failing, and the database would never look up again.
         self.pool.retain(|_, _| false);
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_ID])
-            .await?;
-        tx.batch_execute(SCHEMA).await?;
-        tx.commit().await?;
+        if !self.schema_ready.load(Ordering::Acquire) {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_ID])
+                .await?;
+            tx.batch_execute(SCHEMA).await?;
+            tx.commit().await?;
+            self.schema_ready.store(true, Ordering::Release);
+        }
+        client
+            .query_one(CHECK_TABLE, &[])
+            .await
+            .context("reading the counter of record")?;
         Ok(())
     }
 }

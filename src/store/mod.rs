@@ -16,8 +16,7 @@ pub mod dependency;
 pub mod tls;
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -57,19 +56,61 @@ pub struct Readiness {
     pub db: Result<(), DepError>,
 }
 
+/// What this process knows about counting in Redis. Owned by the one task that counts (see
+/// `visits`), which hands it to every [`Store::count_and_clock`]: no lock, no sharing.
+#[derive(Debug, Default)]
+pub struct Counting {
+    /// The fence this process last saw PostgreSQL hold; empty until it fenced once.
+    fence: String,
+    /// Redis's total after this process's last batch.
+    last_total: i64,
+    /// Whether other replicas counted in Redis between this process's last two batches.
+    shared: bool,
+}
+
+impl Counting {
+    /// The total to confirm together with a batch of `n`, before Redis answers: what Redis
+    /// will reach if nobody else counts meanwhile. Only worth sending while this process
+    /// counts alone: when another replica counted in between, the guess falls short and a
+    /// second confirmation follows, two writes for one batch. Then the confirmation waits for
+    /// Redis's total instead (one round trip later, one write).
+    fn ahead(&self, n: i64) -> Option<i64> {
+        (!self.fence.is_empty() && !self.shared).then(|| self.last_total.saturating_add(n))
+    }
+
+    /// Redis counted a batch of `n` up to `total`.
+    fn counted(&mut self, n: i64, total: i64) {
+        self.shared = total != self.last_total.saturating_add(n);
+        self.last_total = total;
+    }
+
+    /// Redis now holds `counter` under `fence`.
+    fn fenced(&mut self, counter: i64, fence: String) {
+        self.fence = fence;
+        self.last_total = counter;
+        self.shared = false;
+    }
+
+    /// The fence this process knew is not the fence of record any more: fence again next time.
+    fn forget_fence(&mut self) {
+        self.fence.clear();
+    }
+}
+
+/// How a fencing ended, when PostgreSQL answered.
+enum Fencing {
+    /// Redis counts under the fence of record, which this process now knows.
+    Fenced,
+    /// Redis failed: PostgreSQL may count in its place.
+    CacheFailed(DepError),
+    /// The row moved while Redis was fenced (another replica fenced, or PostgreSQL counted):
+    /// this batch gets no count; the next one fences again.
+    Superseded,
+}
+
 pub struct Store {
     cache: Cache,
     db: Db,
-    /// The fence this process last saw PostgreSQL hold; empty until it fenced once.
-    fence: Mutex<String>,
-    /// What Redis's counter will be once this process's batches in flight are counted, if no
-    /// other replica counts meanwhile: the guess that lets confirmation start with the count.
-    expected: AtomicI64,
-    /// Held while this process fences, so that batches counted at once fence once, not each
-    /// (`visits` sends one batch at a time, but the store does not rely on it).
-    fencing: tokio::sync::Mutex<()>,
-    /// Bounds a whole fencing: the row stays locked for it, and the batch waits.
-    fence_timeout: Duration,
 }
 
 /// A token no fence has held before: 64 random bits.
@@ -102,10 +143,6 @@ impl Store {
                 config.dependency_timeout,
             )
             .context("configuring PostgreSQL")?,
-            fence: Mutex::new(String::new()),
-            expected: AtomicI64::new(0),
-            fencing: tokio::sync::Mutex::new(()),
-            fence_timeout: 2 * config.dependency_timeout,
         }))
     }
 
@@ -117,112 +154,95 @@ impl Store {
         tasks.spawn(async move { store.db.watch(token).await });
     }
 
-    fn fence(&self) -> String {
-        self.fence
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn set_fence(&self, fence: String) {
-        *self.fence.lock().unwrap_or_else(PoisonError::into_inner) = fence;
-    }
-
     /// Counts `n` visits and reads the database clock. Redis counts under the fence this
-    /// process knows; if Redis says the fence changed, this process fences again (once) and
-    /// retries. If Redis fails, PostgreSQL counts once the lease allows.
-    pub async fn count_and_clock(&self, n: u64) -> (Counted, Result<String, DepError>) {
+    /// process knows (`counting`); if Redis says the fence changed, this process fences again
+    /// (once) and retries. If Redis fails, PostgreSQL counts once the lease allows.
+    pub async fn count_and_clock(
+        &self,
+        counting: &mut Counting,
+        n: u64,
+    ) -> (Counted, Result<String, DepError>) {
         if let Some(e) = self.db.down_reason() {
             return (Counted::db_failed(e.clone()), Err(e));
         }
-        let mut fenced = false;
-        loop {
-            let fence = self.fence();
-            // Confirmation starts with the count, for the total this process expects; when
-            // another replica counted meanwhile, Redis's total is higher and is confirmed after.
-            let n_i64 = n as i64; // At most the batch size.
-            let expected = self.expected.fetch_add(n_i64, Ordering::SeqCst) + n_i64;
+        let n_i64 = n as i64; // At most the batch size.
+        for attempt in 0..2 {
+            let fence = counting.fence.clone();
+            let expected = counting.ahead(n_i64);
             // Not while Redis is known to be down: there will be no count to confirm, and
             // PostgreSQL's own count (`count_here`) makes its round trip anyway.
             let early = async {
-                if fence.is_empty() || self.cache.down_reason().is_some() {
-                    None
-                } else {
-                    Some(self.db.confirm(expected, &fence).await)
+                match expected {
+                    Some(expected) if self.cache.down_reason().is_none() => {
+                        Some(self.db.confirm(expected, &fence).await)
+                    }
+                    _ => None,
                 }
             };
             let (counted, early) = tokio::join!(self.cache.count(n, &fence), early);
             match counted {
-                Ok(Some(total)) => match early {
-                    Some(Ok((true, clock))) if total <= expected => {
-                        return (Counted::total(total, CountedIn::Cache, None), Ok(clock));
-                    }
-                    Some(Ok((false, clock))) => return (self.withhold(&fence), Ok(clock)),
-                    Some(Err(e)) => return (Counted::db_failed(e.clone()), Err(e)),
-                    _ => {
-                        self.expected.fetch_max(total, Ordering::SeqCst);
-                        return self.confirm(total, &fence).await;
-                    }
-                },
-                Ok(None) => self.expected.fetch_sub(n_i64, Ordering::SeqCst),
-                Err(cache_error) => {
-                    self.expected.fetch_sub(n_i64, Ordering::SeqCst);
-                    return self.count_here(n, cache_error).await;
+                Ok(Some(total)) => {
+                    counting.counted(n_i64, total);
+                    let sent = match early {
+                        Some(Ok((true, clock))) if Some(total) <= expected => {
+                            confirmations("ahead");
+                            return (Counted::total(total, CountedIn::Cache, None), Ok(clock));
+                        }
+                        Some(Ok((false, clock))) => return (withhold(counting), Ok(clock)),
+                        Some(Err(e)) => return (Counted::db_failed(e.clone()), Err(e)),
+                        Some(Ok((true, _))) => "again",
+                        None => "after",
+                    };
+                    confirmations(sent);
+                    return self.confirm(counting, total, &fence).await;
                 }
-            };
-            if fenced {
-                // Fenced a moment ago and superseded already: no count this time.
-                let clock = self.db.now().await;
-                let counted = Counted {
-                    cache_error: Some(DepError::Unconfirmed),
-                    db_error: clock.as_ref().err().cloned(),
-                    ..Counted::default()
-                };
-                return (counted, clock);
+                Ok(None) => {}
+                Err(cache_error) => return self.count_here(counting, n, cache_error).await,
             }
-            fenced = true;
-            let _only_one = self.fencing.lock().await;
-            if self.fence() != fence {
-                continue; // Another batch of this process fenced meanwhile.
+            if attempt > 0 {
+                break; // Fenced a moment ago and superseded already: no count this time.
             }
-            match self.fence_redis().await {
-                Ok(Ok(())) => {}
-                Ok(Err(cache_error)) => return self.count_here(n, cache_error).await,
+            match self.fence_redis(counting).await {
+                Ok(Fencing::Fenced) => {}
+                Ok(Fencing::CacheFailed(cache_error)) => {
+                    return self.count_here(counting, n, cache_error).await;
+                }
+                Ok(Fencing::Superseded) => break,
                 Err(e) => return (Counted::db_failed(e.clone()), Err(e)),
             }
         }
-    }
-
-    /// A batch counted under a fence that is no longer the fence of record: its counts may
-    /// not be new. Fence again next time (unless another batch of this process already did).
-    fn withhold(&self, fence: &str) -> Counted {
-        let mut known = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
-        if *known == fence {
-            known.clear();
-        }
-        Counted {
+        let clock = self.db.now().await;
+        let counted = Counted {
             cache_error: Some(DepError::Unconfirmed),
+            db_error: clock.as_ref().err().cloned(),
             ..Counted::default()
-        }
+        };
+        (counted, clock)
     }
 
-    async fn confirm(&self, total: i64, fence: &str) -> (Counted, Result<String, DepError>) {
+    async fn confirm(
+        &self,
+        counting: &mut Counting,
+        total: i64,
+        fence: &str,
+    ) -> (Counted, Result<String, DepError>) {
         match self.db.confirm(total, fence).await {
             Ok((true, clock)) => (Counted::total(total, CountedIn::Cache, None), Ok(clock)),
-            Ok((false, clock)) => (self.withhold(fence), Ok(clock)),
+            Ok((false, clock)) => (withhold(counting), Ok(clock)),
             Err(e) => (Counted::db_failed(e.clone()), Err(e)),
         }
     }
 
     async fn count_here(
         &self,
+        counting: &mut Counting,
         n: u64,
         cache_error: DepError,
     ) -> (Counted, Result<String, DepError>) {
         // `n` is at most the batch size, far below i64::MAX.
         match self.db.count_here(n as i64, REDIS_LEASE).await {
             Ok((Some(total), clock)) => {
-                self.set_fence(String::new());
+                counting.forget_fence();
                 let counted = Counted::total(total, CountedIn::Db, Some(cache_error));
                 (counted, Ok(clock))
             }
@@ -244,26 +264,26 @@ impl Store {
         }
     }
 
-    /// Fences Redis with the counter row locked (see `db::Db::fence`, `cache::Cache::fence`)
-    /// and remembers the fence in force. The outer error is PostgreSQL's, the inner Redis's.
-    async fn fence_redis(&self) -> Result<Result<(), DepError>, DepError> {
-        let token = new_token();
-        let fencing = self
-            .db
-            .fence(|floor, held| async move { self.cache.fence(floor, &token, &held).await });
-        let (counter, fence) = match tokio::time::timeout(self.fence_timeout, fencing).await {
-            Ok(Ok(Ok(fenced))) => fenced,
-            Ok(Ok(Err(cache_error))) => return Ok(Err(cache_error)),
-            Ok(Err(db_error)) => return Err(db_error),
-            Err(_) => return Err(DepError::Timeout(self.fence_timeout)),
+    /// Fences Redis by compare-and-set, holding no lock while Redis is asked: reads the
+    /// counter and fence of record, has Redis raise its counter to it and keep or renew the
+    /// fence (see `cache::Cache::fence`), then records a renewed fence only if the row did not
+    /// move meanwhile (see `db::Db::record_fence`). The error is PostgreSQL's.
+    async fn fence_redis(&self, counting: &mut Counting) -> Result<Fencing, DepError> {
+        let (floor, held) = self.db.fence_of_record().await?;
+        let (counter, fence) = match self.cache.fence(floor, &new_token(), &held).await {
+            Ok(fenced) => fenced,
+            Err(cache_error) => return Ok(Fencing::CacheFailed(cache_error)),
         };
-        if fence != self.fence() {
+        if fence != held {
+            if !self.db.record_fence(counter, &fence, &held).await? {
+                counting.forget_fence();
+                return Ok(Fencing::Superseded);
+            }
             tracing::info!(fence = %fence, "counting in Redis under a new fence");
             metrics::counter!("visit_counter_fences_total").increment(1);
         }
-        self.expected.store(counter, Ordering::SeqCst);
-        self.set_fence(fence);
-        Ok(Ok(()))
+        counting.fenced(counter, fence);
+        Ok(Fencing::Fenced)
     }
 
     /// One round trip to each dependency over the connections it already has: no schema
@@ -272,6 +292,23 @@ impl Store {
         let (cache, db) = tokio::join!(self.cache.check(), self.db.check());
         Readiness { cache, db }
     }
+}
+
+/// A batch counted under a fence that is no longer the fence of record: its counts may not
+/// be new. Fence again next time.
+fn withhold(counting: &mut Counting) -> Counted {
+    counting.forget_fence();
+    Counted {
+        cache_error: Some(DepError::Unconfirmed),
+        ..Counted::default()
+    }
+}
+
+/// Counts how each Redis batch was confirmed: with the count (`ahead`), after Redis answered
+/// (`after`, while other replicas count too), or by a second write (`again`) because another
+/// replica counted in between and Redis's total was above the guess.
+fn confirmations(how: &'static str) {
+    metrics::counter!("visit_counter_confirmations_total", "sent" => how).increment(1);
 }
 
 impl Counted {
@@ -311,7 +348,7 @@ mod tests {
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         store.spawn_tasks(&tasks, &stop);
         let started = Instant::now();
-        let (counted, clock) = store.count_and_clock(3).await;
+        let (counted, clock) = store.count_and_clock(&mut Counting::default(), 3).await;
         assert!(counted.total.is_none() && counted.db_error.is_some());
         assert!(clock.is_err());
         let ready = store.readiness().await;
