@@ -1,11 +1,12 @@
-//! Chaos (issue 10): three real `web` processes on one Redis (append-only file, as in
+//! Chaos: three real `web` processes on one Redis (append-only file, as in
 //! compose) and one PostgreSQL, eight clients sending requests to them throughout, and faults
 //! injected while the load runs, off the runtime. Every scenario checks what the clients were
 //! told against the counting invariant:
 //!
 //! 1. no count is handed out twice, across all replicas;
-//! 2. once every dependency is back and each replica answered a fresh visit with a count, the
-//!    counter of record, read at once (no flush awaited), is ≥ the highest count handed out;
+//! 2. the counter of record, polled all along the run (every 100 ms while PostgreSQL answers),
+//!    is ≥ every count received before each poll was sent; and once every dependency is back
+//!    and each replica answered a fresh visit with a count, it is ≥ the highest count handed out;
 //! 3. the load flowed during each outage: HTTP answers came back, and no request anywhere
 //!    took longer than `HANG`; while Redis was out for every replica (over 2 s) some answers
 //!    carried a count (PostgreSQL counts), while PostgreSQL was out none sent then did (503,
@@ -134,12 +135,14 @@ async fn visit(client: &reqwest::Client, replica: usize, address: &str) -> Answe
     }
 }
 
-/// Redis, PostgreSQL and three replicas, each reaching Redis through a link of its own that
-/// can be cut: replicas then see Redis go and come back at different moments.
+/// Redis, PostgreSQL and three replicas, each reaching Redis and PostgreSQL through links of
+/// its own that can be cut (frozen half-open): replicas then see a dependency go and come back
+/// at different moments, or alone.
 struct Stack {
     redis: Redis,
     pg: Postgres,
     links: Vec<Partition>,
+    pg_links: Vec<Partition>,
     webs: Vec<Option<WebProcess>>,
     /// Where the clients send each replica's share; a replaced replica has a new address.
     addresses: Arc<RwLock<Vec<String>>>,
@@ -148,13 +151,16 @@ struct Stack {
 impl Stack {
     async fn start() -> Self {
         let redis = Redis::start_persistent();
+        let pg = Postgres::start();
         let links = (0..REPLICAS)
             .map(|_| Partition::start(redis.port))
             .collect();
+        let pg_links = (0..REPLICAS).map(|_| Partition::start(pg.port)).collect();
         let mut stack = Self {
             redis,
-            pg: Postgres::start(),
+            pg,
             links,
+            pg_links,
             webs: (0..REPLICAS).map(|_| None).collect(),
             addresses: Arc::new(RwLock::new(vec![String::new(); REPLICAS])),
         };
@@ -168,7 +174,8 @@ impl Stack {
     /// A new `web` process in `slot`: the clients send to it at once, ready or not.
     fn spawn(&mut self, slot: usize) {
         let redis_url = format!("redis://127.0.0.1:{}/0", self.links[slot].port);
-        let web = WebProcess::spawn(Env::new(&redis_url, &self.pg.url()));
+        let database_url = Postgres::url_on(self.pg_links[slot].port);
+        let web = WebProcess::spawn(Env::new(&redis_url, &database_url));
         self.addresses.write().expect("addresses")[slot] = web.address();
         self.webs[slot] = Some(web);
     }
@@ -420,6 +427,7 @@ async fn chaos(name: &str, scenario: impl AsyncFnOnce(&mut Chaos)) {
     let stack = Stack::start().await;
     let stop = Arc::new(AtomicBool::new(false));
     let clients = start_load(&stack.addresses, &stop, seed);
+    let polls = poll_counter(stack.pg.port, &stop);
     let mut chaos = Chaos {
         stack,
         rng: Rng::new(seed),
@@ -436,6 +444,8 @@ async fn chaos(name: &str, scenario: impl AsyncFnOnce(&mut Chaos)) {
         answers.extend(client.await.expect("client task"));
     }
     let mut violations = Vec::new();
+    let polls = polls.await.expect("poller task");
+    check_polls(&polls, &answers, chaos.t0, &mut violations);
     answers.extend(chaos.recover(&mut violations).await);
     let counter = chaos.stack.pg.counter();
     let summary = check(&chaos, &answers, counter, &mut violations);
@@ -446,6 +456,59 @@ async fn chaos(name: &str, scenario: impl AsyncFnOnce(&mut Chaos)) {
         suite_seed(),
         violations.join("\n  ")
     );
+}
+
+/// Reads the counter of record every 100 ms until `stop`, off the runtime: when each read was
+/// sent, and what it found (`None` while PostgreSQL is out).
+fn poll_counter(
+    port: u16,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Instant, Option<i64>)>> {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let mut polls = Vec::new();
+        while !stop.load(Relaxed) {
+            let sent = Instant::now();
+            let read = tokio::task::spawn_blocking(move || Postgres::counter_on(port));
+            polls.push((sent, read.await.expect("counter read")));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        polls
+    })
+}
+
+/// Invariant 2 during the run: every poll found the counter ≥ every count received before the
+/// poll was sent.
+fn check_polls(
+    polls: &[(Instant, Option<i64>)],
+    answers: &[Answer],
+    t0: Instant,
+    v: &mut Vec<String>,
+) {
+    let read: Vec<_> = polls
+        .iter()
+        .filter_map(|(at, c)| Some((*at, (*c)?)))
+        .collect();
+    if read.len() < 5 {
+        v.push(format!(
+            "only {} reads of the counter of record",
+            read.len()
+        ));
+    }
+    for (at, counter) in read {
+        let before = answers.iter().filter(|a| a.received() < at);
+        if let Some(a) = before
+            .filter(|a| a.count > Some(counter))
+            .max_by_key(|a| a.count)
+        {
+            let ms = at.saturating_duration_since(t0).as_millis();
+            v.push(format!(
+                "counter of record {counter} read at {ms} ms < a count received before: {}",
+                a.describe(t0)
+            ));
+            return;
+        }
+    }
 }
 
 /// Checks the invariant on every answer (see the top of the file); returns a summary line.
@@ -635,8 +698,110 @@ async fn network_cut_to_redis_seen_by_one_replica() {
     .await;
 }
 
+/// A resync replaces the data but keeps the process (`run_id`), and the fencing token comes
+/// along with the copy: only the data's identity (`master_replid`) shows the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_resynced_from_an_older_copy() {
+    chaos("redis resynced from an older copy", async |c| {
+        let copy = inject(|| {
+            let copy = Redis::start();
+            copy.resync_from(&c.stack.redis);
+            copy
+        });
+        c.wait(500..1500).await;
+        c.instant("redis resynced from the older copy", |s| {
+            s.redis.resync_from(&copy);
+        });
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counter_lowered_by_hand() {
+    chaos("counter lowered by hand", async |c| {
+        c.instant("visitas lowered by 50", |s| {
+            let now = s.redis.get_counter().unwrap_or(0);
+            s.redis.set_counter((now - 50).max(0));
+        });
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // PostgreSQL
+
+/// One replica's link to PostgreSQL frozen half-open (bytes stop both ways, sockets stay
+/// open: a node failure, a partition, a frozen container) just as every replica fences (after
+/// a `FLUSHALL`). No replica holds a lock while it waits on another service, so the others
+/// count again within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_link_of_one_replica_frozen_while_fencing() {
+    chaos("postgres link of one replica frozen", async |c| {
+        let slot = c.rng.below(REPLICAS);
+        let from = c.inject(|s| {
+            s.redis.flushall();
+            s.pg_links[slot].cut();
+        });
+        c.wait(OUTAGE_MS).await;
+        let to = Instant::now();
+        c.inject(|s| s.pg_links[slot].heal());
+        let others: Vec<usize> = (0..REPLICAS).filter(|r| *r != slot).collect();
+        let what = format!("postgres frozen for replica {slot}: the others, 2 s on");
+        c.window(
+            &what,
+            from + Duration::from_secs(2)..to,
+            &others,
+            Expect::AllOk,
+        );
+        c.window("the frozen replica", from..to, &[slot], Expect::Answers);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_links_of_every_replica_frozen() {
+    chaos("postgres frozen for all", async |c| {
+        let freeze = |s: &mut Stack| s.pg_links.iter().for_each(Partition::cut);
+        let thaw = |s: &mut Stack| s.pg_links.iter().for_each(Partition::heal);
+        let from = c.inject(freeze);
+        // The first second: batches already sent wait out their timeout.
+        c.wait(OUTAGE_MS).await;
+        let to = Instant::now();
+        c.inject(thaw);
+        c.window(
+            "postgres frozen for all",
+            from + TIMEOUT * 2..to,
+            ALL,
+            Expect::NoCounts,
+        );
+        c.window(
+            "postgres frozen for all (answers)",
+            from..to,
+            ALL,
+            Expect::Answers,
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_and_postgres_stopped_together() {
+    chaos("redis and postgres together", async |c| {
+        c.postgres_out(
+            "redis and postgres stopped",
+            |s| {
+                s.redis.stop();
+                s.pg.stop();
+            },
+            |s| {
+                s.pg.relaunch();
+                s.redis.relaunch();
+            },
+        )
+        .await;
+    })
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_stopped_and_started() {
@@ -675,6 +840,40 @@ async fn one_replica_terminated_and_replaced() {
         let slot = c.rng.below(REPLICAS);
         let what = format!("replica {slot} terminated");
         c.replica_out(&what, slot, |s| s.terminate(slot)).await;
+    })
+    .await;
+}
+
+/// SIGSTOP under load: a paused process (a frozen container, a VM stalled by its host) keeps
+/// its connections and whatever it was doing; the others must not wait for it. New requests
+/// go to the others meanwhile, as a load balancer's health check would send them; those
+/// already at the paused replica wait for it (the pause stays under `HANG`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_replica_paused_under_load() {
+    chaos("one web paused", async |c| {
+        let slot = c.rng.below(REPLICAS);
+        let addresses = c.stack.addresses.clone();
+        let own = addresses.read().expect("addresses")[slot].clone();
+        let other = addresses.read().expect("addresses")[(slot + 1) % REPLICAS].clone();
+        let signal = move |s: &Stack, signal| {
+            s.webs[slot]
+                .as_ref()
+                .expect("replica running")
+                .signal(signal);
+        };
+        let from = c.inject(|s| {
+            signal(s, Signal::STOP);
+            addresses.write().expect("addresses")[slot] = other;
+        });
+        c.wait(1000..1400).await;
+        let to = Instant::now();
+        c.inject(|s| {
+            addresses.write().expect("addresses")[slot] = own;
+            signal(s, Signal::CONT);
+        });
+        let others: Vec<usize> = (0..REPLICAS).filter(|r| *r != slot).collect();
+        let what = format!("replica {slot} paused: the others");
+        c.window(&what, from..to, &others, Expect::AllOk);
     })
     .await;
 }

@@ -365,6 +365,44 @@ impl Redis {
             .expect("total_connections_received")
     }
 
+    /// Replaces this server's data with a copy of `source`'s, as a replica resyncing from a
+    /// new master does (`REPLICAOF`, a full sync), then makes it a master again: same process
+    /// (`run_id`), other data. A failover and failback, or a repaired replica, does the same.
+    pub fn resync_from(&self, source: &Redis) {
+        // Redis waits 5 s by default for more replicas before a diskless sync; a real
+        // resync of a small data set takes milliseconds, too short for anyone to notice.
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("repl-diskless-sync-delay")
+            .arg(0)
+            .query(&mut source.client())
+            .expect("CONFIG SET repl-diskless-sync-delay");
+        let mut conn = self.client();
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(source.port)
+            .query(&mut conn)
+            .expect("REPLICAOF");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut conn)
+                .expect("INFO replication");
+            if info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no resync within 10 s: {info}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query(&mut conn)
+            .expect("REPLICAOF NO ONE");
+    }
+
     pub fn flushall(&self) {
         let _: () = redis::cmd("FLUSHALL")
             .query(&mut self.client())
@@ -647,7 +685,12 @@ impl Postgres {
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://{DB_USER}@127.0.0.1:{}/{DB_NAME}", self.port)
+        Self::url_on(self.port)
+    }
+
+    /// The server's URL as seen through a relay on `port` (a [`Partition`]).
+    pub fn url_on(port: u16) -> String {
+        format!("postgres://{DB_USER}@127.0.0.1:{port}/{DB_NAME}")
     }
 
     pub fn kill(&mut self) {
@@ -694,7 +737,12 @@ impl Postgres {
 
     /// The counter of record, read directly; `None` before the service created its table.
     pub fn counter(&self) -> Option<i64> {
-        query_i64(self.port, "SELECT value FROM visit_counter WHERE id = 1")
+        Self::counter_on(self.port)
+    }
+
+    /// The counter of record of the server on `port`, blocking; `None` while it is out.
+    pub fn counter_on(port: u16) -> Option<i64> {
+        query_i64(port, "SELECT value FROM visit_counter WHERE id = 1")
     }
 
     /// Server processes of the service's connections now open (by `application_name`),
