@@ -535,3 +535,43 @@ async fn a_count_the_counter_of_record_does_not_confirm_is_withheld_then_fenced_
     assert!(count_of(&page).unwrap() > before + 1, "{page}");
     assert_eq!(pg.counter(), count_of(&page));
 }
+
+/// A counter table this service had to create knows no count: PostgreSQL does not count by
+/// itself from 0 while Redis may hold a higher count, even long after the lease, but waits
+/// until a fencing lifted it to Redis's counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_created_while_redis_is_down_counts_nothing_until_lifted_to_redis() {
+    let mut redis = Redis::start_persistent();
+    redis.set_counter(500);
+    inject(|| redis.stop());
+    let pg = Postgres::start();
+    let app = TestApp::spawn(Env::for_servers(&redis, &pg)).await;
+    tokio::time::sleep(REDIS_LEASE + 2 * TIMEOUT).await;
+    for (status, page) in visits(&app, 3).await {
+        assert_eq!(status, 200, "{page}");
+        assert!(page["visitas_cache"].is_null(), "no count from 0: {page}");
+    }
+    assert_eq!(pg.counter(), Some(0), "nothing counted in PostgreSQL");
+    inject(|| redis.relaunch());
+    let (_, counts) = until_ok(&app, RECOVERY * 2).await;
+    assert_eq!(counts.first(), Some(&501), "{counts:?}");
+}
+
+/// Schema set-up runs once, at the first connection: a table dropped later is not made again
+/// at 0 (which would let PostgreSQL count from 1), the page says the database failed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_counter_table_is_an_error_not_a_new_count() {
+    let (_redis, pg, app) = healthy_app().await;
+    visits(&app, 3).await;
+    pg.execute("DROP TABLE visit_counter");
+    tokio::time::sleep(RECOVERY).await;
+    for (status, page) in visits(&app, 3).await {
+        assert_eq!(status, 503, "{page}");
+        assert!(page["visitas_cache"].is_null(), "{page}");
+    }
+    assert_eq!(
+        pg.table_exists("visit_counter"),
+        Some(false),
+        "not made again"
+    );
+}

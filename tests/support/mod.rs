@@ -830,6 +830,17 @@ impl Postgres {
         })
         .expect("SQL runs");
     }
+
+    /// Whether a table of that name is visible; `None` while the server is out.
+    pub fn table_exists(&self, name: &str) -> Option<bool> {
+        let name = name.to_owned();
+        with_client(self.port, move |client| async move {
+            let row = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await?;
+            row.try_get(0)
+        })
+    }
 }
 
 impl Drop for Postgres {
