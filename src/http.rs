@@ -105,21 +105,22 @@ struct Errors {
 
 impl From<Visit> for (StatusCode, Page) {
     fn from(visit: Visit) -> Self {
-        let healthy = visit.cache_error.is_none() && visit.db_error.is_none();
-        let answered = visit.count.is_some() || visit.db_time.is_some();
+        let batch = &visit.batch;
+        let healthy = batch.cache_error.is_none() && batch.clock.is_ok();
+        let answered = visit.count.is_some() || batch.clock.is_ok();
         let (code, status) = match (healthy, answered) {
             (true, _) => (StatusCode::OK, "ok"),
             (false, true) => (StatusCode::OK, "degraded"),
             (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "error"),
         };
         let erros = (!healthy).then(|| Errors {
-            cache: visit.cache_error.map(|e| e.to_string()),
-            db: visit.db_error.map(|e| e.to_string()),
+            cache: batch.cache_error.as_ref().map(ToString::to_string),
+            db: batch.clock.as_ref().err().map(ToString::to_string),
         });
         let page = Page {
             status,
             visitas_cache: visit.count.map(|c| c.to_string()),
-            hora_db: visit.db_time,
+            hora_db: batch.clock.as_ref().ok().cloned(),
             erros,
         };
         (code, page)
@@ -271,7 +272,7 @@ async fn reject_oversized(request: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DepError;
+    use crate::store::{Batch, CountedIn, DepError};
     use crate::test_support::{metrics, unreachable_store};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
@@ -503,12 +504,21 @@ mod tests {
         assert_eq!(body["status"], "error");
     }
 
-    fn visit(count: Option<i64>, time: bool, cache: bool, db: bool) -> Visit {
+    /// A visit given `count`, of a batch whose clock was read (or PostgreSQL timed out) and
+    /// whose Redis count failed or not.
+    fn visit(count: Option<i64>, cache: bool, db: bool) -> Visit {
+        let batch = Batch {
+            total: count.map(|c| (c, CountedIn::Cache)),
+            clock: if db {
+                Err(DepError::Timeout(Duration::from_secs(1)))
+            } else {
+                Ok("2025-11-16 18:32:01.123456".to_owned())
+            },
+            cache_error: cache.then_some(DepError::Unavailable("connection refused")),
+        };
         Visit {
             count,
-            db_time: time.then(|| "2025-11-16 18:32:01.123456".to_owned()),
-            cache_error: cache.then_some(DepError::Unavailable("connection refused")),
-            db_error: db.then(|| DepError::Timeout(Duration::from_secs(1))),
+            batch: std::sync::Arc::new(batch),
         }
     }
 
@@ -519,7 +529,7 @@ mod tests {
 
     #[test]
     fn healthy_page_is_the_seed_s_exact_shape() {
-        let (code, body) = render(visit(Some(3), true, false, false));
+        let (code, body) = render(visit(Some(3), false, false));
         assert_eq!(code, StatusCode::OK);
         assert_eq!(
             body,
@@ -529,7 +539,7 @@ mod tests {
 
     #[test]
     fn each_line_of_the_outage_table() {
-        let (code, body) = render(visit(Some(4), true, true, false));
+        let (code, body) = render(visit(Some(4), true, false));
         assert_eq!(code, StatusCode::OK);
         assert!(body.starts_with(r#"{"status":"degraded","visitas_cache":"4","hora_db":"2025"#));
         assert!(
@@ -537,14 +547,14 @@ mod tests {
             "{body}"
         );
 
-        let (code, body) = render(visit(Some(5), false, false, true));
+        let (code, body) = render(visit(Some(5), false, true));
         assert_eq!(code, StatusCode::OK);
         assert_eq!(
             body,
             r#"{"status":"degraded","visitas_cache":"5","hora_db":null,"erros":{"db":"timeout"}}"#
         );
 
-        let (code, body) = render(visit(None, false, true, true));
+        let (code, body) = render(visit(None, true, true));
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             body,
