@@ -6,15 +6,15 @@
 //! out twice and that the counter of record is at least every count handed out.
 //!
 //! Two weakened variants show the check can fail: without `replid` in the fence, a resync from
-//! an older copy repeats counts; without `value <= c` in the fencing compare-and-set, a count
-//! taken while a replica fences is given out again by Redis.
+//! an older copy repeats counts; without `value <= c` in fencing's compare-and-set, counts
+//! PostgreSQL handed out while a replica fenced are counted again in Redis.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use stateright::{Checker, HasDiscoveries, Model, Property, Representative};
+use stateright::{Checker, HasDiscoveries, Model, Path, Property, Representative};
 
-/// The seed's counter a Redis may already hold before any fencing.
+/// The seed's counter a Redis may hold before any fencing.
 const SEEDED: u8 = 2;
 
 /// Which protocol is checked: the design, or a deliberately broken one.
@@ -29,11 +29,7 @@ enum Variant {
 
 /// Redis's fence string, `run_id:replid:token`, as numbers (fresh ones from `State::ids`).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
-struct Fence {
-    run_id: u8,
-    replid: u8,
-    token: u8,
-}
+struct Fence(u8, u8, u8);
 
 /// PostgreSQL's `fence` column.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,15 +41,15 @@ enum Record {
     Redis(Fence),
 }
 
-/// The keys Redis holds and a restart, a resync or a `FLUSHALL` replaces together.
-#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
+/// The keys a restart, a resync or a `FLUSHALL` replaces together.
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
 struct RedisData {
     counter: Option<u8>,
     token: Option<u8>,
     top: Option<u8>,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct Redis {
     run_id: u8,
     replid: u8,
@@ -69,7 +65,7 @@ enum Ahead {
     Pending(u8),
     Matched(u8),
     Refused,
-    /// Committed, but the replica saw an error: the batch gets no count.
+    /// Committed, but the answer was lost: the batch gets no count.
     Lost,
 }
 
@@ -83,42 +79,28 @@ enum Counting {
     Failed,
 }
 
-/// Where a replica is with its one batch of `n` visits.
+/// Where a replica is with its one batch of `n` visits (always the first field); each step
+/// but `Idle` and `Batch` waits for one server, `Batch` for both.
 #[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
 enum Step {
     #[default]
     Idle,
-    Batch {
-        n: u8,
-        ahead: Ahead,
-        count: Counting,
-    },
-    /// Redis counted beyond the guess (or nothing was sent ahead): confirm the real total.
-    Confirming {
-        n: u8,
-        total: u8,
-    },
-    PgCounting {
-        n: u8,
-    },
-    FenceRead {
-        n: u8,
-    },
-    FenceRedis {
-        n: u8,
-        v0: u8,
-        f0: Record,
-    },
-    FenceCas {
-        c: u8,
-        fence: Fence,
-        f0: Record,
-    },
+    /// The count at Redis and the confirmation sent ahead, in flight together.
+    Batch(u8, Ahead, Counting),
+    /// Redis's total is above the guess (or nothing was sent ahead): confirm the total.
+    Confirming(u8, u8),
+    PgCounting(u8),
+    FenceRead(u8),
+    /// Fencing at Redis, with what PostgreSQL held: value `v0`, fence `f0`.
+    FenceRedis(u8, u8, Record),
+    /// Fencing's compare-and-set: Redis's counter `c` and fence, and `f0` as read. (The
+    /// batch is not retried after a fencing: a new one starts.)
+    FenceCas(u8, Fence, Record),
 }
 
 #[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
 struct Replica {
-    /// The fence this replica counts under (`""`: none, fence first).
+    /// The fence this replica counts under (`None`: `""`, it must fence first).
     f: Option<Fence>,
     step: Step,
 }
@@ -127,87 +109,34 @@ struct Replica {
 struct State {
     redis: Redis,
     /// PostgreSQL's row: the counter of record, its fence, and whether the lease holds
-    /// (renewed by a confirmation that raised `value`, or a fencing; "expires" any time).
+    /// (renewed by a fencing or a confirmation that raised `value`; it expires at any time).
     value: u8,
     fence: Record,
     lease_live: bool,
     replicas: [Replica; 2],
-    /// The next fresh `run_id`, `replid` or token.
+    /// The last `run_id`, `replid` or token made: the next is new.
     ids: u8,
     visits_left: u8,
     faults_left: u8,
-    /// The history of answers: every count handed out (bit k = count k), and whether one was
+    /// The history of answers: every count handed out (bit k: count k), and whether one was
     /// handed out twice.
     handed: u32,
     repeated: bool,
 }
 
-/// How a call to Redis ended, seen from the replica.
+/// How a call ended, seen from the replica (PostgreSQL's calls are never `Unreachable` here:
+/// without PostgreSQL no count is handed out, which is safe).
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Reach {
+enum Outcome {
     Answered,
+    /// Nothing happened.
     Unreachable,
-    /// The script ran, the answer never came.
+    /// It happened, but the replica saw an error.
     AnswerLost,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Action {
-    Start {
-        r: usize,
-        n: u8,
-        guess: Option<Guess>,
-    },
-    Count {
-        r: usize,
-        reach: Reach,
-    },
-    /// The PostgreSQL steps; `lost`: committed, but the answer never came.
-    ConfirmAhead {
-        r: usize,
-        lost: bool,
-    },
-    Confirm {
-        r: usize,
-        lost: bool,
-    },
-    PgCount {
-        r: usize,
-        lost: bool,
-    },
-    FenceRead {
-        r: usize,
-    },
-    FenceRedis {
-        r: usize,
-        reach: Reach,
-    },
-    FenceCas {
-        r: usize,
-        lost: bool,
-    },
-    Crash {
-        r: usize,
-    },
-    LeaseExpires,
-    /// Redis saves a copy of its data (no fault by itself).
-    Snapshot,
-    /// Redis restarts: new `run_id`; its own data, the older copy, or nothing.
-    Restart {
-        data: Restored,
-        new_replid: bool,
-    },
-    Flushall,
-    /// Redis's data replaced by the older copy, the process the same: new `replid` only.
-    Resync,
-    LowerCounter {
-        to: u8,
-    },
-}
-
-/// A replica's guess of the total for its confirmation sent ahead, against what Redis will
-/// reach if nobody else counts first: below (another replica counts first), exact, or above
-/// (Redis went back since the replica's last batch).
+/// A replica's guess of the total for its confirmation sent ahead, against what Redis reaches
+/// if nobody else counts first: below (someone else counted), exact, above (Redis went back).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Guess {
     Below,
@@ -216,38 +145,66 @@ enum Guess {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Restored {
-    Own,
-    Saved,
-    Nothing,
+enum Action {
+    /// Replica `r` starts a batch of `n` visits, with a confirmation sent ahead or not.
+    Start(usize, u8, Option<Guess>),
+    /// Replica `r`'s step at Redis (one Lua script) or PostgreSQL (one statement).
+    Redis(usize, Outcome),
+    Pg(usize, Outcome),
+    /// Replica `r` crashes: it loses its fence and its batch.
+    Crash(usize),
+    LeaseExpires,
+    /// Redis saves a copy of its data (no fault by itself).
+    Snapshot,
+    /// Redis restarts (new `run_id`) with its own data, the older copy, or nothing (then also
+    /// a new `replid`; Redis 7 keeps it otherwise, and a new one is only noticed sooner).
+    Restart,
+    RestartFromCopy,
+    RestartEmpty,
+    Flushall,
+    /// Redis's data replaced by the older copy, same process: only `replid` is new.
+    Resync,
+    /// The counter set one lower by hand.
+    LowerCounter,
+}
+
+impl Action {
+    fn is_fault(self) -> bool {
+        match self {
+            Action::Redis(_, outcome) | Action::Pg(_, outcome) => outcome != Outcome::Answered,
+            Action::Start(..) | Action::LeaseExpires | Action::Snapshot => false,
+            _ => true,
+        }
+    }
 }
 
 struct Protocol {
     variant: Variant,
     /// How many visits the replicas may count in all (batches of 1 or 2): bounds every counter.
     visits: u8,
-    /// How many faults may happen in one run (restarts, lost answers, crashes, ...).
+    /// How many faults may happen in one run.
     faults: u8,
 }
 
+impl Redis {
+    fn new(data: RedisData) -> Self {
+        let (run_id, replid, saved) = (1, 2, data);
+        Self {
+            run_id,
+            replid,
+            data,
+            saved,
+        }
+    }
+}
+
 impl State {
-    /// Redis's fence string, if it has a token.
     fn redis_fence(&self, variant: Variant) -> Option<Fence> {
         let replid = match variant {
             Variant::FenceWithoutReplid => 0,
             _ => self.redis.replid,
         };
-        let (run_id, token) = (self.redis.run_id, self.redis.data.token?);
-        Some(Fence {
-            run_id,
-            replid,
-            token,
-        })
-    }
-
-    /// The highest count handed out, 0 if none.
-    fn highest(&self) -> u8 {
-        (u32::BITS - self.handed.leading_zeros()).saturating_sub(1) as u8
+        Some(Fence(self.redis.run_id, replid, self.redis.data.token?))
     }
 
     fn fresh(&mut self) -> u8 {
@@ -255,11 +212,49 @@ impl State {
         self.ids
     }
 
+    /// The highest count handed out, 0 if none.
+    fn highest(&self) -> u8 {
+        (u32::BITS - self.handed.leading_zeros()).saturating_sub(1) as u8
+    }
+
     fn hand_out(&mut self, last: u8, n: u8) {
         for k in last + 1 - n..=last {
             self.repeated |= self.handed & (1 << k) != 0;
             self.handed |= 1 << k;
         }
+    }
+
+    /// Redis's count script: adds `n` under fence `f` if the counter did not go back.
+    fn count(&mut self, n: u8, f: Option<Fence>, variant: Variant) -> Option<u8> {
+        let (Some(c), Some(top)) = (self.redis.data.counter, self.redis.data.top) else {
+            return None;
+        };
+        if f.is_none() || self.redis_fence(variant) != f || c < top {
+            return None;
+        }
+        self.redis.data.counter = Some(c + n);
+        self.redis.data.top = Some(c + n);
+        Some(c + n)
+    }
+
+    /// Redis's fence script: the counter raised to the counter of record `v0` and its own top;
+    /// the fence kept only if it is `f0` and nothing needed raising. Returns (counter, fence).
+    fn fence_redis(&mut self, v0: u8, f0: Record, variant: Variant) -> (u8, Fence) {
+        let data = self.redis.data;
+        let floor = v0.max(data.top.unwrap_or(0));
+        let held = self.redis_fence(variant).map(Record::Redis);
+        let c = data.counter.unwrap_or(0);
+        let (c, raised) = if data.counter.is_none() || c < floor {
+            (floor, true)
+        } else {
+            (c, false)
+        };
+        if raised || held != Some(f0) {
+            self.redis.data.token = Some(self.fresh());
+        }
+        self.redis.data.counter = Some(c);
+        self.redis.data.top = Some(c);
+        (c, self.redis_fence(variant).expect("a token was set"))
     }
 
     /// PostgreSQL's `UPDATE SET value = GREATEST(value, total) WHERE fence = f AND fence NOT
@@ -273,29 +268,100 @@ impl State {
         matched
     }
 
-    /// Merges states that differ only where nothing can tell them apart any more: the lease
-    /// of a fence that is not Redis's (nothing reads it until a fencing renews it), and the
-    /// older copy of Redis's data once no fault is left to bring it back.
-    fn forget_what_cannot_matter(&mut self) {
-        if !matches!(self.fence, Record::Redis(_)) {
-            self.lease_live = false;
+    fn redis_step(&mut self, r: usize, outcome: Outcome, variant: Variant) {
+        let reached = outcome != Outcome::Unreachable;
+        self.replicas[r].step = match self.replicas[r].step {
+            Step::Batch(n, ahead, _) => {
+                let total = if reached {
+                    self.count(n, self.replicas[r].f, variant)
+                } else {
+                    None
+                };
+                let count = match total {
+                    _ if outcome != Outcome::Answered => Counting::Failed,
+                    Some(total) => Counting::Total(total),
+                    None => Counting::Unfenced,
+                };
+                Step::Batch(n, ahead, count)
+            }
+            Step::FenceRedis(n, v0, f0) => {
+                let fenced = reached.then(|| self.fence_redis(v0, f0, variant));
+                match fenced {
+                    Some((c, fence)) if outcome == Outcome::Answered => {
+                        Step::FenceCas(c, fence, f0)
+                    }
+                    _ => Step::PgCounting(n),
+                }
+            }
+            step => unreachable!("no Redis step in {step:?}"),
+        };
+        self.settle(r);
+    }
+
+    /// One statement; when its answer is lost, its effect stays and the batch ends uncounted.
+    fn pg_step(&mut self, r: usize, lost: bool, variant: Variant) {
+        let (f, v0, f0) = (self.replicas[r].f, self.value, self.fence);
+        // The next step, the counts handed out, and the replica's fence afterwards.
+        let (step, answer, f) = match self.replicas[r].step {
+            Step::Batch(n, ahead, count) => {
+                let Ahead::Pending(guess) = ahead else {
+                    unreachable!()
+                };
+                let ahead = match self.confirm(guess, f) {
+                    _ if lost => Ahead::Lost,
+                    true => Ahead::Matched(guess),
+                    false => Ahead::Refused,
+                };
+                self.replicas[r].step = Step::Batch(n, ahead, count);
+                return self.settle(r);
+            }
+            Step::Confirming(n, total) => match self.confirm(total, f) {
+                true => (Step::Idle, Some((total, n)), f),
+                false => (Step::Idle, None, None), // Withheld.
+            },
+            Step::PgCounting(n) => {
+                let lease_over = !self.lease_live && self.fence != Record::Unlifted;
+                if self.fence == Record::Pg || lease_over {
+                    self.value += n;
+                    self.fence = Record::Pg;
+                    (Step::Idle, Some((self.value, n)), None)
+                } else {
+                    (Step::Idle, None, f)
+                }
+            }
+            Step::FenceRead(n) => (Step::FenceRedis(n, v0, f0), None, f),
+            Step::FenceCas(c, fence, f0) => {
+                let below = self.value <= c || variant == Variant::CasWithoutValueCheck;
+                if self.fence == f0 && below {
+                    self.value = self.value.max(c);
+                    self.fence = Record::Redis(fence);
+                    self.lease_live = true;
+                    (Step::Idle, None, Some(fence))
+                } else {
+                    (Step::Idle, None, None)
+                }
+            }
+            step => unreachable!("no PostgreSQL step in {step:?}"),
+        };
+        if lost {
+            self.replicas[r].step = Step::Idle;
+            return;
         }
-        if self.faults_left == 0 {
-            self.redis.saved = RedisData::default();
+        self.replicas[r] = Replica { f, step };
+        if let Some((last, n)) = answer {
+            self.hand_out(last, n);
         }
     }
 
     /// Moves a batch on once both its count and its confirmation sent ahead have answered.
     fn settle(&mut self, r: usize) {
-        let Step::Batch { n, ahead, count } = self.replicas[r].step else {
+        let Step::Batch(n, ahead, count) = self.replicas[r].step else {
             return;
         };
-        if count == Counting::Pending || matches!(ahead, Ahead::Pending(_)) {
-            return;
-        }
         self.replicas[r].step = match (count, ahead) {
-            (Counting::Unfenced, _) => Step::FenceRead { n },
-            (Counting::Failed, _) => Step::PgCounting { n },
+            (Counting::Pending, _) | (_, Ahead::Pending(_)) => return,
+            (Counting::Unfenced, _) => Step::FenceRead(n),
+            (Counting::Failed, _) => Step::PgCounting(n),
             (_, Ahead::Lost) => Step::Idle,
             (Counting::Total(total), Ahead::Matched(guess)) if total <= guess => {
                 self.hand_out(total, n);
@@ -305,9 +371,29 @@ impl State {
                 self.replicas[r].f = None; // Withheld.
                 Step::Idle
             }
-            (Counting::Total(total), _) => Step::Confirming { n, total },
-            (Counting::Pending, _) => unreachable!(),
+            (Counting::Total(total), _) => Step::Confirming(n, total),
         };
+    }
+
+    /// Merges states that differ only where nothing can tell them apart any more: the lease
+    /// while the fence of record is not Redis's (only a fencing, which renews it, reads it
+    /// again), and the older copy of Redis's data once no fault is left to bring it back.
+    fn forget_what_cannot_matter(&mut self) {
+        if !matches!(self.fence, Record::Redis(_)) {
+            self.lease_live = false;
+        }
+        if self.faults_left == 0 {
+            self.redis.saved = RedisData::default();
+        }
+    }
+}
+
+/// The two replicas are alike: a state and the same with the replicas swapped are one.
+impl Representative for State {
+    fn representative(&self) -> Self {
+        let mut s = self.clone();
+        s.replicas.sort();
+        s
     }
 }
 
@@ -320,20 +406,14 @@ impl Model for Protocol {
             counter: Some(SEEDED),
             ..RedisData::default()
         };
-        let redis = |data| Redis {
-            run_id: 1,
-            replid: 2,
-            data,
-            saved: data,
-        };
-        // A fresh table and an empty Redis, or a seeded Redis and a table PostgreSQL counts in.
+        // An empty Redis and a fresh table, or the seed's counter and a table counting itself.
         [
             (RedisData::default(), 0, Record::Unlifted),
             (seeded, 1, Record::Pg),
         ]
         .into_iter()
         .map(|(data, value, fence)| State {
-            redis: redis(data),
+            redis: Redis::new(data),
             value,
             fence,
             lease_live: false,
@@ -349,50 +429,36 @@ impl Model for Protocol {
 
     fn actions(&self, s: &State, actions: &mut Vec<Action>) {
         let fault = s.faults_left > 0;
-        let losses: &[bool] = if fault { &[false, true] } else { &[false] };
-        let reaches: &[Reach] = if fault {
-            &[Reach::Answered, Reach::Unreachable, Reach::AnswerLost]
-        } else {
-            &[Reach::Answered]
-        };
+        let outcomes = [Outcome::Answered, Outcome::AnswerLost, Outcome::Unreachable];
+        let outcomes = if fault { &outcomes[..] } else { &outcomes[..1] };
         for (r, replica) in s.replicas.iter().enumerate() {
-            match replica.step {
+            let (at_redis, at_pg) = match replica.step {
                 Step::Idle => {
                     for n in 1..=s.visits_left.min(2) {
-                        actions.push(Action::Start { r, n, guess: None });
+                        actions.push(Action::Start(r, n, None));
                         if replica.f.is_some() {
-                            for guess in [Guess::Below, Guess::Exact, Guess::Above] {
-                                let guess = Some(guess);
-                                actions.push(Action::Start { r, n, guess });
-                            }
+                            let guesses = [Guess::Below, Guess::Exact, Guess::Above];
+                            actions.extend(guesses.map(|g| Action::Start(r, n, Some(g))));
                         }
                     }
+                    (false, false)
                 }
-                Step::Batch { ahead, count, .. } => {
-                    if count == Counting::Pending {
-                        actions.extend(reaches.iter().map(|&reach| Action::Count { r, reach }));
-                    }
-                    if let Ahead::Pending(_) = ahead {
-                        let ahead = |&lost| Action::ConfirmAhead { r, lost };
-                        actions.extend(losses.iter().map(ahead));
-                    }
-                }
-                Step::Confirming { .. } => {
-                    actions.extend(losses.iter().map(|&lost| Action::Confirm { r, lost }));
-                }
-                Step::PgCounting { .. } => {
-                    actions.extend(losses.iter().map(|&lost| Action::PgCount { r, lost }));
-                }
-                Step::FenceRead { .. } => actions.push(Action::FenceRead { r }),
-                Step::FenceRedis { .. } => {
-                    actions.extend(reaches.iter().map(|&reach| Action::FenceRedis { r, reach }));
-                }
-                Step::FenceCas { .. } => {
-                    actions.extend(losses.iter().map(|&lost| Action::FenceCas { r, lost }));
-                }
+                Step::Batch(_, ahead, count) => (
+                    count == Counting::Pending,
+                    matches!(ahead, Ahead::Pending(_)),
+                ),
+                Step::FenceRedis(..) => (true, false),
+                _ => (false, true),
+            };
+            if at_redis {
+                actions.extend(outcomes.iter().map(|&o| Action::Redis(r, o)));
+            }
+            if at_pg {
+                let pg = outcomes.iter().filter(|&&o| o != Outcome::Unreachable);
+                actions.extend(pg.map(|&o| Action::Pg(r, o)));
             }
             if fault && *replica != Replica::default() {
-                actions.push(Action::Crash { r });
+                actions.push(Action::Crash(r));
             }
         }
         if s.lease_live {
@@ -402,40 +468,23 @@ impl Model for Protocol {
             if s.redis.saved != s.redis.data {
                 actions.push(Action::Snapshot);
             }
-            // Redis 7 keeps `replid` across a restart; a new one is only detected sooner.
-            for data in [Restored::Own, Restored::Saved, Restored::Nothing] {
-                let new_replid = data == Restored::Nothing;
-                actions.push(Action::Restart { data, new_replid });
-            }
-            actions.push(Action::Flushall);
-            actions.push(Action::Resync);
-            if let Some(c @ 1..) = s.redis.data.counter {
-                actions.push(Action::LowerCounter { to: c - 1 });
+            actions.extend([
+                Action::Restart,
+                Action::RestartFromCopy,
+                Action::RestartEmpty,
+            ]);
+            actions.extend([Action::Flushall, Action::Resync]);
+            if s.redis.data.counter.is_some_and(|c| c > 0) {
+                actions.push(Action::LowerCounter);
             }
         }
     }
 
     fn next_state(&self, last: &State, action: Action) -> Option<State> {
         let mut s = last.clone();
-        let variant = self.variant;
-        let is_fault = match action {
-            Action::Count { reach, .. } | Action::FenceRedis { reach, .. } => {
-                reach != Reach::Answered
-            }
-            Action::ConfirmAhead { lost, .. }
-            | Action::Confirm { lost, .. }
-            | Action::PgCount { lost, .. }
-            | Action::FenceCas { lost, .. } => lost,
-            Action::Crash { .. }
-            | Action::Restart { .. }
-            | Action::Flushall
-            | Action::Resync
-            | Action::LowerCounter { .. } => true,
-            _ => false,
-        };
-        s.faults_left -= u8::from(is_fault);
+        s.faults_left -= u8::from(action.is_fault());
         match action {
-            Action::Start { r, n, guess } => {
+            Action::Start(r, n, guess) => {
                 s.visits_left -= n;
                 let exact = s.redis.data.counter.unwrap_or(0) + n;
                 let ahead = match guess {
@@ -445,143 +494,28 @@ impl Model for Protocol {
                     Some(Guess::Above) => Ahead::Pending(exact + 1),
                 };
                 let count = Counting::Pending;
-                s.replicas[r].step = Step::Batch { n, ahead, count };
+                s.replicas[r].step = Step::Batch(n, ahead, count);
             }
-            Action::Count { r, reach } => {
-                let Step::Batch { n, ahead, .. } = s.replicas[r].step else {
-                    unreachable!()
-                };
-                // Redis's count script, atomic; nothing happens when Redis is unreachable.
-                let data = s.redis.data;
-                let mut count = Counting::Unfenced;
-                if reach != Reach::Unreachable
-                    && let (Some(c), Some(_), Some(top)) = (data.counter, data.token, data.top)
-                    && s.redis_fence(variant) == s.replicas[r].f
-                    && c >= top
-                {
-                    s.redis.data.counter = Some(c + n);
-                    s.redis.data.top = Some(c + n);
-                    count = Counting::Total(c + n);
-                }
-                if reach != Reach::Answered {
-                    count = Counting::Failed;
-                }
-                s.replicas[r].step = Step::Batch { n, ahead, count };
-                s.settle(r);
-            }
-            Action::ConfirmAhead { r, lost } => {
-                let Step::Batch { n, count, ahead } = s.replicas[r].step else {
-                    unreachable!()
-                };
-                let Ahead::Pending(guess) = ahead else {
-                    unreachable!()
-                };
-                let ahead = match s.confirm(guess, s.replicas[r].f) {
-                    _ if lost => Ahead::Lost,
-                    true => Ahead::Matched(guess),
-                    false => Ahead::Refused,
-                };
-                s.replicas[r].step = Step::Batch { n, ahead, count };
-                s.settle(r);
-            }
-            Action::Confirm { r, lost } => {
-                let Step::Confirming { n, total } = s.replicas[r].step else {
-                    unreachable!()
-                };
-                if s.confirm(total, s.replicas[r].f) {
-                    if !lost {
-                        s.hand_out(total, n);
-                    }
-                } else {
-                    s.replicas[r].f = None; // Withheld.
-                }
-                s.replicas[r].step = Step::Idle;
-            }
-            Action::PgCount { r, lost } => {
-                let Step::PgCounting { n } = s.replicas[r].step else {
-                    unreachable!()
-                };
-                let lease_over = !s.lease_live && s.fence != Record::Unlifted;
-                if s.fence == Record::Pg || lease_over {
-                    s.value += n;
-                    s.fence = Record::Pg;
-                    s.replicas[r].f = None;
-                    if !lost {
-                        s.hand_out(s.value, n);
-                    }
-                }
-                s.replicas[r].step = Step::Idle;
-            }
-            Action::FenceRead { r } => {
-                let Step::FenceRead { n } = s.replicas[r].step else {
-                    unreachable!()
-                };
-                let (v0, f0) = (s.value, s.fence);
-                s.replicas[r].step = Step::FenceRedis { n, v0, f0 };
-            }
-            Action::FenceRedis { r, reach } => {
-                let Step::FenceRedis { n, v0, f0 } = s.replicas[r].step else {
-                    unreachable!()
-                };
-                s.replicas[r].f = None;
-                if reach == Reach::Unreachable {
-                    s.replicas[r].step = Step::PgCounting { n };
-                    return Some(s);
-                }
-                // Redis's fence script, atomic.
-                let data = s.redis.data;
-                let floor = v0.max(data.top.unwrap_or(0));
-                let held = s.redis_fence(variant).map(Record::Redis);
-                let mut renew = data.token.is_none() || held != Some(f0);
-                let mut c = data.counter.unwrap_or(0);
-                if data.counter.is_none() || c < floor {
-                    c = floor;
-                    renew = true;
-                }
-                if renew {
-                    s.redis.data.token = Some(s.fresh());
-                }
-                s.redis.data.counter = Some(c);
-                s.redis.data.top = Some(c);
-                let fence = s.redis_fence(variant).expect("a token was just set");
-                s.replicas[r].step = match reach {
-                    Reach::Answered => Step::FenceCas { c, fence, f0 },
-                    _ => Step::PgCounting { n },
-                };
-            }
-            Action::FenceCas { r, lost } => {
-                let Step::FenceCas { c, fence, f0 } = s.replicas[r].step else {
-                    unreachable!()
-                };
-                let below = s.value <= c || variant == Variant::CasWithoutValueCheck;
-                if s.fence == f0 && below {
-                    s.value = s.value.max(c);
-                    s.fence = Record::Redis(fence);
-                    s.lease_live = true;
-                    s.replicas[r].f = Some(fence).filter(|_| !lost);
-                }
-                s.replicas[r].step = Step::Idle;
-            }
-            Action::Crash { r } => s.replicas[r] = Replica::default(),
+            Action::Redis(r, outcome) => s.redis_step(r, outcome, self.variant),
+            Action::Pg(r, outcome) => s.pg_step(r, outcome != Outcome::Answered, self.variant),
+            Action::Crash(r) => s.replicas[r] = Replica::default(),
             Action::LeaseExpires => s.lease_live = false,
             Action::Snapshot => s.redis.saved = s.redis.data,
-            Action::Restart { data, new_replid } => {
+            Action::Restart => s.redis.run_id = s.fresh(),
+            Action::RestartFromCopy => {
                 s.redis.run_id = s.fresh();
-                if new_replid || data == Restored::Nothing {
-                    s.redis.replid = s.fresh();
-                }
-                s.redis.data = match data {
-                    Restored::Own => s.redis.data,
-                    Restored::Saved => s.redis.saved,
-                    Restored::Nothing => RedisData::default(),
-                };
+                s.redis.data = s.redis.saved;
+            }
+            Action::RestartEmpty => {
+                (s.redis.run_id, s.redis.replid) = (s.fresh(), s.fresh());
+                s.redis.data = RedisData::default();
             }
             Action::Flushall => s.redis.data = RedisData::default(),
             Action::Resync => {
                 s.redis.data = s.redis.saved;
                 s.redis.replid = s.fresh();
             }
-            Action::LowerCounter { to } => s.redis.data.counter = Some(to),
+            Action::LowerCounter => s.redis.data.counter = s.redis.data.counter.map(|c| c - 1),
         }
         s.forget_what_cannot_matter();
         Some(s)
@@ -594,7 +528,7 @@ impl Model for Protocol {
                 s.value >= s.highest()
             }),
             Property::sometimes("counts handed out", |_, s: &State| s.highest() > 0),
-            // Only PostgreSQL's counting empties a fence once a count was handed out.
+            // Only PostgreSQL's counting empties the fence of record after a count went out.
             Property::sometimes("PostgreSQL counted", |_, s: &State| {
                 s.fence == Record::Pg && s.highest() > 0
             }),
@@ -602,83 +536,70 @@ impl Model for Protocol {
     }
 }
 
-/// The two replicas are alike: a state and the same with the replicas swapped are one.
-impl Representative for State {
-    fn representative(&self) -> Self {
-        let mut s = self.clone();
-        s.replicas.sort();
-        s
-    }
-}
-
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// Checks the design within bounds, to the end; returns the number of unique states.
-fn check(visits: u8, faults: u8) -> usize {
+/// Checks `variant` within bounds, to the end or to the first repeated count, and prints the
+/// number of unique states and the counterexample found, if any.
+fn check(variant: Variant, visits: u8, faults: u8) -> impl Checker<Protocol> {
     let started = Instant::now();
-    let variant = Variant::AsDesigned;
-    let checker = Protocol {
+    let model = Protocol {
         variant,
         visits,
         faults,
-    }
-    .checker()
-    .threads(threads())
-    .symmetry()
-    .spawn_bfs()
-    .join();
-    let states = checker.unique_state_count();
+    };
+    let checker = model
+        .checker()
+        .threads(threads())
+        .symmetry()
+        .finish_when(HasDiscoveries::AnyOf(BTreeSet::from(["no count twice"])))
+        .spawn_bfs()
+        .join();
     println!(
-        "{visits} visits, {faults} faults: {states} unique states, depth {}, {:?}",
+        "{variant:?}, {visits} visits, {faults} faults: {} unique states, depth {}, {:?}",
+        checker.unique_state_count(),
         checker.max_depth(),
         started.elapsed()
     );
-    checker.assert_properties();
-    states
+    if let Some(path) = checker.discovery("no count twice") {
+        print_path(path);
+    }
+    checker
+}
+
+/// A counterexample, each step with the replica's step it took.
+fn print_path(path: Path<State, Action>) {
+    for (state, action) in path.into_vec() {
+        match action {
+            Some(a @ (Action::Redis(r, _) | Action::Pg(r, _))) => {
+                println!("- {a:?} in {:?}", state.replicas[r].step)
+            }
+            Some(action) => println!("- {action:?}"),
+            None => println!("  handed out (bit k: count k): {:b}", state.handed),
+        }
+    }
 }
 
 #[test]
 fn the_protocol_never_hands_out_a_count_twice() {
     // More visits with one fault, or two faults with fewer visits: about 0.5 M states each,
     // where 4 visits with 2 faults are 7 M (over a minute in a debug build).
-    assert!(check(4, 1) > 100_000);
-    assert!(check(3, 2) > 100_000);
-}
-
-/// The counterexample the weakened `variant` must produce, printed.
-fn counterexample(variant: Variant) -> bool {
-    let started = Instant::now();
-    let checker = Protocol {
-        variant,
-        visits: 4,
-        faults: 1,
+    for (visits, faults) in [(4, 1), (3, 2)] {
+        let checker = check(Variant::AsDesigned, visits, faults);
+        checker.assert_properties();
+        assert!(checker.unique_state_count() > 100_000);
     }
-    .checker()
-    .threads(threads())
-    .symmetry()
-    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from(["no count twice"])))
-    .spawn_bfs()
-    .join();
-    let found = checker.discovery("no count twice");
-    println!(
-        "{variant:?}: {} unique states, {:?}, counterexample: {}",
-        checker.unique_state_count(),
-        started.elapsed(),
-        found
-            .as_ref()
-            .map_or("none".to_string(), ToString::to_string)
-    );
-    found.is_some()
 }
 
 #[test]
 fn a_fence_without_replid_repeats_counts_after_a_resync_from_an_older_copy() {
-    assert!(counterexample(Variant::FenceWithoutReplid));
+    let checker = check(Variant::FenceWithoutReplid, 4, 1);
+    assert!(checker.discovery("no count twice").is_some());
 }
 
 #[test]
 fn fencing_without_checking_the_value_repeats_counts() {
-    assert!(counterexample(Variant::CasWithoutValueCheck));
+    let checker = check(Variant::CasWithoutValueCheck, 4, 1);
+    assert!(checker.discovery("no count twice").is_some());
 }
