@@ -7,7 +7,11 @@
 //!
 //! Two weakened variants show the check can fail: without `replid` in the fence, a resync from
 //! an older copy repeats counts; without `value <= c` in fencing's compare-and-set, counts
-//! PostgreSQL handed out while a replica fenced are counted again in Redis.
+//! confirmed or counted in PostgreSQL while a replica fenced are counted again in Redis.
+//!
+//! Not modelled: PostgreSQL unreachable or restored from an older backup (docs' Limits), a
+//! batch retried after its fencing (a new batch does the same), and Redis losing the seed's
+//! counter before a fresh table's first fencing (nothing else holds those counts then).
 
 use std::collections::BTreeSet;
 use std::time::Instant;
