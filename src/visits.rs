@@ -141,6 +141,14 @@ async fn run_batch(store: &Store, size: usize) -> BatchOutcome {
         metrics::counter!("visits_counted_total", "store" => store_label).increment(size as u64);
         total
     });
+    if total.is_none() {
+        let reason = match (&counted.cache_error, &counted.db_error) {
+            (Some(DepError::Unconfirmed), _) => "withheld",
+            (_, Some(_)) => "db",
+            _ => "cache",
+        };
+        metrics::counter!("visits_uncounted_total", "reason" => reason).increment(size as u64);
+    }
     BatchOutcome {
         total,
         size,
