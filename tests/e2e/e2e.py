@@ -702,6 +702,7 @@ def sec_monitoring(home: Path):
     web's series and the dashboard's queries, and stopping cache makes the dependency alert
     pending or firing (then it resolves). Grafana's image cannot be pulled here and has no
     stand-in: then only Prometheus is started, and the README block is not run as written."""
+    block = doc_block(ROOT / "README.md", "10.monitoring up").strip()  # aborts if README lost it
     cfg = json.loads(compose("--profile", "monitoring", "config", "--format", "json", timeout=60, check_rc=True).stdout)
     grafana = cfg["services"]["grafana"]["image"]
     have_grafana = (run(["docker", "image", "inspect", grafana], timeout=30).returncode == 0
@@ -711,7 +712,7 @@ def sec_monitoring(home: Path):
         how = "README's block as written"
     else:
         p = compose("--profile", "monitoring", "up", "-d", "--no-build", "--pull", "never", "prometheus", timeout=180)
-        how = (f"`docker compose --profile monitoring up -d prometheus` (README's block starts Grafana too, but "
+        how = (f"`docker compose --profile monitoring up -d prometheus` (README's `{block}` starts Grafana too, but "
                f"{grafana} cannot be pulled here and has no stand-in: Grafana NOT run)")
     data = inspect(*MONITORING)
     pubs = {n: sorted({f"{b.get('HostIp')}:{b['HostPort']}" for v in (d["NetworkSettings"].get("Ports") or {}).values()
