@@ -88,6 +88,10 @@ fn describe() {
         "visits_counted_total",
         "Visits counted, by the store that counted them"
     );
+    describe_counter!(
+        "visits_uncounted_total",
+        "Answers without a count, by reason: withheld, db (PostgreSQL failed), cache (Redis failed, PostgreSQL may not count yet)"
+    );
     describe_histogram!(
         "visit_batch_size",
         "Visits served by one coalesced round trip"

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::store::{Batch, CountedIn, Counting, Store};
+use crate::store::{Batch, CountedIn, Counting, DepError, Store};
 
 /// Most visits served by one round trip; bounds the work lost to a failure mid-batch.
 const MAX_BATCH: usize = 1024;
@@ -120,6 +120,13 @@ async fn run_batch(store: &Store, counting: &mut Counting, size: usize) -> Batch
             CountedIn::Db => "db",
         };
         metrics::counter!("visits_counted_total", "store" => store_label).increment(size as u64);
+    } else {
+        let reason = match (&batch.cache_error, &batch.clock) {
+            (Some(DepError::Unconfirmed), _) => "withheld",
+            (_, Err(_)) => "db",
+            _ => "cache",
+        };
+        metrics::counter!("visits_uncounted_total", "reason" => reason).increment(size as u64);
     }
     batch
 }
@@ -127,7 +134,6 @@ async fn run_batch(store: &Store, counting: &mut Counting, size: usize) -> Batch
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DepError;
 
     fn batch(total: Option<i64>) -> Arc<Batch> {
         Arc::new(Batch {
