@@ -26,6 +26,8 @@ const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Below hyper's own hard limits, so oversized requests get our JSON answer, not a bare one.
 const MAX_URI_BYTES: usize = 2 * 1024;
 const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// The longest path the request log writes; a longer one is cut (see `loggable_path`).
+pub const MAX_LOGGED_PATH_BYTES: usize = 128;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -174,6 +176,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    crate::telemetry::publish_dropped_log_lines();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -210,9 +213,11 @@ async fn observe(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let latency = started.elapsed();
     let status = response.status().as_u16();
+    let (path, truncated) = loggable_path(uri.path());
     tracing::info!(
         method,
-        path = uri.path(),
+        path = &*path,
+        path_truncated = truncated.then_some(true),
         status,
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request"
@@ -222,6 +227,21 @@ async fn observe(request: Request, next: Next) -> Response {
     metrics::histogram!("http_request_duration_seconds", "route" => route)
         .record(latency.as_secs_f64());
     response
+}
+
+/// `path` as the request log writes it: whole up to `MAX_LOGGED_PATH_BYTES`, else its first
+/// bytes up to that bound (on a character boundary) followed by `…`, and `true` for cut. A
+/// client chooses the path, and kilobytes of it in every log line would fill memory while
+/// stdout is slow, and the disk after that.
+fn loggable_path(path: &str) -> (std::borrow::Cow<'_, str>, bool) {
+    if path.len() <= MAX_LOGGED_PATH_BYTES {
+        return (path.into(), false);
+    }
+    let cut = (0..=MAX_LOGGED_PATH_BYTES)
+        .rev()
+        .find(|&i| path.is_char_boundary(i))
+        .unwrap_or(0);
+    (format!("{}…", &path[..cut]).into(), true)
 }
 
 /// Every error answer is a small JSON object, whoever produced it (the router's 404 and 405,
@@ -502,6 +522,23 @@ mod tests {
             send(&router, request("GET", "/").body(Body::empty()).unwrap()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert_eq!(body["status"], "error");
+    }
+
+    #[test]
+    fn a_logged_path_is_cut_to_128_bytes_on_a_character_boundary_and_marked() {
+        let short = "/".repeat(MAX_LOGGED_PATH_BYTES);
+        assert_eq!(loggable_path(&short), (short.as_str().into(), false));
+        let long = "/p".repeat(8 * 1024);
+        assert_eq!(
+            loggable_path(&long),
+            (format!("{}…", "/p".repeat(64)).into(), true)
+        );
+        // 127 bytes, then 3-byte characters: the one that would cross byte 128 is left out.
+        let wide = format!("/{}{}", "a".repeat(126), "€".repeat(10));
+        assert_eq!(
+            loggable_path(&wide),
+            (format!("/{}…", "a".repeat(126)).into(), true)
+        );
     }
 
     /// A visit given `count`, of a batch whose clock was read (or PostgreSQL timed out) and

@@ -447,6 +447,10 @@ def sec_hardening(secrets: dict[str, str]):
               f"CapDrop {hc.get('CapDrop')} CapAdd {sorted(added)}; process uid {status.get('Uid', ['?'])[0]} "
               + " ".join(f"{k}={v}" for k, v in sets.items())
               + f" NoNewPrivs={nnp}; limits {(hc.get('Memory') or 0) // 2**20} MiB, {(hc.get('NanoCpus') or 0) / 1e9} CPUs")
+    logs = {n: d["HostConfig"].get("LogConfig") or {} for n, d in data.items()}
+    check("5.log rotation", all(c.get("Type") == "json-file" and (c.get("Config") or {}).get("max-size")
+                                and (c.get("Config") or {}).get("max-file") for c in logs.values()),
+          "; ".join(f"{n}: {c.get('Type')} {c.get('Config')}" for n, c in logs.items()) + " (max-size, max-file)")
 
 
 def sec_stop():
