@@ -784,6 +784,23 @@ async fn postgres_links_of_every_replica_frozen() {
     .await;
 }
 
+/// A slow link to PostgreSQL for every replica (100 ms more per round trip): batches grow and
+/// every answer is slower, but answers and counts keep coming and nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_links_slow_for_every_replica() {
+    chaos("postgres slow for all", async |c| {
+        let slow = |s: &mut Stack| {
+            for link in &s.pg_links {
+                link.slow(Duration::from_millis(50));
+            }
+        };
+        let fast = |s: &mut Stack| s.pg_links.iter().for_each(Partition::heal);
+        c.outage("postgres slow for all", ALL, Expect::Counts, slow, fast)
+            .await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_and_postgres_stopped_together() {
     chaos("redis and postgres together", async |c| {

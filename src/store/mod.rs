@@ -113,6 +113,14 @@ pub struct Store {
     db: Db,
 }
 
+/// How many times one batch may fence before it gives up and goes without a count.
+const FENCINGS_PER_BATCH: usize = 3;
+
+/// 0 to 15 ms, different in every call and every process.
+fn jitter() -> Duration {
+    Duration::from_millis(RandomState::new().hash_one(std::process::id()) % 16)
+}
+
 /// A token no fence has held before: 64 random bits.
 fn new_token() -> String {
     let nanos = SystemTime::now()
@@ -166,7 +174,7 @@ impl Store {
             return (Counted::db_failed(e.clone()), Err(e));
         }
         let n_i64 = n as i64; // At most the batch size.
-        for attempt in 0..2 {
+        for attempt in 0..=FENCINGS_PER_BATCH {
             let fence = counting.fence.clone();
             let expected = counting.ahead(n_i64);
             // Not while Redis is known to be down: there will be no count to confirm, and
@@ -199,15 +207,19 @@ impl Store {
                 Ok(None) => {}
                 Err(cache_error) => return self.count_here(counting, n, cache_error).await,
             }
+            if attempt == FENCINGS_PER_BATCH {
+                break; // Fenced and superseded every time: no count this time.
+            }
             if attempt > 0 {
-                break; // Fenced a moment ago and superseded already: no count this time.
+                // Replicas that fence at the same moment renew each other's tokens; a pause
+                // of a few random milliseconds lets one of them finish first.
+                tokio::time::sleep(jitter()).await;
             }
             match self.fence_redis(counting).await {
-                Ok(Fencing::Fenced) => {}
+                Ok(Fencing::Fenced | Fencing::Superseded) => {}
                 Ok(Fencing::CacheFailed(cache_error)) => {
                     return self.count_here(counting, n, cache_error).await;
                 }
-                Ok(Fencing::Superseded) => break,
                 Err(e) => return (Counted::db_failed(e.clone()), Err(e)),
             }
         }

@@ -941,6 +941,8 @@ pub struct Partition {
     pub port: u16,
     generation: Arc<AtomicU64>,
     cut: Arc<AtomicBool>,
+    /// Milliseconds each chunk waits before it is passed on, either way (a slow link).
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Partition {
@@ -949,7 +951,8 @@ impl Partition {
         let port = listener.local_addr().expect("addr").port();
         let generation = Arc::new(AtomicU64::new(0));
         let cut = Arc::new(AtomicBool::new(false));
-        let (gen_, cut_) = (generation.clone(), cut.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (gen_, cut_, delay_) = (generation.clone(), cut.clone(), delay_ms.clone());
         std::thread::spawn(move || {
             let mut held = Vec::new();
             for client in listener.incoming().flatten() {
@@ -968,8 +971,8 @@ impl Partition {
                     let (Ok(from), Ok(to)) = (from, to) else {
                         continue;
                     };
-                    let generation = gen_.clone();
-                    std::thread::spawn(move || relay(from, to, born, &generation));
+                    let (generation, delay) = (gen_.clone(), delay_.clone());
+                    std::thread::spawn(move || relay(from, to, born, &generation, &delay));
                 }
             }
         });
@@ -977,7 +980,15 @@ impl Partition {
             port,
             generation,
             cut,
+            delay_ms,
         }
+    }
+
+    /// Every chunk waits `delay` before it is passed on, either way: a round trip takes
+    /// twice that longer.
+    pub fn slow(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).expect("a delay in milliseconds");
+        self.delay_ms.store(ms, SeqCst);
     }
 
     pub fn cut(&self) {
@@ -987,6 +998,7 @@ impl Partition {
 
     pub fn heal(&self) {
         self.cut.store(false, SeqCst);
+        self.delay_ms.store(0, SeqCst);
     }
 }
 
@@ -998,10 +1010,12 @@ fn relay(
     mut to: std::net::TcpStream,
     born: u64,
     generation: &AtomicU64,
+    delay_ms: &AtomicU64,
 ) {
     use std::io::{Read, Write};
     let mut buf = [0u8; 16 * 1024];
     while let Ok(n @ 1..) = from.read(&mut buf) {
+        std::thread::sleep(Duration::from_millis(delay_ms.load(SeqCst)));
         if generation.load(SeqCst) == born && to.write_all(&buf[..n]).is_err() {
             break;
         }
