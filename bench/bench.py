@@ -28,9 +28,9 @@ VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import free_port, proc_status, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
 
-SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
-           "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
-           "pgbench": "pgbench SELECT now()"}  # key: label
+SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
+           "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)",
+           "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /", "pgbench": "pgbench SELECT now()"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
 REPLICAS = 3  # the web-3 row
