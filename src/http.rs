@@ -26,6 +26,8 @@ const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Below hyper's own hard limits, so oversized requests get our JSON answer, not a bare one.
 const MAX_URI_BYTES: usize = 2 * 1024;
 const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// The longest path the request log writes; a longer one is cut (see `loggable_path`).
+pub const MAX_LOGGED_PATH_BYTES: usize = 128;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -105,21 +107,22 @@ struct Errors {
 
 impl From<Visit> for (StatusCode, Page) {
     fn from(visit: Visit) -> Self {
-        let healthy = visit.cache_error.is_none() && visit.db_error.is_none();
-        let answered = visit.count.is_some() || visit.db_time.is_some();
+        let batch = &visit.batch;
+        let healthy = batch.cache_error.is_none() && batch.clock.is_ok();
+        let answered = visit.count.is_some() || batch.clock.is_ok();
         let (code, status) = match (healthy, answered) {
             (true, _) => (StatusCode::OK, "ok"),
             (false, true) => (StatusCode::OK, "degraded"),
             (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "error"),
         };
         let erros = (!healthy).then(|| Errors {
-            cache: visit.cache_error.map(|e| e.to_string()),
-            db: visit.db_error.map(|e| e.to_string()),
+            cache: batch.cache_error.as_ref().map(ToString::to_string),
+            db: batch.clock.as_ref().err().map(ToString::to_string),
         });
         let page = Page {
             status,
             visitas_cache: visit.count.map(|c| c.to_string()),
-            hora_db: visit.db_time,
+            hora_db: batch.clock.as_ref().ok().cloned(),
             erros,
         };
         (code, page)
@@ -173,6 +176,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    crate::telemetry::publish_dropped_log_lines();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -209,9 +213,11 @@ async fn observe(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let latency = started.elapsed();
     let status = response.status().as_u16();
+    let (path, truncated) = loggable_path(uri.path());
     tracing::info!(
         method,
-        path = uri.path(),
+        path = &*path,
+        path_truncated = truncated.then_some(true),
         status,
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request"
@@ -221,6 +227,21 @@ async fn observe(request: Request, next: Next) -> Response {
     metrics::histogram!("http_request_duration_seconds", "route" => route)
         .record(latency.as_secs_f64());
     response
+}
+
+/// `path` as the request log writes it: whole up to `MAX_LOGGED_PATH_BYTES`, else its first
+/// bytes up to that bound (on a character boundary) followed by `…`, and `true` for cut. A
+/// client chooses the path, and kilobytes of it in every log line would fill memory while
+/// stdout is slow, and the disk after that.
+fn loggable_path(path: &str) -> (std::borrow::Cow<'_, str>, bool) {
+    if path.len() <= MAX_LOGGED_PATH_BYTES {
+        return (path.into(), false);
+    }
+    let cut = (0..=MAX_LOGGED_PATH_BYTES)
+        .rev()
+        .find(|&i| path.is_char_boundary(i))
+        .unwrap_or(0);
+    (format!("{}…", &path[..cut]).into(), true)
 }
 
 /// Every error answer is a small JSON object, whoever produced it (the router's 404 and 405,
@@ -271,7 +292,7 @@ async fn reject_oversized(request: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DepError;
+    use crate::store::{Batch, CountedIn, DepError};
     use crate::test_support::{metrics, unreachable_store};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
@@ -503,12 +524,38 @@ mod tests {
         assert_eq!(body["status"], "error");
     }
 
-    fn visit(count: Option<i64>, time: bool, cache: bool, db: bool) -> Visit {
+    #[test]
+    fn a_logged_path_is_cut_to_128_bytes_on_a_character_boundary_and_marked() {
+        let short = "/".repeat(MAX_LOGGED_PATH_BYTES);
+        assert_eq!(loggable_path(&short), (short.as_str().into(), false));
+        let long = "/p".repeat(8 * 1024);
+        assert_eq!(
+            loggable_path(&long),
+            (format!("{}…", "/p".repeat(64)).into(), true)
+        );
+        // 127 bytes, then 3-byte characters: the one that would cross byte 128 is left out.
+        let wide = format!("/{}{}", "a".repeat(126), "€".repeat(10));
+        assert_eq!(
+            loggable_path(&wide),
+            (format!("/{}…", "a".repeat(126)).into(), true)
+        );
+    }
+
+    /// A visit given `count`, of a batch whose clock was read (or PostgreSQL timed out) and
+    /// whose Redis count failed or not.
+    fn visit(count: Option<i64>, cache: bool, db: bool) -> Visit {
+        let batch = Batch {
+            total: count.map(|c| (c, CountedIn::Cache)),
+            clock: if db {
+                Err(DepError::Timeout(Duration::from_secs(1)))
+            } else {
+                Ok("2025-11-16 18:32:01.123456".to_owned())
+            },
+            cache_error: cache.then_some(DepError::Unavailable("connection refused")),
+        };
         Visit {
             count,
-            db_time: time.then(|| "2025-11-16 18:32:01.123456".to_owned()),
-            cache_error: cache.then_some(DepError::Unavailable("connection refused")),
-            db_error: db.then(|| DepError::Timeout(Duration::from_secs(1))),
+            batch: std::sync::Arc::new(batch),
         }
     }
 
@@ -519,7 +566,7 @@ mod tests {
 
     #[test]
     fn healthy_page_is_the_seed_s_exact_shape() {
-        let (code, body) = render(visit(Some(3), true, false, false));
+        let (code, body) = render(visit(Some(3), false, false));
         assert_eq!(code, StatusCode::OK);
         assert_eq!(
             body,
@@ -529,7 +576,7 @@ mod tests {
 
     #[test]
     fn each_line_of_the_outage_table() {
-        let (code, body) = render(visit(Some(4), true, true, false));
+        let (code, body) = render(visit(Some(4), true, false));
         assert_eq!(code, StatusCode::OK);
         assert!(body.starts_with(r#"{"status":"degraded","visitas_cache":"4","hora_db":"2025"#));
         assert!(
@@ -537,14 +584,14 @@ mod tests {
             "{body}"
         );
 
-        let (code, body) = render(visit(Some(5), false, false, true));
+        let (code, body) = render(visit(Some(5), false, true));
         assert_eq!(code, StatusCode::OK);
         assert_eq!(
             body,
             r#"{"status":"degraded","visitas_cache":"5","hora_db":null,"erros":{"db":"timeout"}}"#
         );
 
-        let (code, body) = render(visit(None, false, true, true));
+        let (code, body) = render(visit(None, true, true));
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             body,

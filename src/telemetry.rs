@@ -1,19 +1,34 @@
 //! Logs (JSON lines on stdout) and metrics (a Prometheus recorder rendered on `/metrics`).
 
+use std::sync::OnceLock;
+
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+
+/// Lines the log queue holds while stdout falls behind. A line is a few hundred bytes, under
+/// 1 KiB (the request log cuts paths to `http::MAX_LOGGED_PATH_BYTES`; nothing else logs what
+/// a client sent), so the queue holds at most 2,048 × 1 KiB = 2 MiB.
+pub const LOG_QUEUE_LINES: usize = 2048;
+
+/// Counts the lines the log queue dropped, once `init_logging` has run.
+static DROPPED_LINES: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// Installs the JSON log subscriber. Lines go through a background writer thread, so a slow
 /// stdout (a full pipe, a busy log collector) never stalls a request; if it falls more than
-/// its buffer behind, lines are dropped rather than requests slowed. Keep the guard until
-/// exit: dropping it flushes what is buffered. `filter` was validated by `Config`.
+/// `LOG_QUEUE_LINES` behind, lines are dropped (and counted in `log_lines_dropped_total`)
+/// rather than requests slowed or memory grown. Keep the guard until exit: dropping it flushes
+/// what is buffered. `filter` was validated by `Config`.
 pub fn init_logging(filter: &str) -> WorkerGuard {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .finish(std::io::stdout());
+    let _ = DROPPED_LINES.set(writer.error_counter());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -24,6 +39,13 @@ pub fn init_logging(filter: &str) -> WorkerGuard {
         .with_writer(writer)
         .init();
     guard
+}
+
+/// Copies the log queue's count of dropped lines into `log_lines_dropped_total` (0 until one
+/// is dropped, or when logging goes elsewhere, as in tests).
+pub fn publish_dropped_log_lines() {
+    let dropped = DROPPED_LINES.get().map_or(0, ErrorCounter::dropped_lines);
+    metrics::counter!("log_lines_dropped_total").absolute(dropped as u64);
 }
 
 /// Latency buckets, in seconds, around what a coalesced request costs on a loopback network.
@@ -51,7 +73,8 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 /// Histograms keep every sample until the exporter folds them into buckets, which it does
 /// on render and on upkeep. A process nobody scrapes would grow by every request it serves,
-/// so fold them every second, on `tasks`, until `stop`.
+/// so fold them every second, on `tasks`, until `stop`; the count of dropped log lines is
+/// refreshed then too.
 pub fn spawn_metrics_upkeep(
     handle: PrometheusHandle,
     tasks: &TaskTracker,
@@ -63,7 +86,10 @@ pub fn spawn_metrics_upkeep(
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = ticker.tick() => handle.run_upkeep(),
+                _ = ticker.tick() => {
+                    publish_dropped_log_lines();
+                    handle.run_upkeep();
+                }
             }
         }
     });
@@ -88,6 +114,10 @@ fn describe() {
         "visits_counted_total",
         "Visits counted, by the store that counted them"
     );
+    describe_counter!(
+        "visits_uncounted_total",
+        "Answers without a count, by reason: withheld, db (PostgreSQL failed), cache (Redis failed, PostgreSQL may not count yet)"
+    );
     describe_histogram!(
         "visit_batch_size",
         "Visits served by one coalesced round trip"
@@ -95,6 +125,10 @@ fn describe() {
     describe_gauge!(
         "dependency_up",
         "1 while the dependency (cache, db) is up, 0 while it is down"
+    );
+    describe_counter!(
+        "log_lines_dropped_total",
+        "Log lines dropped because stdout fell more than the log queue behind"
     );
     describe_counter!(
         "visit_counter_fences_total",

@@ -21,53 +21,31 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::store::{CountedIn, Counting, DepError, Store};
+use crate::store::{Batch, CountedIn, Counting, DepError, Store};
 
 /// Most visits served by one round trip; bounds the work lost to a failure mid-batch.
 const MAX_BATCH: usize = 1024;
 /// Visits that may wait for the batching task before callers are slowed down.
 const QUEUE_DEPTH: usize = 8192;
 
-/// What one visit gets back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Visit {
-    /// This visit's count, or `None` when neither store could count it.
-    pub count: Option<i64>,
-    /// The database clock, rendered for the page.
-    pub db_time: Option<String>,
-    /// Set when Redis failed (the count, if any, then comes from PostgreSQL).
-    pub cache_error: Option<DepError>,
-    /// Set when PostgreSQL failed to give the time, or to count in place of Redis.
-    pub db_error: Option<DepError>,
-}
-
-/// The outcome shared by a whole batch; [`BatchOutcome::visit`] gives each member its share.
+/// What one visit gets back: its own count, if the batch was counted, and the batch's
+/// outcome, shared by every visit of the batch.
 #[derive(Debug, Clone)]
-pub struct BatchOutcome {
-    /// Count after the batch, and the batch size, when counting succeeded.
-    pub total: Option<i64>,
-    pub size: usize,
-    pub db_time: Result<String, DepError>,
-    pub cache_error: Option<DepError>,
-    pub count_db_error: Option<DepError>,
+pub struct Visit {
+    pub count: Option<i64>,
+    pub batch: Arc<Batch>,
 }
 
-impl BatchOutcome {
-    /// The visit at `index` (0-based, arrival order) gets the `index`-th of the `size`
-    /// consecutive counts that end at `total`.
-    pub fn visit(&self, index: usize) -> Visit {
-        let count = self
+impl Visit {
+    /// The visit at `index` (0-based, arrival order) of a batch of `size` gets the
+    /// `index`-th of the `size` consecutive counts that end at the batch's total.
+    fn of(batch: &Arc<Batch>, size: usize, index: usize) -> Self {
+        let count = batch
             .total
-            .map(|total| total - self.size as i64 + 1 + index as i64);
-        let db_error = match &self.db_time {
-            Err(e) => Some(e.clone()),
-            Ok(_) => self.count_db_error.clone(),
-        };
-        Visit {
+            .map(|(total, _)| total - size as i64 + 1 + index as i64);
+        Self {
             count,
-            db_time: self.db_time.as_ref().ok().cloned(),
-            cache_error: self.cache_error.clone(),
-            db_error,
+            batch: Arc::clone(batch),
         }
     }
 }
@@ -121,10 +99,11 @@ async fn batch_loop(
                 if received == 0 {
                     break;
                 }
-                let outcome = run_batch(&store, &mut counting, batch.len()).await;
+                let size = batch.len();
+                let outcome = Arc::new(run_batch(&store, &mut counting, size).await);
                 for (index, reply) in batch.drain(..).enumerate() {
                     // A visitor who hung up still used its count: a gap the contract allows.
-                    let _ = reply.send(outcome.visit(index));
+                    let _ = reply.send(Visit::of(&outcome, size, index));
                 }
             }
             () = close.cancelled(), if !waiting.is_closed() => waiting.close(),
@@ -132,75 +111,60 @@ async fn batch_loop(
     }
 }
 
-async fn run_batch(store: &Store, counting: &mut Counting, size: usize) -> BatchOutcome {
-    let (counted, db_time) = store.count_and_clock(counting, size as u64).await;
+async fn run_batch(store: &Store, counting: &mut Counting, size: usize) -> Batch {
+    let batch = store.count_and_clock(counting, size as u64).await;
     metrics::histogram!("visit_batch_size").record(size as f64);
-    let total = counted.total.map(|(total, counted_in)| {
+    if let Some((_, counted_in)) = batch.total {
         let store_label = match counted_in {
             CountedIn::Cache => "cache",
             CountedIn::Db => "db",
         };
         metrics::counter!("visits_counted_total", "store" => store_label).increment(size as u64);
-        total
-    });
-    BatchOutcome {
-        total,
-        size,
-        db_time,
-        cache_error: counted.cache_error,
-        count_db_error: counted.db_error,
+    } else {
+        let reason = match (&batch.cache_error, &batch.clock) {
+            (Some(DepError::Unconfirmed), _) => "withheld",
+            (_, Err(_)) => "db",
+            _ => "cache",
+        };
+        metrics::counter!("visits_uncounted_total", "reason" => reason).increment(size as u64);
     }
+    batch
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn outcome(total: Option<i64>, size: usize) -> BatchOutcome {
-        BatchOutcome {
-            total,
-            size,
-            db_time: Ok("2025-11-16 18:32:01.123456".into()),
+    fn batch(total: Option<i64>) -> Arc<Batch> {
+        Arc::new(Batch {
+            total: total.map(|t| (t, CountedIn::Cache)),
+            clock: Ok("2025-11-16 18:32:01.123456".into()),
             cache_error: None,
-            count_db_error: None,
-        }
+        })
     }
 
     #[test]
     fn a_batch_hands_out_consecutive_counts_in_arrival_order() {
-        let batch = outcome(Some(10), 4);
-        let counts: Vec<_> = (0..4).map(|i| batch.visit(i).count.unwrap()).collect();
-        assert_eq!(counts, vec![7, 8, 9, 10]);
+        let batch = batch(Some(10));
+        let counts: Vec<_> = (0..4).map(|i| Visit::of(&batch, 4, i).count).collect();
+        assert_eq!(counts, vec![Some(7), Some(8), Some(9), Some(10)]);
     }
 
     #[test]
     fn a_batch_of_one_gets_the_total() {
-        assert_eq!(outcome(Some(1), 1).visit(0).count, Some(1));
+        assert_eq!(Visit::of(&batch(Some(1)), 1, 0).count, Some(1));
     }
 
     #[test]
     fn a_failed_count_gives_no_count_to_anyone_but_keeps_the_clock() {
-        let mut batch = outcome(None, 3);
-        batch.cache_error = Some(DepError::Timeout(std::time::Duration::from_secs(1)));
-        batch.count_db_error = Some(DepError::Unavailable("error"));
+        let failed = Arc::new(Batch {
+            cache_error: Some(DepError::Timeout(std::time::Duration::from_secs(1))),
+            ..(*batch(None)).clone()
+        });
         for i in 0..3 {
-            let visit = batch.visit(i);
+            let visit = Visit::of(&failed, 3, i);
             assert_eq!(visit.count, None);
-            assert!(visit.db_time.is_some());
-            assert_eq!(visit.db_error, Some(DepError::Unavailable("error")));
+            assert!(visit.batch.clock.is_ok());
         }
-    }
-
-    #[test]
-    fn a_clock_failure_is_the_db_error_even_if_counting_also_failed() {
-        let mut batch = outcome(Some(5), 1);
-        batch.db_time = Err(DepError::Timeout(std::time::Duration::from_millis(5)));
-        batch.count_db_error = Some(DepError::Unavailable("connection lost"));
-        let visit = batch.visit(0);
-        assert_eq!(visit.db_time, None);
-        assert_eq!(
-            visit.db_error,
-            Some(DepError::Timeout(std::time::Duration::from_millis(5)))
-        );
     }
 }

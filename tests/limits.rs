@@ -1,6 +1,6 @@
 //! What a hostile or careless client cannot do: grow memory or metric series with invented
-//! methods, hold connections open without sending a request, exceed the connection cap, or
-//! poison the counter through Redis.
+//! methods, hold connections open without sending a request, exceed the connection cap, grow
+//! memory or log lines with long paths, or poison the counter through Redis.
 
 mod support;
 
@@ -50,6 +50,37 @@ async fn app_without_dependencies(vars: &[(&str, &str)]) -> TestApp {
         env = env.set(k, v);
     }
     TestApp::spawn(env).await
+}
+
+/// A `web` process whose dependencies are absent, started with stdout sent to `stdout`, once
+/// its public `/healthz` answers.
+async fn web_without_dependencies(stdout: Option<std::process::Stdio>) -> WebProcess {
+    let env = Env::new(
+        &format!("redis://127.0.0.1:{}/0", free_port()),
+        &format!("postgres://admin@127.0.0.1:{}/desafio3", free_port()),
+    );
+    let web = WebProcess::spawn_with_stdout(env, stdout);
+    let (client, started) = (http_client(), Instant::now());
+    while !client
+        .get(format!("{}/healthz", web.address()))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "web not up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    web
+}
+
+/// `GET` of a 15 KB path: what the request log used to write whole.
+async fn long_path_request(port: u16, i: usize) {
+    let request = format!(
+        "GET /{i:05}{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "p".repeat(15 * 1024)
+    );
+    let (answer, _) = exchange(port, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 414"), "{:.80}", answer);
 }
 
 fn port_of(address: &str) -> u16 {
@@ -105,6 +136,72 @@ async fn two_hundred_long_invented_methods_leave_memory_and_metrics_flat() {
         metrics_after < metrics_before + 256,
         "/metrics grew from {metrics_before} to {metrics_after} bytes"
     );
+}
+
+/// stdout is a pipe nobody reads: once it is full, the log writer blocks, and every line the
+/// service logs waits in its queue, which must drop lines rather than grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_paths_with_stdout_stalled_leave_memory_flat_and_count_dropped_lines() {
+    let (_unread, stalled) = std::io::pipe().expect("pipe");
+    let web = web_without_dependencies(Some(stalled.into())).await;
+    // Fill the pipe and the queue (2,048 lines), then measure.
+    for i in 0..3000 {
+        long_path_request(web.port, i).await;
+    }
+    let rss_before = rss_kib(web.child.id());
+    for i in 3000..3500 {
+        long_path_request(web.port, i).await;
+    }
+    let rss_after = rss_kib(web.child.id());
+    println!("RSS {rss_before} → {rss_after} KiB over 500 requests");
+    assert!(
+        rss_after <= rss_before + 2 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    let metrics = http_client()
+        .get(format!("{}/metrics", web.admin_address()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no log_lines_dropped_total in\n{metrics}"))
+        .parse()
+        .unwrap();
+    println!("{dropped} log lines dropped");
+    assert!(dropped >= 500, "{dropped} lines dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_path_is_logged_cut_to_128_bytes_and_marked() {
+    let web = web_without_dependencies(None).await;
+    long_path_request(web.port, 7).await;
+    let started = Instant::now();
+    let line: serde_json::Value = loop {
+        let (stdout, _) = web.logs();
+        if let Some(line) = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "request" && l["status"] == 414)
+        {
+            break line;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not logged:\n{stdout}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("{} bytes: {line}", line.to_string().len());
+    let path = line["path"].as_str().expect("path");
+    let kept = path.strip_suffix('…').expect("marked as cut with …");
+    assert_eq!(kept.len(), 128, "{line}");
+    assert!(kept.starts_with("/00007ppp"), "{line}");
+    assert_eq!(line["path_truncated"], true, "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -202,7 +299,9 @@ async fn a_poisoned_redis_counter_never_reaches_an_answer_or_postgresql() {
     for expected in 1..=3 {
         assert_eq!(count_of(&app.visit().await.1), Some(expected));
     }
-    for poison in ["9223372036854775806", "-5", "lots"] {
+    // A value near the maximum is poison too: counting on it, or fencing PostgreSQL up to it,
+    // would leave no room to count.
+    for poison in ["9223372036854775806", "-5", "999999999999999", "lots"] {
         inject(|| redis.set_raw_counter(poison));
         let (poisoned, mut counted) = (Instant::now(), 0);
         while counted < 3 {

@@ -23,14 +23,15 @@ pub const FENCE_KEY: &str = "visitas:fence";
 /// restart from an older file is noticed); `master_replid` is new on every start and promotion,
 /// and is taken from the master on a full resync (so a server whose data was replaced by a copy,
 /// as a failover and failback or a repaired replica do, is noticed although its `run_id` stays).
-/// Then the counter's value, refused unless it is a count this service could have written.
+/// Then the counter's value, refused unless it is a count this service could have written:
+/// digits, at most [`MAX_PLAUSIBLE`] (the literal in the script).
 macro_rules! script {
     ($body:literal) => {
         concat!(
             "local info = redis.call('INFO', 'server', 'replication')
 local id = string.match(info, 'run_id:(%x+)') .. ':' .. string.match(info, 'master_replid:(%x+)')
 local raw = redis.call('GET', KEYS[1])
-if raw and (#raw > 15 or not string.match(raw, '^%d+$')) then
+if raw and (#raw > 15 or not string.match(raw, '^%d+$') or tonumber(raw) > 999999998999999) then
   return redis.error_reply('IMPLAUSIBLE the counter holds no plausible count')
 end
 local token, top = unpack(redis.call('HMGET', KEYS[2], 'token', 'top'))
@@ -45,7 +46,7 @@ local token, top = unpack(redis.call('HMGET', KEYS[2], 'token', 'top'))
 /// the counter is not below its top. Otherwise the error code `UNFENCED`, with nothing counted:
 /// the caller fences again (`docs/counting.md`). A missing counter is never counted from zero.
 ///
-/// A value that is not a plausible count (not digits, or more than [`MAX_COUNT`]) was written
+/// A value that is not a plausible count (not digits, or more than [`MAX_PLAUSIBLE`]) was written
 /// by someone else: the script refuses it with the error code `IMPLAUSIBLE` and changes
 /// nothing, so the value never reaches an answer or PostgreSQL.
 const COUNT: &str = script!(
@@ -86,9 +87,16 @@ return {raw, id .. ':' .. token}
 "
 );
 
-/// The largest count accepted from Redis: a million visits a second for thirty years, and still
-/// far below where Lua's doubles (2^53) stop being exact. 15 digits, as the script checks.
+/// The largest count accepted from Redis, and the most the counter of record may hold
+/// (PostgreSQL's `CHECK`): a million visits a second for thirty years, and still far below
+/// where Lua's doubles (2^53) stop being exact. 15 digits.
 pub const MAX_COUNT: i64 = 999_999_999_999_999;
+
+/// The largest value the scripts take from the counter key: a million below [`MAX_COUNT`], so
+/// that no batch counted on top of a plausible value, and no fencing that lifts the counter of
+/// record to it, can reach the maximum. A value planted near the maximum is refused like any
+/// other poison instead of being copied into PostgreSQL.
+pub const MAX_PLAUSIBLE: i64 = MAX_COUNT - 1_000_000;
 
 /// The error codes of the scripts' refusals.
 const IMPLAUSIBLE: &str = "IMPLAUSIBLE";
@@ -242,6 +250,13 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_scripts_refuse_a_counter_above_the_plausible_maximum() {
+        for script in [COUNT, FENCE] {
+            assert!(script.contains(&format!("tonumber(raw) > {MAX_PLAUSIBLE})")));
+        }
+    }
 
     #[test]
     fn only_counts_this_service_could_have_written_are_accepted() {

@@ -17,13 +17,19 @@ const POOL_SIZE: usize = 8;
 /// `CREATE TABLE IF NOT EXISTS` can both decide to create and one then fails.
 pub const SCHEMA_LOCK_ID: i64 = 0x6465_7361_6669_6f33; // "desafio3"
 
+/// Lets one replica fence at a time: replicas that fence at once would renew each other's
+/// tokens and withhold each other's counts.
+const FENCING_LOCK_ID: i64 = SCHEMA_LOCK_ID + 1;
+const TRY_FENCING_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+
 /// The fence of a counter row that this process had to create: PostgreSQL must not count by
 /// itself from 0 while Redis may hold a higher count. No Redis fence has this value, so nothing
 /// is confirmed under it either; the first fencing lifts the row to Redis's counter.
 pub const UNLIFTED: &str = "unlifted";
 
 /// Run once, at the first connection (never by a recovery probe: a lock behind a frozen
-/// session would stall it). `fence` names the Redis that may count (its data and fencing
+/// session would stall it). The counter of record never exceeds `cache::MAX_COUNT` (the
+/// `CHECK`, added `NOT VALID` to a table from before it, so an old row cannot stop start-up). `fence` names the Redis that may count (its data and fencing
 /// token, see `cache`), is empty while PostgreSQL counts itself, or is [`UNLIFTED`]. Tables
 /// from before fencing gain the column; the `ALTER`, which locks the table exclusively even
 /// when the column exists, runs only when it is missing.
@@ -39,6 +45,13 @@ const SCHEMA: &str = "
                        WHERE table_schema = current_schema() AND table_name = 'visit_counter'
                          AND column_name = 'fence') THEN
             ALTER TABLE visit_counter ADD COLUMN fence text NOT NULL DEFAULT '';
+        END IF;
+    END $$;
+    DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'visit_counter_value_max'
+                       AND conrelid = 'visit_counter'::regclass) THEN
+            ALTER TABLE visit_counter ADD CONSTRAINT visit_counter_value_max
+                CHECK (value <= 999999999999999) NOT VALID;
         END IF;
     END $$;
     INSERT INTO visit_counter (id, value, fence) VALUES (1, 0, 'unlifted') ON CONFLICT (id) DO NOTHING;
@@ -94,11 +107,19 @@ const READ_FENCE: &str = "SELECT value, fence FROM visit_counter WHERE id = 1";
 
 /// Records a new fence, compare-and-set: only if the fence is still the one read before Redis
 /// was fenced (`$3`), and the counter of record is not above what Redis now holds (PostgreSQL
-/// did not count past it meanwhile). No lock is held while Redis is asked, so a replica that
-/// freezes mid-fencing stalls nobody.
+/// did not count past it meanwhile).
 const RECORD_FENCE: &str = "UPDATE visit_counter SET value = GREATEST(value, $1), fence = $2, \
                             updated_at = now() WHERE id = 1 AND fence = $3 AND value <= $1 \
                             RETURNING value";
+
+/// What a fencing left: the counter Redis holds, the fence in force there, whether Redis
+/// renewed it, and whether it is the fence of record (a renewed one may not be).
+pub struct Fenced {
+    pub counter: i64,
+    pub fence: String,
+    pub renewed: bool,
+    pub recorded: bool,
+}
 
 pub struct Db {
     pool: Pool,
@@ -217,30 +238,53 @@ impl Db {
             .await
     }
 
-    /// The counter of record and the fence in force, read without a lock.
-    pub async fn fence_of_record(&self) -> Result<(i64, String), DepError> {
-        self.dependency
-            .call(async {
-                let row = self.row(READ_FENCE, &[]).await?.context("no counter row")?;
-                Ok::<_, anyhow::Error>((row.try_get(0)?, row.try_get(1)?))
-            })
-            .await
-    }
-
-    /// Records `fence` (under which Redis now holds `counter`) in place of `held`, if the row
-    /// did not move meanwhile (see [`RECORD_FENCE`]); returns whether it was recorded.
-    pub async fn record_fence(
+    /// Fences Redis, one replica at a time: in a transaction that holds the fencing lock (an
+    /// advisory lock, taken without waiting: `None` when another replica holds it), reads the
+    /// counter and fence of record, hands them to `fence_redis`, and records a fence it
+    /// renewed only if the row did not move meanwhile (see [`RECORD_FENCE`]). No row is
+    /// locked while Redis is asked, so confirmations and PostgreSQL's own counting go on; a
+    /// replica that freezes while it fences loses the lock when the server ends its idle
+    /// transaction (`idle_in_transaction_session_timeout`). Returns what Redis holds, the
+    /// fence in force and whether it is the fence of record ([`Fenced`]). The outer error is
+    /// PostgreSQL's, the inner one Redis's.
+    pub async fn fence<F, Fut>(
         &self,
-        counter: i64,
-        fence: &str,
-        held: &str,
-    ) -> Result<bool, DepError> {
-        self.dependency
-            .call(async {
-                let row = self.row(RECORD_FENCE, &[&counter, &fence, &held]).await?;
-                Ok::<_, anyhow::Error>(row.is_some())
-            })
-            .await
+        fence_redis: F,
+    ) -> Result<Option<Result<Fenced, DepError>>, DepError>
+    where
+        F: FnOnce(i64, String) -> Fut,
+        Fut: std::future::Future<Output = Result<(i64, String), DepError>>,
+    {
+        let dep = &self.dependency;
+        let mut client = dep.call(self.pool.get()).await?;
+        let tx = dep.call(client.transaction()).await?;
+        let locked = dep
+            .call(tx.query_one(TRY_FENCING_LOCK, &[&FENCING_LOCK_ID]))
+            .await?;
+        if !dep.call(async { locked.try_get::<_, bool>(0) }).await? {
+            return Ok(None);
+        }
+        let row = dep.call(tx.query_one(READ_FENCE, &[])).await?;
+        let (floor, held): (i64, String) = dep
+            .call(async { Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?)) })
+            .await?;
+        let (counter, fence) = match fence_redis(floor, held.clone()).await {
+            Ok(fenced) => fenced,
+            Err(e) => return Ok(Some(Err(e))),
+        };
+        let renewed = fence != held;
+        let recorded = !renewed
+            || dep
+                .call(tx.query_opt(RECORD_FENCE, &[&counter, &fence, &held]))
+                .await?
+                .is_some();
+        dep.call(tx.commit()).await?;
+        Ok(Some(Ok(Fenced {
+            counter,
+            fence,
+            renewed,
+            recorded,
+        })))
     }
 
     /// Keeps the database's state up to date until `stop` (see [`Dependency::watch`]).

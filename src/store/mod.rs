@@ -40,13 +40,17 @@ pub enum CountedIn {
     Db,
 }
 
-/// The outcome of counting a batch of `n` visits: the total after the batch, or nothing, and
-/// each dependency's reason when it failed or its count could not be used.
-#[derive(Debug, Clone, Default)]
-pub struct Counted {
+/// What counting a batch of visits gave: the one outcome the page is made from.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The total after the batch and the store that counted it; `None` when the batch got no
+    /// count.
     pub total: Option<(i64, CountedIn)>,
+    /// The database clock, or why PostgreSQL failed: every statement that counts also reads
+    /// the clock, so this is the batch's one database error.
+    pub clock: Result<String, DepError>,
+    /// Why Redis's count was not used, if it was not.
     pub cache_error: Option<DepError>,
-    pub db_error: Option<DepError>,
 }
 
 /// What `/readyz` reports: each dependency's answer to one round trip.
@@ -75,7 +79,8 @@ impl Counting {
     /// second confirmation follows, two writes for one batch. Then the confirmation waits for
     /// Redis's total instead (one round trip later, one write).
     fn ahead(&self, n: i64) -> Option<i64> {
-        (!self.fence.is_empty() && !self.shared).then(|| self.last_total.saturating_add(n))
+        let expected = self.last_total.saturating_add(n);
+        (!self.fence.is_empty() && !self.shared && expected <= cache::MAX_COUNT).then_some(expected)
     }
 
     /// Redis counted a batch of `n` up to `total`.
@@ -84,11 +89,14 @@ impl Counting {
         self.last_total = total;
     }
 
-    /// Redis now holds `counter` under `fence`.
+    /// Redis now holds `counter` under `fence`. Until a batch shows that this process counts
+    /// alone, nothing is confirmed ahead: right after a fencing other replicas are likely
+    /// fencing too, and a confirmation sent ahead for a batch Redis then refuses would skip
+    /// numbers.
     fn fenced(&mut self, counter: i64, fence: String) {
         self.fence = fence;
         self.last_total = counter;
-        self.shared = false;
+        self.shared = true;
     }
 
     /// The fence this process knew is not the fence of record any more: fence again next time.
@@ -103,8 +111,8 @@ enum Fencing {
     Fenced,
     /// Redis failed: PostgreSQL may count in its place.
     CacheFailed(DepError),
-    /// The row moved while Redis was fenced (another replica fenced, or PostgreSQL counted):
-    /// this batch gets no count; the next one fences again.
+    /// Another replica is fencing, or the row moved while Redis was fenced (PostgreSQL
+    /// counted): this batch tries again after a pause, or goes without a count.
     Superseded,
 }
 
@@ -114,11 +122,11 @@ pub struct Store {
 }
 
 /// How many times one batch may fence before it gives up and goes without a count.
-const FENCINGS_PER_BATCH: usize = 3;
+const FENCINGS_PER_BATCH: usize = 5;
 
-/// 0 to 15 ms, different in every call and every process.
+/// 1 to 16 ms, different in every call and every process.
 fn jitter() -> Duration {
-    Duration::from_millis(RandomState::new().hash_one(std::process::id()) % 16)
+    Duration::from_millis(1 + RandomState::new().hash_one(std::process::id()) % 16)
 }
 
 /// A token no fence has held before: 64 random bits.
@@ -165,13 +173,9 @@ impl Store {
     /// Counts `n` visits and reads the database clock. Redis counts under the fence this
     /// process knows (`counting`); if Redis says the fence changed, this process fences again
     /// (once) and retries. If Redis fails, PostgreSQL counts once the lease allows.
-    pub async fn count_and_clock(
-        &self,
-        counting: &mut Counting,
-        n: u64,
-    ) -> (Counted, Result<String, DepError>) {
+    pub async fn count_and_clock(&self, counting: &mut Counting, n: u64) -> Batch {
         if let Some(e) = self.db.down_reason() {
-            return (Counted::db_failed(e.clone()), Err(e));
+            return Batch::db_failed(e);
         }
         let n_i64 = n as i64; // At most the batch size.
         for attempt in 0..=FENCINGS_PER_BATCH {
@@ -194,10 +198,10 @@ impl Store {
                     let sent = match early {
                         Some(Ok((true, clock))) if Some(total) <= expected => {
                             confirmations("ahead");
-                            return (Counted::total(total, CountedIn::Cache, None), Ok(clock));
+                            return Batch::counted(total, CountedIn::Cache, clock, None);
                         }
-                        Some(Ok((false, clock))) => return (withhold(counting), Ok(clock)),
-                        Some(Err(e)) => return (Counted::db_failed(e.clone()), Err(e)),
+                        Some(Ok((false, clock))) => return withhold(counting, Ok(clock)),
+                        Some(Err(e)) => return Batch::db_failed(e),
                         Some(Ok((true, _))) => "again",
                         None => "after",
                     };
@@ -211,90 +215,71 @@ impl Store {
                 break; // Fenced and superseded every time: no count this time.
             }
             if attempt > 0 {
-                // Replicas that fence at the same moment renew each other's tokens; a pause
-                // of a few random milliseconds lets one of them finish first.
-                tokio::time::sleep(jitter()).await;
+                // Another replica was fencing: a pause of a few random milliseconds lets it
+                // finish; this process then adopts its fence.
+                tokio::time::sleep(jitter() * attempt as u32).await;
             }
             match self.fence_redis(counting).await {
                 Ok(Fencing::Fenced | Fencing::Superseded) => {}
                 Ok(Fencing::CacheFailed(cache_error)) => {
                     return self.count_here(counting, n, cache_error).await;
                 }
-                Err(e) => return (Counted::db_failed(e.clone()), Err(e)),
+                Err(e) => return Batch::db_failed(e),
             }
         }
         let clock = self.db.now().await;
-        let counted = Counted {
-            cache_error: Some(DepError::Unconfirmed),
-            db_error: clock.as_ref().err().cloned(),
-            ..Counted::default()
-        };
-        (counted, clock)
+        withhold(counting, clock)
     }
 
-    async fn confirm(
-        &self,
-        counting: &mut Counting,
-        total: i64,
-        fence: &str,
-    ) -> (Counted, Result<String, DepError>) {
+    async fn confirm(&self, counting: &mut Counting, total: i64, fence: &str) -> Batch {
         match self.db.confirm(total, fence).await {
-            Ok((true, clock)) => (Counted::total(total, CountedIn::Cache, None), Ok(clock)),
-            Ok((false, clock)) => (withhold(counting), Ok(clock)),
-            Err(e) => (Counted::db_failed(e.clone()), Err(e)),
+            Ok((true, clock)) => Batch::counted(total, CountedIn::Cache, clock, None),
+            Ok((false, clock)) => withhold(counting, Ok(clock)),
+            Err(e) => Batch::db_failed(e),
         }
     }
 
-    async fn count_here(
-        &self,
-        counting: &mut Counting,
-        n: u64,
-        cache_error: DepError,
-    ) -> (Counted, Result<String, DepError>) {
+    async fn count_here(&self, counting: &mut Counting, n: u64, cache_error: DepError) -> Batch {
         // `n` is at most the batch size, far below i64::MAX.
         match self.db.count_here(n as i64, REDIS_LEASE).await {
             Ok((Some(total), clock)) => {
                 counting.forget_fence();
-                let counted = Counted::total(total, CountedIn::Db, Some(cache_error));
-                (counted, Ok(clock))
+                Batch::counted(total, CountedIn::Db, clock, Some(cache_error))
             }
-            Ok((None, clock)) => {
-                let counted = Counted {
-                    cache_error: Some(cache_error),
-                    ..Counted::default()
-                };
-                (counted, Ok(clock))
-            }
-            Err(e) => {
-                let counted = Counted {
-                    cache_error: Some(cache_error),
-                    db_error: Some(e.clone()),
-                    ..Counted::default()
-                };
-                (counted, Err(e))
-            }
+            Ok((None, clock)) => Batch {
+                total: None,
+                clock: Ok(clock),
+                cache_error: Some(cache_error),
+            },
+            Err(e) => Batch {
+                total: None,
+                clock: Err(e),
+                cache_error: Some(cache_error),
+            },
         }
     }
 
-    /// Fences Redis by compare-and-set, holding no lock while Redis is asked: reads the
-    /// counter and fence of record, has Redis raise its counter to it and keep or renew the
-    /// fence (see `cache::Cache::fence`), then records a renewed fence only if the row did not
-    /// move meanwhile (see `db::Db::record_fence`). The error is PostgreSQL's.
+    /// Fences Redis (see `db::Db::fence` and `cache::Cache::fence`): Redis raised to the
+    /// counter of record, the fence kept or renewed, a renewed fence recorded if the row did
+    /// not move meanwhile. The error is PostgreSQL's.
     async fn fence_redis(&self, counting: &mut Counting) -> Result<Fencing, DepError> {
-        let (floor, held) = self.db.fence_of_record().await?;
-        let (counter, fence) = match self.cache.fence(floor, &new_token(), &held).await {
-            Ok(fenced) => fenced,
-            Err(cache_error) => return Ok(Fencing::CacheFailed(cache_error)),
-        };
-        if fence != held {
-            if !self.db.record_fence(counter, &fence, &held).await? {
+        let token = new_token();
+        let fencing = self
+            .db
+            .fence(|floor, held| async move { self.cache.fence(floor, &token, &held).await });
+        let fenced = match fencing.await? {
+            Some(Ok(fenced)) if fenced.recorded => fenced,
+            Some(Err(cache_error)) => return Ok(Fencing::CacheFailed(cache_error)),
+            Some(Ok(_)) | None => {
                 counting.forget_fence();
                 return Ok(Fencing::Superseded);
             }
-            tracing::info!(fence = %fence, "counting in Redis under a new fence");
+        };
+        if fenced.renewed {
+            tracing::info!(fence = %fenced.fence, "counting in Redis under a new fence");
             metrics::counter!("visit_counter_fences_total").increment(1);
         }
-        counting.fenced(counter, fence);
+        counting.fenced(fenced.counter, fenced.fence);
         Ok(Fencing::Fenced)
     }
 
@@ -306,13 +291,14 @@ impl Store {
     }
 }
 
-/// A batch counted under a fence that is no longer the fence of record: its counts may not
-/// be new. Fence again next time.
-fn withhold(counting: &mut Counting) -> Counted {
+/// A batch counted under a fence that is no longer the fence of record, or not counted for
+/// lack of one: its counts may not be new. Fence again next time.
+fn withhold(counting: &mut Counting, clock: Result<String, DepError>) -> Batch {
     counting.forget_fence();
-    Counted {
+    Batch {
+        total: None,
+        clock,
         cache_error: Some(DepError::Unconfirmed),
-        ..Counted::default()
     }
 }
 
@@ -323,19 +309,25 @@ fn confirmations(how: &'static str) {
     metrics::counter!("visit_counter_confirmations_total", "sent" => how).increment(1);
 }
 
-impl Counted {
-    fn total(total: i64, counted_in: CountedIn, cache_error: Option<DepError>) -> Self {
+impl Batch {
+    fn counted(
+        total: i64,
+        counted_in: CountedIn,
+        clock: String,
+        cache_error: Option<DepError>,
+    ) -> Self {
         Self {
             total: Some((total, counted_in)),
+            clock: Ok(clock),
             cache_error,
-            db_error: None,
         }
     }
 
     fn db_failed(e: DepError) -> Self {
         Self {
-            db_error: Some(e),
-            ..Self::default()
+            total: None,
+            clock: Err(e),
+            cache_error: None,
         }
     }
 }
@@ -360,9 +352,8 @@ mod tests {
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         store.spawn_tasks(&tasks, &stop);
         let started = Instant::now();
-        let (counted, clock) = store.count_and_clock(&mut Counting::default(), 3).await;
-        assert!(counted.total.is_none() && counted.db_error.is_some());
-        assert!(clock.is_err());
+        let batch = store.count_and_clock(&mut Counting::default(), 3).await;
+        assert!(batch.total.is_none() && batch.clock.is_err());
         let ready = store.readiness().await;
         assert!(ready.cache.is_err() && ready.db.is_err(), "{ready:?}");
         assert!(

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,11 +222,12 @@ def network_id(logical: str) -> str:
 # sections
 
 def sec_images():
-    """The official images (redis, postgres, and the Dockerfile's Rust builder) when the engine has
-    them or can pull them, else the stand-ins. desafio3-web:latest is built by the first run."""
+    """The official images (redis, postgres, the monitoring profile's prometheus, and the Dockerfile's
+    Rust builder) when the engine has them or can pull them, else the stand-ins. desafio3-web:latest
+    is built by the first run."""
     t0, why = time.time(), ""
-    images = [json.loads(compose("config", "--format", "json", timeout=60, check_rc=True).stdout)["services"][n]["image"]
-              for n in ("cache", "db")]
+    cfg = json.loads(compose("--profile", "monitoring", "config", "--format", "json", timeout=60, check_rc=True).stdout)
+    images = [cfg["services"][n]["image"] for n in ("cache", "db", "prometheus")]
     images.append(re.search(r"^ARG RUST_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)[1])
     for image in images:
         if run(["docker", "image", "inspect", image], timeout=30).returncode != 0:
@@ -238,7 +241,7 @@ def sec_images():
         return
     FILES.append(HERE / "compose.test.yml")
     COMPOSE.extend(["-f", str(FILES[-1])])
-    info(f"the stand-ins desafio3-test/redis, /postgres and /rust (builder), because {why}")
+    info(f"the stand-ins desafio3-test/redis, /postgres, /prometheus and /rust (builder), because {why}")
     p = run([str(HERE / "images.sh"), "standins"], timeout=3600)
     for line in p.stderr.splitlines():
         if line.startswith("images:"):
@@ -444,6 +447,10 @@ def sec_hardening(secrets: dict[str, str]):
               f"CapDrop {hc.get('CapDrop')} CapAdd {sorted(added)}; process uid {status.get('Uid', ['?'])[0]} "
               + " ".join(f"{k}={v}" for k, v in sets.items())
               + f" NoNewPrivs={nnp}; limits {(hc.get('Memory') or 0) // 2**20} MiB, {(hc.get('NanoCpus') or 0) / 1e9} CPUs")
+    logs = {n: d["HostConfig"].get("LogConfig") or {} for n, d in data.items()}
+    check("5.log rotation", all(c.get("Type") == "json-file" and (c.get("Config") or {}).get("max-size")
+                                and (c.get("Config") or {}).get("max-file") for c in logs.values()),
+          "; ".join(f"{n}: {c.get('Type')} {c.get('Config')}" for n, c in logs.items()) + " (max-size, max-file)")
 
 
 def sec_stop():
@@ -666,6 +673,114 @@ def sec_readme_blocks(home: Path):
           f"then counts {answered}; restore with N={n} → rc {q.returncode}; then {r.short()} (each count once: 9.)")
 
 
+PROMETHEUS = "http://127.0.0.1:9090"  # README.md "Monitoring": published on 127.0.0.1 only
+MONITORING = ("prometheus", "grafana")
+
+
+def prom_api(path: str, **params) -> dict:
+    """GET Prometheus's HTTP API on its published port; {} when it does not answer (yet)."""
+    url = f"{PROMETHEUS}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def poll(what, timeout: float = 60, pause: float = 1.0):
+    """what() until it returns something true, or the last result after timeout seconds."""
+    end = time.time() + timeout
+    while True:
+        got = what()
+        if got or time.time() > end:
+            return got
+        time.sleep(pause)
+
+
+def dependency_alerts(dependency: str) -> list[str]:
+    alerts = prom_api("alerts").get("data", {}).get("alerts", [])
+    return [a["state"] for a in alerts
+            if a["labels"].get("alertname") == "WebDependencyDown" and a["labels"].get("dependency") == dependency]
+
+
+def sec_monitoring(home: Path):
+    """README's monitoring profile: Prometheus scrapes web, loads the rules, answers queries over
+    web's series and the dashboard's queries, and stopping cache makes the dependency alert
+    pending or firing (then it resolves). Grafana's image cannot be pulled here and has no
+    stand-in: then only Prometheus is started, and the README block is not run as written."""
+    block = doc_block(ROOT / "README.md", "10.monitoring up").strip()  # aborts if README lost it
+    cfg = json.loads(compose("--profile", "monitoring", "config", "--format", "json", timeout=60, check_rc=True).stdout)
+    grafana = cfg["services"]["grafana"]["image"]
+    have_grafana = (run(["docker", "image", "inspect", grafana], timeout=30).returncode == 0
+                    or run(["docker", "pull", "-q", grafana], timeout=900).returncode == 0)
+    if have_grafana:
+        p = run_recipe(home, ROOT / "README.md", "10.monitoring up", then="")
+        how = "README's block as written"
+    else:
+        p = compose("--profile", "monitoring", "up", "-d", "--no-build", "--pull", "never", "prometheus", timeout=180)
+        how = (f"`docker compose --profile monitoring up -d prometheus` (README's `{block}` starts Grafana too, but "
+               f"{grafana} cannot be pulled here and has no stand-in: Grafana NOT run)")
+    data = inspect(*MONITORING)
+    pubs = {n: sorted({f"{b.get('HostIp')}:{b['HostPort']}" for v in (d["NetworkSettings"].get("Ports") or {}).values()
+                       for b in v or []}) for n, d in data.items()}
+    nets = {n: sorted(d["NetworkSettings"]["Networks"]) for n, d in data.items()}
+    check("10.monitoring up", p.returncode == 0 and "prometheus" in data and data["prometheus"]["State"]["Running"]
+          and all(h.startswith("127.0.0.1:") for v in pubs.values() for h in v)
+          and all(f"{PROJECT}_backend" not in v for v in nets.values()),
+          f"{how} → rc {p.returncode} {last_lines(p.stderr, 1)}; published {pubs}; networks {nets}")
+
+    def web_target():
+        ts = prom_api("targets").get("data", {}).get("activeTargets", [])
+        return [t for t in ts if t["labels"].get("job") == "web" and t["health"] == "up"]
+    up = poll(web_target)
+    check("10.scrapes web", bool(up), f"Prometheus at {PROMETHEUS}: target job=web "
+          + (f"{up[0]['scrapeUrl']} up" if up else f"not up: {prom_api('targets')}"[:300]))
+
+    def rules():
+        groups = prom_api("rules").get("data", {}).get("groups", [])
+        rs = [r for g in groups for r in g["rules"]]
+        return (groups, rs) if rs and all(r.get("health") == "ok" for r in rs) else None
+    got = poll(rules)
+    groups, rs = got or ([], [])
+    check("10.rules loaded", bool(got) and len(rs) >= 14,
+          f"{len(rs)} rules in groups {[g['name'] for g in groups]}, every one evaluated without error"
+          if got else f"rules not all healthy: {json.dumps(prom_api('rules'))[:300]}")
+
+    for _ in range(5):
+        get()
+
+    def recorded():
+        res = prom_api("query", query='job:web_page_requests:rate5m{job="web"}').get("data", {}).get("result", [])
+        return res if res and float(res[0]["value"][1]) > 0 else None
+    res = poll(recorded, timeout=90)
+    raw = prom_api("query", query='sum(http_requests_total{job="web",route="/"})').get("data", {}).get("result", [])
+    check("10.query", bool(res) and bool(raw), f"job:web_page_requests:rate5m{{job=\"web\"}} = "
+          f"{res[0]['value'][1] if res else 'no data'} req/s; sum(http_requests_total{{job=\"web\",route=\"/\"}}) = "
+          f"{raw[0]['value'][1] if raw else 'no data'}")
+
+    dashboard = json.loads((ROOT / "deploy/monitoring/grafana/dashboards/web.json").read_text())
+    queries = [t["expr"].replace("$__rate_interval", "1m") for panel in dashboard["panels"] for t in panel["targets"]]
+    answers = [prom_api("query", query=q) for q in queries]
+    failed = [(q, a.get("error")) for q, a in zip(queries, answers) if a.get("status") != "success"]
+    with_data = sum(bool(a.get("data", {}).get("result")) for a in answers)
+    check("10.dashboard queries", not failed, f"{len(queries)} dashboard queries run on Prometheus, {with_data} "
+          f"with data now" + (f"; FAILED: {failed[:3]}" if failed else ""))
+
+    t0 = time.time()
+    compose("stop", "cache", timeout=60, check_rc=True)
+    for _ in range(3):
+        get()
+    states = poll(lambda: dependency_alerts("cache"), timeout=60)
+    dt = time.time() - t0
+    compose("start", "cache", timeout=60, check_rc=True)
+    healthy, r = wait_healthy(RECOVERY_TIMEOUT_S), wait_ok(0)
+    resolved = poll(lambda: not dependency_alerts("cache"), timeout=60)
+    check("10.dependency alert", bool(states) and set(states) <= {"pending", "firing"} and healthy and resolved,
+          f"docker compose stop cache → WebDependencyDown{{dependency=\"cache\"}} {states or 'NOT raised'} after "
+          f"{dt:.0f} s; cache started again → healthy {healthy}, {r.short()[:80]}; alert gone: {bool(resolved)}")
+    compose("--profile", "monitoring", "rm", "-s", "-f", *MONITORING, timeout=120)
+
+
 def sec_logs(secrets: dict[str, str]):
     collect_logs()
     text = "\n".join(LOGS)
@@ -680,14 +795,14 @@ def preflight():
     COMPOSE = ["docker", "compose", "-p", PROJECT] + sum((["-f", str(f)] for f in FILES), [])
     p = run(["docker", "ps", "-a", "--format", '{{.Names}}\t{{.Label "com.docker.compose.project"}}'], timeout=30)
     others = [f"{n} (project {proj or '-'})" for n, _, proj in (l.partition("\t") for l in p.stdout.splitlines())
-              if n in NAMES and proj != PROJECT]
+              if n in NAMES + MONITORING and proj != PROJECT]
     if p.returncode != 0 or others:  # docker-compose.yml fixes container_name: one stack at a time
         raise Abort(f"docker does not answer ({last_lines(p.stderr)})" if p.returncode else
                     f"remove the containers outside the e2e project first: {', '.join(others)}")
 
 
 def cleanup():
-    p = compose("down", "-v", "--remove-orphans", "--timeout", "15", timeout=180)
+    p = compose("--profile", "monitoring", "down", "-v", "--remove-orphans", "--timeout", "15", timeout=180)
     if p.returncode != 0:
         print(f"e2e: cleanup failed: {last_lines(p.stderr)}", file=sys.stderr)
 
@@ -713,6 +828,7 @@ def main() -> int:
         sec_persistence()
         sec_upgrade(home)
         sec_readme_blocks(home)
+        sec_monitoring(home)
         sec_logs(secrets)
     except Abort as e:
         check("aborted", False, str(e))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the stand-ins of the end-to-end suite locally, for an engine that cannot pull the
-# official images: desafio3-test/{redis,postgres,rust}:latest, on one debootstrap root filesystem
+# official images: desafio3-test/{redis,postgres,prometheus,rust}:latest, on one debootstrap root filesystem
 # (cached in ~/.cache/desafio3) plus tests/e2e/standins/*. The web image itself is built from the
 # Dockerfile by `docker compose up --build`, as a user builds it. See tests/e2e/README.md.
 #   tests/e2e/images.sh [standins|rootfs]
@@ -15,8 +15,9 @@ LABEL=org.desafio3.e2e.standin
 SUITE="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
 ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 # Packages of the stand-ins, on top of the minbase variant (which already has bash, dash and
-# util-linux's setpriv, used instead of gosu); the last four are the Rust builder's C toolchain.
-PACKAGES="redis-server redis-tools postgresql postgresql-client procps tzdata gcc libc6-dev binutils ca-certificates"
+# util-linux's setpriv, used instead of gosu); prometheus for the monitoring profile; the last
+# four are the Rust builder's C toolchain.
+PACKAGES="redis-server redis-tools postgresql postgresql-client prometheus procps tzdata gcc libc6-dev binutils ca-certificates"
 
 log() { printf 'images: %s\n' "$*" >&2; }
 die() { printf 'images: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -62,8 +63,9 @@ build_rootfs() {
         "$r"/var/log/apt/* "$r"/tmp/* "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/locale/* \
         "$r"/usr/share/i18n "$r"/usr/lib/postgresql/*/lib/llvmjit* "$r"/usr/lib/postgresql/*/lib/bitcode \
         "$r"/usr/lib/*-linux-gnu/libLLVM-*.so* "$r"/usr/lib/*-linux-gnu/libz3.so*
-    as_root mkdir -p "$r/data" "$r/var/lib/postgresql/data" "$r/docker-entrypoint-initdb.d"
+    as_root mkdir -p "$r/data" "$r/var/lib/postgresql/data" "$r/docker-entrypoint-initdb.d" "$r/prometheus"
     as_root chroot "$r" sh -c 'chown redis:redis /data && chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data'
+    as_root chroot "$r" chown nobody:nogroup /prometheus  # the official image's user and data directory
     as_root chmod 700 "$r/var/lib/postgresql/data"
     as_root tar --numeric-owner --xattrs -C "$r" -cf "$work/rootfs.tar" --exclude='./proc/*' --exclude='./sys/*' \
         --exclude='./dev/*' .
@@ -106,6 +108,14 @@ changes_postgres() {
         'STOPSIGNAL SIGINT' 'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' 'CMD ["postgres"]'
 }
 
+# prom/prometheus: /bin/prometheus as the entrypoint (merged /usr: Debian's /usr/bin/prometheus),
+# run as nobody in /prometheus, its data volume; the official image's default arguments.
+changes_prometheus() {
+    printf '%s\n' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'USER nobody' \
+        'WORKDIR /prometheus' 'VOLUME /prometheus' 'EXPOSE 9090' 'ENTRYPOINT ["/bin/prometheus"]' \
+        'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
+}
+
 build_standins() {
     ensure_rootfs
     local pgver name base
@@ -122,7 +132,7 @@ build_standins() {
     fi
     log "docker build desafio3-test/rust:latest"
     build_rust "$base"
-    for name in redis postgres; do
+    for name in redis postgres prometheus; do
         log "docker build desafio3-test/$name:latest"
         { echo "FROM $base"; echo "COPY *-entrypoint.sh /usr/local/bin/"; "changes_$name"; echo "LABEL $LABEL=1"; } |
             DOCKER_BUILDKIT=0 docker build -q -t "desafio3-test/$name:latest" -f - "$STANDINS" >/dev/null 2>"$CACHE_DIR/build.err" ||

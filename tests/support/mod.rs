@@ -1229,6 +1229,12 @@ pub struct WebProcess {
 
 impl WebProcess {
     pub fn spawn(env: Env) -> Self {
+        Self::spawn_with_stdout(env, None)
+    }
+
+    /// As `spawn`, with stdout sent to `to` (say, a pipe nobody reads) instead of the file
+    /// that `logs` reads.
+    pub fn spawn_with_stdout(env: Env, to: Option<Stdio>) -> Self {
         let (port, admin_port) = (free_port(), free_port());
         let logs = tempfile::tempdir().expect("log dir");
         let stdout = logs.path().join("stdout");
@@ -1238,7 +1244,9 @@ impl WebProcess {
             .envs(&env.vars)
             .env("PORT", port.to_string())
             .env("ADMIN_PORT", admin_port.to_string())
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stdout(
+                to.unwrap_or_else(|| std::fs::File::create(&stdout).expect("stdout file").into()),
+            )
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("starting web");

@@ -157,6 +157,10 @@ class WebChecks:
         cls.pod_labels = cls.dep["spec"]["template"]["metadata"]["labels"]
         cls.env = web_env(cls.objs, cls.dep)
 
+    def test_prometheus_rules_configmap(self):  # README.md "Monitoring": the compose profile's rules
+        rules = (SOURCE.parent / "monitoring/rules/web.rules.yml").read_text()
+        self.assertEqual(one(self.objs, "ConfigMap", "web-prometheus-rules")["data"], {"web.rules.yml": rules})
+
     def test_image_ports_resources(self):
         self.assertRegex(self.c["image"], r"(^|/)desafio3-web(:[\w.-]+)?$")
         self.assertEqual((port_number(self.c, "http"), port_number(self.c, "admin")), (5000, 9090))
