@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,11 +28,17 @@ VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import free_port, proc_status, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
 
-SYSTEMS = {"web": "web GET /", "web-healthz": "web GET /healthz", "web-info": "web GET / (RUST_LOG=info)",
-           "web-tls": "web GET / (TLS to both)", "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /",
-           "pgbench": "pgbench SELECT now()"}  # key: label
+SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
+           "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)",
+           "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /", "pgbench": "pgbench SELECT now()"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
+REPLICAS = 3  # the web-3 row
+# PostgreSQL (15+) publishes a backend's counters in pg_stat_database when it goes idle at most
+# once a second, and otherwise after 10 s idle: read xact_commit only after that long without load
+PGSTAT_FLUSH_S = 10.5
+CONFIRMED = ("ahead", "after", "again")  # visit_counter_confirmations_total{sent=...}
+CPB_TARGET = {1: 1.2, REPLICAS: 1.3}  # commits per batch, shown beside the measure (not a pass/fail)
 
 # wrk's report as one line: WRKJSON [requests, duration_us, errors.{connect,read,write,status,timeout},
 # p50_us, p99_us, max_us, mean_us]
@@ -122,17 +129,35 @@ class Bench:
                         DATABASE_URL=f"postgres://admin@127.0.0.1:{self.pg.port}/desafio3?sslmode=disable",
                         DATABASE_PASSWORD_FILE=self.pg.password_file, RUST_LOG="warn", BIND_HOST="127.0.0.1")
         log(f"redis on :{self.redis.port}, postgres on :{self.pg.port}")
+        self.own_commits = -self.pg_commits(idle=0)  # each read commits too (counted after it): measure how many
+        self.own_commits += self.pg_commits(idle=0.5)
+
+    def pg_commits(self, idle=PGSTAT_FLUSH_S):
+        time.sleep(idle)
+        return int(self.pg.value("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+
+    def batches(self, procs):
+        """visit_batch_size_count and visit_counter_confirmations_total by `sent`, summed over the
+        replicas' /metrics (admin port)."""
+        tot = dict.fromkeys(("batches", *CONFIRMED), 0)
+        for p in procs:
+            body = http_get(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=10)[1]
+            for name, sent, v in re.findall(r'^visit_(batch_size_count|counter_confirmations_total)'
+                                            r'(?:\{sent="(\w+)"\})? (\S+)$', body, re.M):
+                tot["batches" if name.startswith("batch") else sent] += int(float(v))
+        return tot
 
     def visits(self):
         v = self.redis.cmd("GET", "visitas")
         return int(v) if v.isdigit() else 0
 
     # ---------------------------------------------------------------- measurement
-    def wrk(self, port, path, c, secs):
+    def wrk(self, port, path, c, secs, threads=None):
         script = os.path.join(self.tmp, "report.lua")
-        with open(script, "w") as f:
-            f.write(WRK_LUA)
-        r = run(["wrk", "-t", str(min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
+        if not os.path.exists(script):
+            with open(script, "w") as f:
+                f.write(WRK_LUA)
+        r = run(["wrk", "-t", str(threads or min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
                  f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
         m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M)
         if not m:
@@ -147,6 +172,28 @@ class Bench:
         return {**res, "rps": round(d["requests"] / dur, 1), "ok_rps": round((d["requests"] - d["status"]) / dur, 1),
                 "p50_ms": d["p50_us"] / 1000, "p99_ms": d["p99_us"] / 1000, "mean_ms": round(d["mean_us"] / 1000, 3),
                 "max_ms": d["max_us"] / 1000}
+
+    def wrk_split(self, ports, path, c, secs):
+        """One wrk per port, all at once, the c connections split (64: 22/21/21), one thread each:
+        requests, req/s and errors summed; latencies the slowest replica's (mean: weighted)."""
+        if len(ports) == 1:
+            return self.wrk(ports[0], path, c, secs)
+        cs = [c // len(ports) + (i < c % len(ports)) for i in range(len(ports))]
+        with ThreadPoolExecutor(len(ports)) as pool:
+            parts = list(pool.map(lambda pc: self.wrk(pc[0], path, pc[1], secs, threads=1), zip(ports, cs)))
+        if any("error" in r for r in parts):
+            return {"error": "; ".join(r["error"] for r in parts if "error" in r)}
+        add = lambda k: round(sum(r[k] for r in parts), 1)  # noqa: E731
+        worst = lambda k: max((r[k] for r in parts if r.get(k) is not None), default=None)  # noqa: E731
+        n = add("requests")
+        return {"requests": n, "duration_s": worst("duration_s"), "errors": add("errors"),
+                "error_detail": {k: sum(r["error_detail"].get(k, 0) for r in parts)
+                                 for k in {k for r in parts for k in r["error_detail"]}},
+                "rps": add("rps"), "ok_rps": add("ok_rps"), "p50_ms": worst("p50_ms"), "p99_ms": worst("p99_ms"),
+                "max_ms": worst("max_ms"), "mean_ms": n and round(sum(r["mean_ms"] * r["requests"] for r in parts
+                                                                      if r["requests"]) / n, 3),
+                "per_replica": [{"connections": ci, "rps": r["rps"], "p99_ms": r.get("p99_ms")}
+                                for ci, r in zip(cs, parts)]}
 
     def pgbench_run(self, c, secs):
         script = os.path.join(self.tmp, "now.sql")
@@ -173,15 +220,23 @@ class Bench:
             log(f"  {label:28s} c={c:<4d} {res['rps']:>10.1f} req/s  p50 {fmt_ms(res.get('p50_ms'))}  "
                 f"p99 {fmt_ms(res.get('p99_ms'))}  errors {res.get('errors')}")
 
-    def http_series(self, key, port, path, pids):
-        a = self.args
+    def http_series(self, key, procs, path, pids):
+        """procs: the servers (Popen with .port, .admin_port), loaded at once; for web's GET /
+        also PostgreSQL's commits per counted batch over the measured run."""
+        a, ports = self.args, [p.port for p in procs]
+        confirm = key in ("web", "web-3")
         for c in a.concurrency:
+            if c < len(ports):
+                continue
             if a.warmup:
-                self.wrk(port, path, c, a.warmup)
-                settle(port, path)
+                self.wrk_split(ports, path, c, a.warmup)
+                for port in ports:
+                    settle(port, path)
+            if confirm:
+                x0, b0 = self.pg_commits(), self.batches(procs)
             v0 = self.visits()
-            res = self.wrk(port, path, c, a.duration)
-            extra = {}
+            res = self.wrk_split(ports, path, c, a.duration)
+            extra = {"replicas": len(ports)}
             if path == "/" and "error" not in res:
                 # every GET / must have counted one visit in Redis (a request still in flight
                 # when wrk stops may count without being reported)
@@ -191,17 +246,24 @@ class Bench:
                 if extra["visits_counted"] < served:
                     self.notes.append(f"{key} c={c}: {served} successful GET / but only "
                                       f"{extra['visits_counted']} counts reached Redis (degraded answers?)")
+            if confirm and "error" not in res:
+                x1, b1 = self.pg_commits(), self.batches(procs)
+                pg = extra["postgres"] = {"commits": x1 - x0 - self.own_commits, "bench_commits": self.own_commits,
+                                          **{k: b1[k] - b0[k] for k in b1}}
+                pg["commits_per_batch"] = round(pg["commits"] / pg["batches"], 3) if pg["batches"] else None
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
             extra["peak_rss_kib"] = sum(int(proc_status(p).get("VmHWM", [0])[0]) for p in pids())
-            settle(port, path)
+            for port in ports:
+                settle(port, path)
             self.record(key, c, res, extra)
 
     def serve(self, name, argv, env=None, **kw):
         """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
-        port = free_port()
+        port, admin = free_port(), free_port()
         argv = [a.format(port=port) for a in argv]
-        p = self.start(name, argv, env=dict(self.env, PORT=str(port), ADMIN_PORT=str(free_port()), **(env or {})), **kw)
+        p = self.start(name, argv, env=dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **(env or {})), **kw)
+        p.port, p.admin_port = port, admin
         end = time.monotonic() + 30
         while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
             if p.poll() is not None or time.monotonic() > end:
@@ -219,16 +281,21 @@ class Bench:
         self.meta["web_rss_idle_kib"] = int(proc_status(p.pid)["VmRSS"][0])
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
-                self.http_series(key, port, path, lambda: [p.pid])
+                self.http_series(key, [p], path, lambda: [p.pid])
         self.meta["web_peak_rss_kib"] = int(proc_status(p.pid)["VmHWM"][0])
         t0 = time.monotonic()
         rc = stop(p, signal.SIGTERM)
         self.meta["web_sigterm_exit"] = {"code": rc, "seconds": round(time.monotonic() - t0, 2)}
+        if "web-3" in self.args.systems:  # replicas on the same Redis and PostgreSQL
+            ps = [self.serve(f"web-3.{i}", [os.path.join(ROOT, "target", "release", "web")])[0] for i in range(REPLICAS)]
+            self.http_series("web-3", ps, "/", lambda: [p.pid for p in ps])
+            for p in ps:
+                stop(p, signal.SIGTERM)
         # the same binary logging every request (non-blocking); and speaking TLS to both dependencies
         for key, env in (("web-info", {"RUST_LOG": "info"}), ("web-tls", self.tls_env)):
             if key in self.args.systems:
                 p, port = self.serve(key, [os.path.join(ROOT, "target", "release", "web")], env=env)
-                self.http_series(key, port, "/", lambda: [p.pid])
+                self.http_series(key, [p], "/", lambda: [p.pid])
                 stop(p, signal.SIGTERM)
 
     def run_reference(self, key):
@@ -237,7 +304,7 @@ class Bench:
                 "gunicorn": [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1), "-b", "127.0.0.1:{port}",
                              "--backlog", "2048", "--log-level", "warning", "pooled_app:app"]}[key]
         p, port = self.serve(key, argv, cwd=REFERENCE)
-        self.http_series(key, port, "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
+        self.http_series(key, [p], "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
         stop(p)
 
     def run_pgbench(self):
@@ -250,7 +317,7 @@ class Bench:
     def run(self):
         started = time.time()
         self.start_deps()
-        steps = [({"web", "web-healthz", "web-info", "web-tls"}, self.run_web),
+        steps = [({"web", "web-3", "web-healthz", "web-info", "web-tls"}, self.run_web),
                  ({"flask-dev"}, lambda: self.run_reference("flask-dev")),
                  ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench)]
         for keys, fn in steps:
@@ -313,7 +380,8 @@ def markdown(doc):
              f"Machine: {m.get('cpus')} CPUs, {m.get('cpu_model', '?')}, Linux {m.get('kernel')}; Redis "
              f"{m.get('redis_version')}, PostgreSQL {m.get('postgres_version')}; everything (load generator included) "
              f"on the same machine over loopback. Each point: {cfg['warmup_s']} s warm-up, then {cfg['duration_s']} s "
-             f"measured; wrk threads = min(2, c), wrk timeout {cfg['http_timeout_s']} s.", "",
+             f"measured; wrk threads = min(2, c) (with {REPLICAS} replicas: one `wrk -t1` per replica, c split), wrk timeout "
+             f"{cfg['http_timeout_s']} s.", "",
              "| system | c | req/s | p50 ms | p99 ms | mean ms | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
     for key in ORDER:
         for c in cfg["concurrency"]:
@@ -328,7 +396,26 @@ def markdown(doc):
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["error_detail"].items()) + ")"
             lines.append(f"| {r['label']} | {c} | {fmt_rps(r['rps'])} | {fmt_ms(r.get('p50_ms'))} | "
                          f"{fmt_ms(r.get('p99_ms'))} | {fmt_ms(r.get('mean_ms'))} | {errs} |")
-    lines += ["", "pgbench reports only its mean latency (why: bench/README.md, step 4).", "",
+    lines += ["", "pgbench reports only its mean latency (why: bench/README.md, step 4).", ""]
+    pg = [r for r in res if r.get("postgres")]
+    if pg:
+        lines += ["## PostgreSQL commits per counted batch (web GET /)", "",
+                  f"Commits: `xact_commit` of the database over the measured run, minus the bench's own reads; "
+                  f"batches and confirmations: summed over the replicas' `/metrics`. Targets: ≤ {CPB_TARGET[1]:g} "
+                  f"with 1 replica, ≤ {CPB_TARGET[REPLICAS]:g} with {REPLICAS}.", "",
+                  "| replicas | c | req/s | batches | commits | commits/batch | ÷ target | sent ahead | after | again |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in pg:
+            d, t = r["postgres"], CPB_TARGET.get(r["replicas"])
+            cpb = d["commits_per_batch"]
+            lines.append(f"| {r['replicas']} | {r['concurrency']} | {fmt_rps(r['rps'])} | {d['batches']:,} | "
+                         f"{d['commits']:,} | {'—' if cpb is None else f'{cpb:.3f}'} | "
+                         f"{'—' if cpb is None or not t else f'{cpb / t:.2f}×'} | "
+                         + " | ".join(f"{d[k]:,}" for k in CONFIRMED) + " |")
+        one, many = get(res, "web", 64), get(res, "web-3", 64)
+        lines += ["", f"GET / at c=64, {REPLICAS} replicas ÷ 1: {many['rps'] / one['rps']:.2f}× the requests per second."
+                  if one and many else "", ""]
+    lines += [
               "## Targets (c=64 unless noted)", "",
               "| measure | value | target | met |", "|---|---:|---:|:---:|"]
     for r in doc["ratios"]:
