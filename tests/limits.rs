@@ -158,14 +158,7 @@ async fn long_paths_with_stdout_stalled_leave_memory_flat_and_count_dropped_line
         rss_after <= rss_before + 2 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
-    let metrics = http_client()
-        .get(format!("{}/metrics", web.admin_address()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = web.metrics_text().await;
     let dropped: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("log_lines_dropped_total "))

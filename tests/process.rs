@@ -356,14 +356,7 @@ async fn three_processes_confirm_each_batch_about_once() {
     }
     let (mut ahead, mut after, mut again) = (0.0, 0.0, 0.0);
     for web in &webs {
-        let text = client
-            .get(format!("{}/metrics", web.admin_address()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = web.metrics_text().await;
         let sent = |how| format!("visit_counter_confirmations_total{{sent=\"{how}\"}}");
         ahead += series(&text, &sent("ahead"));
         after += series(&text, &sent("after"));

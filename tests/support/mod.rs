@@ -1269,6 +1269,13 @@ impl WebProcess {
         format!("http://127.0.0.1:{}", self.admin_port)
     }
 
+    /// The process's `/metrics`, as Prometheus would scrape it.
+    pub async fn metrics_text(&self) -> String {
+        let url = format!("{}/metrics", self.admin_address());
+        let answer = http_client().get(url).send().await.expect("GET /metrics");
+        answer.text().await.expect("/metrics body")
+    }
+
     pub async fn wait_ready(&self, timeout: Duration) {
         wait_ready(&http_client(), &self.admin_address(), timeout).await;
     }
