@@ -364,8 +364,9 @@ def sec_least_privilege(secrets: dict[str, str]):
           f"as web: COPY (SELECT 1) TO PROGRAM 'id' → {last_lines(p.stderr, 1) or 'ran!'}")
     # web stays in its own database, makes no temporary tables, and its sessions are bounded
     refused = {d: last_lines(run(["docker", "exec", "db", "psql", "-U", "web", "-d", d, "-tAc", "SELECT 1"],
-                                 timeout=30).stderr, 1) for d in ("postgres", "template1")}
-    check("8.db other databases", all("permission denied for database" in v for v in refused.values()),
+                                 timeout=30).stderr, 2) for d in ("postgres", "template1")}
+    check("8.db other databases", all(f'permission denied for database "{d}"' in v and "CONNECT privilege" in v
+                                      for d, v in refused.items()),
           f"as web: psql -d postgres / -d template1 → {refused}")
     p = web_sql("CREATE TEMP TABLE e2e_probe (x int)")
     check("8.db no temp tables", p.returncode != 0 and "permission denied to create temporary tables" in p.stderr,
@@ -668,19 +669,25 @@ def sec_persistence():
 
 def sec_upgrade(home: Path):
     """README's "Upgrading an existing volume", as written, on a database laid out as before the
-    role web existed (the counter in public, owned by admin, no role web)."""
+    role web existed (the counter in public, owned by admin, no role web, PostgreSQL's default
+    privileges: every role may connect to postgres and template1 and make temporary tables)."""
     before = get().count
     compose("stop", "web", timeout=60, check_rc=True)
     DB.value("ALTER TABLE web.visit_counter SET SCHEMA public; ALTER TABLE public.visit_counter OWNER TO admin; "
-             "DROP SCHEMA web; DROP ROLE web; SELECT 1;")
+             "DROP SCHEMA web; DROP ROLE web; GRANT CONNECT ON DATABASE postgres, template1 TO PUBLIC; "
+             "GRANT TEMPORARY ON DATABASE desafio3 TO PUBLIC; SELECT 1;")
     p = run_recipe(home, ROOT / "README.md", "3.upgrade recipe", then="")
     healthy = p.returncode == 0 and wait_healthy(RECOVERY_TIMEOUT_S)
     r = get()
     owner = DB.value("SELECT schemaname || '.' || tablename || ' owned by ' || tableowner FROM pg_tables "
                      "WHERE tablename = 'visit_counter';")
+    limits = DB.value("SELECT concat_ws(',', rolconnlimit, has_database_privilege('web', 'postgres', 'CONNECT'), "
+                      "has_database_privilege('web', 'template1', 'CONNECT'), "
+                      "has_database_privilege('web', 'desafio3', 'TEMPORARY')) FROM pg_roles WHERE rolname = 'web'")
     check("3.upgrade recipe", healthy and r.state == "ok" and before is not None and r.count == before + 1
-          and owner == "web.visit_counter owned by web",
-          f"README's upgrade recipe → rc {p.returncode} {last_lines(p.stderr, 1)}; {owner}; before {before}, "
+          and owner == "web.visit_counter owned by web" and limits == "64,f,f,f",
+          f"README's upgrade recipe → rc {p.returncode} {last_lines(p.stderr, 1)}; {owner}; role web's connection "
+          f"limit, CONNECT on postgres and template1, TEMPORARY: {limits} (want 64,f,f,f); before {before}, "
           f"after {r.short()}")
 
 

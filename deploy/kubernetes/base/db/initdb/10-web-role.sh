@@ -52,7 +52,6 @@ ALTER ROLE web SET temp_file_limit = '16MB';
 -- only this database: every role may connect to `postgres` and `template1` by default
 SELECT format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', datname) FROM pg_database
     WHERE datname IN ('postgres', 'template1') AND datname <> current_database() \gexec
-SELECT format('GRANT CONNECT ON DATABASE %I TO web', current_database()) \gexec
 -- no temporary tables (web creates none); granted to PUBLIC by default
 SELECT format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database()) \gexec
 CREATE SCHEMA IF NOT EXISTS web AUTHORIZATION web;
