@@ -370,7 +370,7 @@ def sec_least_privilege(secrets: dict[str, str]):
           f"as web: psql -d postgres / -d template1 → {refused}")
     p = web_sql("CREATE TEMP TABLE e2e_probe (x int)")
     check("8.db no temp tables", p.returncode != 0 and "permission denied to create temporary tables" in p.stderr,
-          f"as web: CREATE TEMP TABLE → {last_lines(p.stderr, 1) or 'created!'}")
+          f"as web: CREATE TEMP TABLE → {(p.stderr.strip().splitlines() or ['created!'])[0]}")
     p = web_sql("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'web'; "
                 "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting "
                 "WHERE setrole = 'web'::regrole AND setdatabase = 0; SHOW statement_timeout; SHOW temp_file_limit")
