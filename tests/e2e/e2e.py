@@ -362,6 +362,44 @@ def sec_least_privilege(secrets: dict[str, str]):
     p = web_sql("COPY (SELECT 1) TO PROGRAM 'id'")
     check("8.db no programs", p.returncode != 0 and "pg_execute_server_program" in p.stderr,
           f"as web: COPY (SELECT 1) TO PROGRAM 'id' → {last_lines(p.stderr, 1) or 'ran!'}")
+    # web stays in its own database, makes no temporary tables, and its sessions are bounded
+    refused = {d: last_lines(run(["docker", "exec", "db", "psql", "-U", "web", "-d", d, "-tAc", "SELECT 1"],
+                                 timeout=30).stderr, 2) for d in ("postgres", "template1")}
+    check("8.db other databases", all(f'permission denied for database "{d}"' in v and "CONNECT privilege" in v
+                                      for d, v in refused.items()),
+          f"as web: psql -d postgres / -d template1 → {refused}")
+    p = web_sql("CREATE TEMP TABLE e2e_probe (x int)")
+    check("8.db no temp tables", p.returncode != 0 and "permission denied to create temporary tables" in p.stderr,
+          f"as web: CREATE TEMP TABLE → {(p.stderr.strip().splitlines() or ['created!'])[0]}")
+    p = web_sql("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'web'; "
+                "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting "
+                "WHERE setrole = 'web'::regrole AND setdatabase = 0; SHOW statement_timeout; SHOW temp_file_limit")
+    q = web_sql("SET temp_file_limit = -1")
+    got, want = p.stdout.split(), ["64", "statement_timeout=5s,temp_file_limit=16MB", "5s", "16MB"]
+    check("8.db role limits", p.returncode == 0 and got == want and q.returncode != 0 and "permission denied" in q.stderr,
+          f"pg_roles.rolconnlimit, pg_db_role_setting, SHOW statement_timeout, SHOW temp_file_limit → {got} "
+          f"(want {want}); as web: SET temp_file_limit = -1 → {last_lines(q.stderr, 1) or 'accepted!'}")
+    # the init script refuses an empty password file (one line, rc 1) and changes nothing; a path
+    # with quotes and spaces is read as it is (it used to clear the password)
+    verifier = lambda: DB.value("SELECT rolpassword FROM pg_authid WHERE rolname = 'web'")  # noqa: E731
+    before = verifier()
+    script = "bash /docker-entrypoint-initdb.d/10-web-role.sh"
+    p = run(["docker", "exec", "db", "bash", "-c", f": >/tmp/e2e-empty; WEB_DB_PASSWORD_FILE=/tmp/e2e-empty {script}"],
+            timeout=60)
+    lines = p.stderr.strip().splitlines()
+    check("8.db init script empty", p.returncode == 1 and len(lines) == 1 and lines[0].startswith("10-web-role.sh: ")
+          and "empty" in lines[0] and verifier() == before,
+          f"10-web-role.sh with an empty WEB_DB_PASSWORD_FILE → rc {p.returncode}, stderr {lines}; "
+          f"role web's password {'unchanged' if verifier() == before else 'CHANGED'}")
+    quoted = "/tmp/e2e it's \"quoted\"/web_db_password"
+    p = run(["docker", "exec", "-e", f"F={quoted}", "db", "bash", "-c",
+             f'mkdir -p "${{F%/*}}" && cp /run/secrets/web_db_password "$F" && WEB_DB_PASSWORD_FILE=$F {script} && '
+             'PGPASSWORD=$(cat "$F") psql -h 127.0.0.1 -U web -d desafio3 -tAc "SELECT current_user"; rm -rf "${F%/*}"'],
+            timeout=60)
+    check("8.db init script quotes", p.returncode == 0 and p.stdout.split()[-1:] == ["web"] and verifier() != before,
+          f"10-web-role.sh with WEB_DB_PASSWORD_FILE={quoted!r} (web's password) → rc {p.returncode} "
+          f"{last_lines(p.stdout + p.stderr, 2)!r}; then web logs in over TCP with that password")
+    sec_db_environment(secrets)
     got = run([*Redis.container("cache").cli, "GET", "visitas"]).stdout.strip()
     check("8.redis default user", got.startswith("NOPERM"), f"redis-cli without a user: GET visitas → {got!r}")
     cli = Redis.container("cache", "web", secrets["redis_password"]).cli
@@ -371,6 +409,30 @@ def sec_least_privilege(secrets: dict[str, str]):
     check("8.redis web user", got["GET visitas"].isdigit() and all(v.startswith("NOPERM") for k, v in got.items()
                                                                    if k != "GET visitas"),
           f"redis-cli --user web: {got}")
+
+
+def sec_db_environment(secrets: dict[str, str]):
+    """What secrets/README.md says of db's environment: the official entrypoint exports
+    POSTGRES_PASSWORD (read from POSTGRES_PASSWORD_FILE) and the server, PID 1, keeps it; no other
+    password is there; root in the container cannot read it (no CAP_SYS_PTRACE), user postgres can."""
+    pids = {n: d["State"]["Pid"] for n, d in inspect(*NAMES).items()}
+    envs = {n: dict(e.partition("=")[::2] for e in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+                    .split("\0") if e) for n, pid in pids.items()}
+    env, comm = envs["db"], Path(f"/proc/{pids['db']}/comm").read_text().strip()
+    values = set(env.values())
+    elsewhere = [n for n in ("web", "cache") if set(secrets.values()) & set(envs.get(n, {}).values())]
+    as_root = run(["docker", "exec", "db", "cat", "/proc/1/environ"], timeout=30)
+    as_pg = run(["docker", "exec", "-u", "postgres", "db", "cat", "/proc/1/environ"], timeout=30)
+    check("8.db server environment", comm == "postgres" and env.get("POSTGRES_PASSWORD") == secrets["db_password"]
+          and "POSTGRES_PASSWORD_FILE" not in env and "PGPASSWORD" not in env
+          and secrets["web_db_password"] not in values and secrets["redis_password"] not in values
+          and as_root.returncode != 0 and "Permission denied" in as_root.stderr
+          and as_pg.returncode == 0 and secrets["db_password"] in as_pg.stdout and set(envs) == set(NAMES) and not elsewhere,
+          f"/proc/<db PID 1, {comm}>/environ: POSTGRES_PASSWORD is admin's password: "
+          f"{env.get('POSTGRES_PASSWORD') == secrets['db_password']}; names {sorted(env)}; web's passwords absent: "
+          f"{not ({secrets['web_db_password'], secrets['redis_password']} & values)}; in the container, "
+          f"root reads it: {as_root.returncode == 0} ({last_lines(as_root.stderr, 1)}), postgres reads it: "
+          f"{as_pg.returncode == 0}; a password in the environment of web's or cache's PID 1: {elsewhere or 'none'}")
 
 
 def sec_seed():
@@ -607,19 +669,25 @@ def sec_persistence():
 
 def sec_upgrade(home: Path):
     """README's "Upgrading an existing volume", as written, on a database laid out as before the
-    role web existed (the counter in public, owned by admin, no role web)."""
+    role web existed (the counter in public, owned by admin, no role web, PostgreSQL's default
+    privileges: every role may connect to postgres and template1 and make temporary tables)."""
     before = get().count
     compose("stop", "web", timeout=60, check_rc=True)
     DB.value("ALTER TABLE web.visit_counter SET SCHEMA public; ALTER TABLE public.visit_counter OWNER TO admin; "
-             "DROP SCHEMA web; DROP ROLE web; SELECT 1;")
+             "DROP SCHEMA web; DROP ROLE web; GRANT CONNECT ON DATABASE postgres, template1 TO PUBLIC; "
+             "GRANT TEMPORARY ON DATABASE desafio3 TO PUBLIC; SELECT 1;")
     p = run_recipe(home, ROOT / "README.md", "3.upgrade recipe", then="")
     healthy = p.returncode == 0 and wait_healthy(RECOVERY_TIMEOUT_S)
     r = get()
     owner = DB.value("SELECT schemaname || '.' || tablename || ' owned by ' || tableowner FROM pg_tables "
                      "WHERE tablename = 'visit_counter';")
+    limits = DB.value("SELECT concat_ws(',', rolconnlimit, has_database_privilege('web', 'postgres', 'CONNECT'), "
+                      "has_database_privilege('web', 'template1', 'CONNECT'), "
+                      "has_database_privilege('web', 'desafio3', 'TEMPORARY')) FROM pg_roles WHERE rolname = 'web'")
     check("3.upgrade recipe", healthy and r.state == "ok" and before is not None and r.count == before + 1
-          and owner == "web.visit_counter owned by web",
-          f"README's upgrade recipe → rc {p.returncode} {last_lines(p.stderr, 1)}; {owner}; before {before}, "
+          and owner == "web.visit_counter owned by web" and limits == "64,f,f,f",
+          f"README's upgrade recipe → rc {p.returncode} {last_lines(p.stderr, 1)}; {owner}; role web's connection "
+          f"limit, CONNECT on postgres and template1, TEMPORARY: {limits} (want 64,f,f,f); before {before}, "
           f"after {r.short()}")
 
 

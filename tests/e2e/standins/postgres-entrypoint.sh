@@ -8,7 +8,7 @@ set -Eeuo pipefail
 from_env_or_file() {
     local var=$1 file_var=${1}_FILE value=${2:-}
     if [ -n "${!var:-}" ]; then value=${!var}; elif [ -n "${!file_var:-}" ]; then value=$(<"${!file_var}"); fi
-    export "$var=$value"
+    export "$var=$value"   # exported: the server inherits it (secrets/README.md)
     unset "$file_var"
 }
 
@@ -64,6 +64,8 @@ done
 
 # docker_temp_server_stop
 pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
-unset PGPASSWORD POSTGRES_PASSWORD
+# only PGPASSWORD: file_env's export of POSTGRES_PASSWORD stays, on every start, in the environment
+# of the server (PID 1) and of every process it forks, as in the official entrypoint
+unset PGPASSWORD
 echo "stand-in: PostgreSQL init process complete; ready for start up."
 exec "$@"
