@@ -11,6 +11,8 @@ ARG RUST_IMAGE=rust:1-alpine
 
 # --- build: a static binary for the builder's own target ---
 FROM ${RUST_IMAGE} AS builder
+# Versions follow the builder's Alpine release (pin RUST_IMAGE by digest to fix them).
+# hadolint ignore=DL3018
 RUN apk add --no-cache gcc musl-dev binutils ca-certificates
 WORKDIR /src
 # The target is named on every cargo command: with --target, RUSTFLAGS reach only the target's
@@ -18,7 +20,7 @@ WORKDIR /src
 # refuses: "cannot produce proc-macro ... does not support these crate types"). Static is
 # musl's default; the flag says so explicitly, and makes a glibc builder link statically too.
 ENV RUSTFLAGS="-C target-feature=+crt-static"
-RUN rustc -vV | sed -n 's/^host: //p' > /rust-target && test -s /rust-target
+RUN rustc --print host-tuple > /rust-target
 
 # Dependencies first, in their own layer: rebuilt only when Cargo.toml/Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
@@ -42,7 +44,8 @@ RUN mkdir -p /rootfs/bin /rootfs/etc/ssl/certs /rootfs/tmp \
  && chmod 0555 /rootfs/bin/web \
  && chmod 0444 /rootfs/etc/ssl/certs/ca-certificates.crt /rootfs/etc/passwd /rootfs/etc/group \
  && chmod 1777 /rootfs/tmp \
- && if readelf -lW /rootfs/bin/web | grep -q 'program interpreter'; then echo 'web is not static' >&2; exit 1; fi
+ && readelf -lW /rootfs/bin/web > /tmp/program-headers \
+ && if grep -q 'program interpreter' /tmp/program-headers; then echo 'web is not static' >&2; exit 1; fi
 
 # --- the image: nothing but /rootfs ---
 FROM scratch

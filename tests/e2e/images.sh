@@ -12,6 +12,7 @@ CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/desafio3"
 STANDINS="$HERE/standins"
 LABEL=org.desafio3.e2e.standin
 
+# shellcheck source=/dev/null
 SUITE="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
 ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 # Packages of the stand-ins, on top of the minbase variant (which already has bash, dash and
@@ -30,6 +31,7 @@ as_root() {
 
 # The Debian mirror of the host's apt sources that serves $SUITE itself (not -security/-updates).
 host_mirror() {
+    # shellcheck disable=SC2016 # apt's own $(FIELD) placeholders, not the shell's
     apt-get indextargets --format '$(REPO_URI) $(CODENAME)' 'Identifier: Packages' 2>/dev/null |
         awk -v suite="$SUITE" '$2 == suite { print $1; exit }'
 }
@@ -47,6 +49,8 @@ build_rootfs() {
         { tail -n 30 "$work/log" >&2; die "debootstrap failed (log above)"; }
     printf '#!/bin/sh\nexit 101\n' | as_root install -m 755 /dev/stdin "$r/usr/sbin/policy-rc.d"  # no daemon starts
     as_root mount -t proc proc "$r/proc"
+    local packages
+    read -ra packages <<<"$PACKAGES"
     local apt=(env DEBIAN_FRONTEND=noninteractive LC_ALL=C chroot "$r" apt-get -q -y -o APT::Install-Recommends=false
                -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
     log "installing: $PACKAGES"
@@ -54,7 +58,7 @@ build_rootfs() {
     { "${apt[@]}" update && "${apt[@]}" install postgresql-common &&
         as_root sed -i -E 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' \
             "$r/etc/postgresql-common/createcluster.conf" &&
-        "${apt[@]}" install $PACKAGES && "${apt[@]}" clean; } >>"$work/log" 2>&1 ||
+        "${apt[@]}" install "${packages[@]}" && "${apt[@]}" clean; } >>"$work/log" 2>&1 ||
         { tail -n 30 "$work/log" >&2; die "apt-get in the chroot failed (log above)"; }
     as_root umount "$r/proc"
     as_root test -x "$r/usr/bin/setpriv" -a -d "$r/usr/lib/postgresql" || die "setpriv or postgres missing"

@@ -54,6 +54,7 @@ if [ -z "$(sql --dbname postgres --set db="$POSTGRES_DB" -tA <<<"SELECT 1 FROM p
 fi
 
 # docker_process_init_files
+# shellcheck disable=SC1090 # the init scripts are the mounted directory's, unknown here
 for f in /docker-entrypoint-initdb.d/*; do
     case $f in
         *.sh) if [ -x "$f" ]; then echo "stand-in: running $f"; "$f"; else echo "stand-in: sourcing $f"; . "$f"; fi ;;

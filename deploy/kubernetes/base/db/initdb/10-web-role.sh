@@ -24,7 +24,7 @@ password_file=${WEB_DB_PASSWORD_FILE:-/run/secrets/web_db_password}
 # reconnects may briefly hold more: 64, well under PostgreSQL's default max_connections (100).
 connection_limit=${WEB_CONNECTION_LIMIT:-64}
 [[ $connection_limit =~ ^[1-9][0-9]{0,5}$ ]] || die "WEB_CONNECTION_LIMIT must be a positive whole number, not '$connection_limit'"
-[ -f "$password_file" ] && [ -r "$password_file" ] || die "cannot read the password file $password_file (WEB_DB_PASSWORD_FILE)"
+{ [ -f "$password_file" ] && [ -r "$password_file" ]; } || die "cannot read the password file $password_file (WEB_DB_PASSWORD_FILE)"
 password=$(<"$password_file") || die "cannot read the password file $password_file (WEB_DB_PASSWORD_FILE)"
 [ -n "$password" ] || die "the password file $password_file (WEB_DB_PASSWORD_FILE) is empty: role web would have no password"
 unset password
