@@ -78,8 +78,16 @@ async fn cache_down_counts_durably_in_postgres_once_the_lease_ran_out() {
         assert!(killed.elapsed() < 3 * REDIS_LEASE, "still no count: {page}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(counts, vec![1, 2, 3, 4, 5]);
-    assert_eq!(pg.counter(), Some(5), "counted durably in PostgreSQL");
+    // The batch in flight when Redis died may have been confirmed ahead (for 3) before its
+    // count failed: that number is skipped, never repeated. PostgreSQL then counts on, one by one.
+    assert_eq!(counts[..2], [1, 2]);
+    assert!(counts[2] == 3 || counts[2] == 4, "{counts:?}");
+    assert_eq!(counts[3..], [counts[2] + 1, counts[2] + 2], "{counts:?}");
+    assert_eq!(
+        pg.counter(),
+        counts.last().copied(),
+        "counted durably in PostgreSQL"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
