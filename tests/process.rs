@@ -274,17 +274,23 @@ async fn a_wrong_password_is_reported_but_never_printed() {
     }
 }
 
+/// Three `web` processes on the same servers, started together and all ready.
+async fn three_webs(redis: &Redis, pg: &Postgres) -> Vec<WebProcess> {
+    let webs: Vec<_> = (0..3)
+        .map(|_| WebProcess::spawn(Env::for_servers(redis, pg)))
+        .collect();
+    for web in &webs {
+        web.wait_ready(Duration::from_secs(10)).await;
+    }
+    webs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_processes_share_one_counter() {
     let redis = Redis::start();
     let pg = Postgres::start();
     // Started together against a fresh database: schema set-up races, and must not fail.
-    let webs: Vec<_> = (0..3)
-        .map(|_| WebProcess::spawn(Env::for_servers(&redis, &pg)))
-        .collect();
-    for web in &webs {
-        web.wait_ready(Duration::from_secs(10)).await;
-    }
+    let webs = three_webs(&redis, &pg).await;
     let client = http_client();
     let tasks: Vec<_> = (0..300)
         .map(|i| {
@@ -329,12 +335,7 @@ fn series(text: &str, name: &str) -> f64 {
 async fn three_processes_confirm_each_batch_about_once() {
     let redis = Redis::start();
     let pg = Postgres::start();
-    let webs: Vec<_> = (0..3)
-        .map(|_| WebProcess::spawn(Env::for_servers(&redis, &pg)))
-        .collect();
-    for web in &webs {
-        web.wait_ready(Duration::from_secs(10)).await;
-    }
+    let webs = three_webs(&redis, &pg).await;
     let client = http_client();
     let clients: Vec<_> = (0..6)
         .map(|i| {
