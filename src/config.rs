@@ -22,9 +22,15 @@ pub struct Config {
     pub admin_port: u16,
     /// Connections served at once, per listener; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections served at once for one client address, per listener.
+    pub max_connections_per_address: usize,
     /// A client must send a whole request head within this time, also between the requests
     /// of a kept-alive connection, or the connection is closed.
     pub http_header_timeout: Duration,
+    /// An answer that makes no write progress for this long closes its connection.
+    pub http_write_timeout: Duration,
+    /// A connection is closed after this long, once its request in flight is answered.
+    pub http_connection_max_age: Duration,
     /// Redis connection URL; may contain a password, so it is never logged.
     pub redis_url: String,
     /// Password for Redis's ACL user, from `REDIS_PASSWORD_FILE`.
@@ -51,7 +57,13 @@ impl fmt::Debug for Config {
             .field("port", &self.port)
             .field("admin_port", &self.admin_port)
             .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
             .field("http_header_timeout", &self.http_header_timeout)
+            .field("http_write_timeout", &self.http_write_timeout)
+            .field("http_connection_max_age", &self.http_connection_max_age)
             .field("redis_url", &"<redacted>")
             .field(
                 "redis_password",
@@ -91,6 +103,8 @@ pub const DEFAULT_PORT: u16 = 5000;
 pub const DEFAULT_ADMIN_PORT: u16 = 9090;
 const DEFAULT_MAX_CONNECTIONS: u64 = 512;
 const DEFAULT_HTTP_HEADER_TIMEOUT_MS: u64 = 5000;
+const DEFAULT_HTTP_WRITE_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_HTTP_CONNECTION_MAX_AGE_MS: u64 = 600_000;
 pub const DEFAULT_REDIS_URL: &str = "redis://web@cache:6379/0";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://web@db:5432/desafio3";
 const DEFAULT_TIMEZONE: &str = "UTC";
@@ -120,10 +134,27 @@ impl Config {
         }
         let max_connections =
             env.number("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1..=65_536)? as usize;
+        // A quarter of the slots by default: one address cannot take them all, and a load
+        // balancer or a benchmark from one address still gets many.
+        let max_connections_per_address = env.number(
+            "MAX_CONNECTIONS_PER_ADDRESS",
+            (max_connections as u64 / 4).max(1),
+            1..=max_connections as u64,
+        )? as usize;
         let http_header_timeout = Duration::from_millis(env.number(
             "HTTP_HEADER_TIMEOUT_MS",
             DEFAULT_HTTP_HEADER_TIMEOUT_MS,
             100..=60_000,
+        )?);
+        let http_write_timeout = Duration::from_millis(env.number(
+            "HTTP_WRITE_TIMEOUT_MS",
+            DEFAULT_HTTP_WRITE_TIMEOUT_MS,
+            100..=600_000,
+        )?);
+        let http_connection_max_age = Duration::from_millis(env.number(
+            "HTTP_CONNECTION_MAX_AGE_MS",
+            DEFAULT_HTTP_CONNECTION_MAX_AGE_MS,
+            1000..=86_400_000,
         )?);
 
         let redis_url = env
@@ -200,7 +231,10 @@ impl Config {
             port,
             admin_port,
             max_connections,
+            max_connections_per_address,
             http_header_timeout,
+            http_write_timeout,
+            http_connection_max_age,
             redis_url,
             redis_password,
             database,
@@ -213,13 +247,8 @@ impl Config {
     }
 }
 
-/// `PORT` alone, for the `healthcheck` subcommand, which must not depend on password files
-/// or URLs being readable.
-pub fn port_from_env() -> Result<u16, ConfigError> {
-    port(&Env(&|name| std::env::var_os(name)))
-}
-
-/// `ADMIN_PORT` alone, for `healthcheck --ready` and `metrics`.
+/// `ADMIN_PORT` alone, for the `healthcheck` and `metrics` subcommands, which must not
+/// depend on password files or URLs being readable.
 pub fn admin_port_from_env() -> Result<u16, ConfigError> {
     admin_port(&Env(&|name| std::env::var_os(name)))
 }
@@ -542,7 +571,10 @@ mod tests {
         assert_eq!(c.port, 5000);
         assert_eq!(c.admin_port, 9090);
         assert_eq!(c.max_connections, 512);
+        assert_eq!(c.max_connections_per_address, 128);
         assert_eq!(c.http_header_timeout, Duration::from_secs(5));
+        assert_eq!(c.http_write_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_connection_max_age, Duration::from_secs(600));
         assert_eq!(c.redis_password, None);
         assert_eq!(c.redis_url, "redis://web@cache:6379/0");
         assert_eq!(c.database.get_user(), Some("web"));
@@ -561,6 +593,10 @@ mod tests {
             ("ADMIN_PORT", "0"),
             ("MAX_CONNECTIONS", "0"),
             ("HTTP_HEADER_TIMEOUT_MS", "5"),
+            ("MAX_CONNECTIONS_PER_ADDRESS", "0"),
+            ("MAX_CONNECTIONS_PER_ADDRESS", "513"),
+            ("HTTP_WRITE_TIMEOUT_MS", "0"),
+            ("HTTP_CONNECTION_MAX_AGE_MS", "10"),
             ("REDIS_PASSWORD_FILE", "/nonexistent/secret"),
             ("REDIS_URL", "http://nope"),
             ("DATABASE_URL", "postgres://a:b@h:notaport/db"),

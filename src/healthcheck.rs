@@ -1,5 +1,6 @@
 //! What a person or a container runtime asks a running `web` from inside its container, where
-//! the image has no shell and no curl: `web healthcheck` (`/healthz` on `PORT`, alive),
+//! the image has no shell and no curl: `web healthcheck` (`/healthz` on `ADMIN_PORT`, alive;
+//! the admin port, so that a flood of clients on the public port cannot make it unhealthy),
 //! `web healthcheck --ready` (`/readyz` on `ADMIN_PORT`, both dependencies answer) and
 //! `web metrics` (`/metrics` on `ADMIN_PORT`, printed), for the admin port that is not
 //! published.

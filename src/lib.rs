@@ -104,7 +104,10 @@ impl Application {
             admin_router: http::admin_router(state),
             limits: server::Limits {
                 max_connections: config.max_connections,
+                max_per_address: config.max_connections_per_address,
                 header_timeout: config.http_header_timeout,
+                write_timeout: config.http_write_timeout,
+                max_age: config.http_connection_max_age,
             },
             budget,
             batching,
@@ -195,8 +198,11 @@ impl Application {
 /// Service need, and what README promises for `PORT` and `ADMIN_PORT`.
 async fn bind(port: u16) -> anyhow::Result<TcpListener> {
     let address = SocketAddr::from(([0, 0, 0, 0], port));
-    TcpListener::bind(address)
-        .await
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket
+        .set_reuseaddr(true)
+        .and_then(|()| socket.bind(address))
+        .and_then(|()| socket.listen(server::LISTEN_BACKLOG))
         .with_context(|| format!("binding {address}"))
 }
 

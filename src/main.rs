@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     match (args.next().as_deref(), args.next()) {
         (None, _) => serve(),
-        (Some("healthcheck"), None) => check_health(config::port_from_env(), "/healthz"),
+        (Some("healthcheck"), None) => check_health(config::admin_port_from_env(), "/healthz"),
         (Some("healthcheck"), Some(flag)) if flag == "--ready" => {
             check_health(config::admin_port_from_env(), "/readyz")
         }

@@ -427,7 +427,10 @@ async fn load_through_fault(
     // request in flight at a time, so at most 2 × CLIENTS per event, whatever the outage's
     // length and however many answers it left without a count.
     let bound = 2 * 2 * CLIENTS as i64;
-    assert!(gaps <= bound, "gaps {gaps} > {bound} requests that met the two events");
+    assert!(
+        gaps <= bound,
+        "gaps {gaps} > {bound} requests that met the two events"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

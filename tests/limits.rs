@@ -1,6 +1,7 @@
 //! What a hostile or careless client cannot do: grow memory or metric series with invented
-//! methods, hold connections open without sending a request, exceed the connection cap, grow
-//! memory or log lines with long paths, or poison the counter through Redis.
+//! methods, hold connections open without sending a request or without reading the answers,
+//! exceed the connection cap or take every slot from one address, grow memory or log lines
+//! with long paths, or poison the counter through Redis.
 
 mod support;
 
@@ -8,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::task::JoinHandle;
 
 use desafio3::store::REDIS_LEASE;
 use support::{
@@ -85,6 +88,47 @@ async fn long_path_request(port: u16, i: usize) {
 
 fn port_of(address: &str) -> u16 {
     address.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A connection to `port` from the loopback address `from` (all of 127.0.0.0/8 is local, so
+/// one machine can play several clients), with a small receive buffer when asked.
+async fn connect_from(from: [u8; 4], port: u16, receive_buffer: Option<u32>) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    if let Some(bytes) = receive_buffer {
+        socket.set_recv_buffer_size(bytes).unwrap();
+    }
+    socket.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// A client that pipelines `n` requests and does not read the answers: it writes from a task
+/// of its own (its writes block once the server stops reading). The writing half stays open
+/// (no end of stream for the server) until the returned task is dropped.
+async fn pipeline_without_reading(
+    from: [u8; 4],
+    port: u16,
+    n: usize,
+) -> (OwnedReadHalf, JoinHandle<OwnedWriteHalf>) {
+    let (read, mut write) = connect_from(from, port, Some(4096)).await.into_split();
+    let writing = tokio::spawn(async move {
+        let requests = HEALTHZ.repeat(n);
+        let _ = write.write_all(&requests).await;
+        write
+    });
+    (read, writing)
+}
+
+/// Reads answers until the server closes (or `limit` passes); how many there were, and
+/// whether the server closed.
+async fn count_answers(mut read: OwnedReadHalf, limit: Duration) -> (usize, bool) {
+    let mut answers = Vec::new();
+    let closed = tokio::time::timeout(limit, read.read_to_end(&mut answers))
+        .await
+        .is_ok();
+    let n = answers.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    (n, closed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -255,6 +299,7 @@ async fn idle_and_slow_header_connections_are_closed_within_the_header_timeout()
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let app = app_without_dependencies(&[
         ("MAX_CONNECTIONS", "4"),
+        ("MAX_CONNECTIONS_PER_ADDRESS", "4"),
         ("HTTP_HEADER_TIMEOUT_MS", "20000"),
     ])
     .await;
@@ -326,4 +371,102 @@ async fn a_poisoned_redis_counter_never_reaches_an_answer_or_postgresql() {
     let (_, page) = app.visit().await;
     assert_eq!(page["status"], "ok", "{page}");
     assert!(count_of(&page).unwrap() > durable);
+}
+
+/// One address floods the public port: 40 clients pipelining requests they never read, then
+/// 1,700 idle sockets (the default caps: 512 connections, 128 per address). Another address
+/// is still answered, each request within 1 s, and the container healthcheck (on the admin
+/// port) stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_from_one_address_leaves_room_for_the_others() {
+    let web = web_without_dependencies(None).await;
+    let port = web.port;
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(pipeline_without_reading([127, 0, 0, 1], port, 20_000).await);
+    }
+    let mut idle = Vec::new();
+    for _ in 0..1_700 {
+        idle.push(connect_from([127, 0, 0, 1], port, None).await);
+    }
+    for i in 0..20 {
+        let started = Instant::now();
+        let mut other = connect_from([127, 0, 0, 2], port, None).await;
+        other
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(1), other.read_to_end(&mut answer)).await;
+        assert!(
+            read.is_ok() && answer.starts_with(b"HTTP/1.1 200"),
+            "request {i} from another address: no answer within 1 s ({:?})",
+            started.elapsed()
+        );
+    }
+    let started = Instant::now();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_web"))
+        .arg("healthcheck")
+        .env_clear()
+        .env("ADMIN_PORT", web.admin_port.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "unhealthy during the flood");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop((flood, idle));
+}
+
+/// A client that stops reading its answers is cut off once no answer has made progress for
+/// `HTTP_WRITE_TIMEOUT_MS`; without that bound it would hold its connection for as long as it
+/// liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    // The header timeout well out of the way: it is not what must end this connection.
+    let app = app_without_dependencies(&[
+        ("HTTP_WRITE_TIMEOUT_MS", "1000"),
+        ("HTTP_HEADER_TIMEOUT_MS", "60000"),
+    ])
+    .await;
+    let port = port_of(&app.address);
+    const SENT: usize = 20_000;
+    let (read, _writing) = pipeline_without_reading([127, 0, 0, 1], port, SENT).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (answered, closed) = count_answers(read, Duration::from_secs(3)).await;
+    assert!(closed, "still open 3 s after its writes stalled");
+    assert!(
+        answered < SENT,
+        "every answer was written: the writes never stalled"
+    );
+}
+
+/// Every connection ends after `HTTP_CONNECTION_MAX_AGE_MS`, however busy: its request in
+/// flight is answered, then it is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_connection_is_closed_after_its_maximum_age() {
+    let app = app_without_dependencies(&[("HTTP_CONNECTION_MAX_AGE_MS", "1000")]).await;
+    let port = port_of(&app.address);
+    let mut stream = connect_from([127, 0, 0, 1], port, None).await;
+    let started = Instant::now();
+    let mut answered = 0;
+    let mut buffer = vec![0u8; 4096];
+    let ended = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still open after 5 s"
+        );
+        if stream.write_all(HEALTHZ).await.is_err() {
+            break started.elapsed();
+        }
+        match stream.read(&mut buffer).await {
+            Ok(n) if n > 0 => answered += 1,
+            _ => break started.elapsed(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        ended >= Duration::from_secs(1),
+        "closed after {ended:?}, before its age"
+    );
+    assert!(answered >= 10, "only {answered} answers before it closed");
 }

@@ -126,12 +126,13 @@ async fn sigterm_exits_promptly_even_when_dependencies_are_gone() {
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
+/// `web healthcheck` against the admin port `port`.
 fn healthcheck(port: u16) -> (Option<i32>, Duration, String) {
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_web"))
         .arg("healthcheck")
         .env_clear()
-        .env("PORT", port.to_string())
+        .env("ADMIN_PORT", port.to_string())
         .output()
         .unwrap();
     (
@@ -150,7 +151,7 @@ async fn healthcheck_subcommand_answers_within_two_seconds() {
     ));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (code, took, _) = healthcheck(web.port);
+        let (code, took, _) = healthcheck(web.admin_port);
         assert!(took < Duration::from_secs(2));
         if code == Some(0) {
             break;
@@ -434,7 +435,7 @@ async fn healthcheck_ready_follows_readyz_on_the_admin_port() {
     let web = WebProcess::spawn(env);
     // Alive, but not ready: no dependency exists yet.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while healthcheck(web.port).0 != Some(0) {
+    while healthcheck(web.admin_port).0 != Some(0) {
         assert!(Instant::now() < deadline, "never alive");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
