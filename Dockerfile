@@ -12,12 +12,12 @@ ARG RUST_IMAGE=rust@sha256:a10e64dd139b7387337c7fbe8aca31b959b57b2fd4c8ae20a02cf
 
 # --- build: a static binary for the builder's own target ---
 FROM ${RUST_IMAGE} AS builder
-# Versions follow the builder's Alpine release (pin RUST_IMAGE by digest to fix them).
+# Versions follow the builder's Alpine release, fixed by RUST_IMAGE's digest. cargo auditable
+# embeds the dependency list (.dep-v0) in the binary, for scanners such as `cargo audit bin`,
+# Trivy and Grype; it is built before RUSTFLAGS below, which it must not get.
 # hadolint ignore=DL3018
-RUN apk add --no-cache gcc musl-dev binutils ca-certificates
-# cargo auditable embeds the dependency list (.dep-v0) in the binary, for scanners such as
-# `cargo audit bin`, Trivy and Grype; built before RUSTFLAGS below, which it must not get.
-RUN cargo install --locked --quiet cargo-auditable@0.7.7
+RUN apk add --no-cache gcc musl-dev binutils ca-certificates \
+ && cargo install --locked --quiet cargo-auditable@0.7.7
 WORKDIR /src
 # The target is named on every cargo command: with --target, RUSTFLAGS reach only the target's
 # code, not build scripts and proc-macros, which cannot be built with +crt-static (rustc
