@@ -47,7 +47,7 @@ let
     commonArgs
     // {
       inherit cargoArtifacts;
-      nativeBuildInputs = [ pkgs.cargo-auditable ];
+      nativeBuildInputs = [ pkgs.rustPackages.cargo-auditable ];
       cargoBuildCommand = "cargo auditable build --profile release";
       cargoExtraArgs = "--locked --bin web";
       # The test suite needs redis and postgres; it runs in checks.tests instead.
