@@ -5,15 +5,19 @@
 # Every fact below must agree with nix/image-facts.json: the end-to-end suite builds this
 # file and holds the image to it (nix/check-image.py), as CI's dockerfile job does.
 #
-# RUST_IMAGE: the builder. The official Rust image on Alpine (musl) by default; the end-to-end
-# suite passes a local stand-in where no image can be pulled (tests/e2e/README.md).
-ARG RUST_IMAGE=rust:1-alpine
+# RUST_IMAGE: the builder. The official Rust image on Alpine (musl) by default, pinned by the
+# digest of its multi-platform index (rust:1-alpine of 2026-08-20: Rust 1.98.0, Alpine 3.24);
+# the end-to-end suite passes a local stand-in where no image can be pulled (tests/e2e/README.md).
+ARG RUST_IMAGE=rust@sha256:a10e64dd139b7387337c7fbe8aca31b959b57b2fd4c8ae20a02cf1d6ea424dce
 
 # --- build: a static binary for the builder's own target ---
 FROM ${RUST_IMAGE} AS builder
-# Versions follow the builder's Alpine release (pin RUST_IMAGE by digest to fix them).
+# Versions follow the builder's Alpine release, fixed by RUST_IMAGE's digest. cargo auditable
+# embeds the dependency list (.dep-v0) in the binary, for scanners such as `cargo audit bin`,
+# Trivy and Grype; it is built before RUSTFLAGS below, which it must not get.
 # hadolint ignore=DL3018
-RUN apk add --no-cache gcc musl-dev binutils ca-certificates
+RUN apk add --no-cache gcc musl-dev binutils ca-certificates \
+ && cargo install --locked --quiet cargo-auditable@0.7.7
 WORKDIR /src
 # The target is named on every cargo command: with --target, RUSTFLAGS reach only the target's
 # code, not build scripts and proc-macros, which cannot be built with +crt-static (rustc
@@ -27,13 +31,13 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked --bin web --target "$(cat /rust-target)" \
+ && cargo auditable build --release --locked --bin web --target "$(cat /rust-target)" \
  && rm -rf src
 
 COPY src ./src
 # COPY keeps the sources' old mtimes; touch them so cargo rebuilds over the stub build.
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin web --target "$(cat /rust-target)"
+ && cargo auditable build --release --locked --bin web --target "$(cat /rust-target)"
 
 # The image's whole root filesystem, assembled under /rootfs.
 RUN mkdir -p /rootfs/bin /rootfs/etc/ssl/certs /rootfs/tmp \

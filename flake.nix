@@ -24,12 +24,13 @@
     {
       # nix build            -> the image tarball (docker load < result)
       # nix build .#web      -> the static binary only
+      # nix build .#sbom     -> its SBOM, CycloneDX JSON (result/web.cdx.json)
       packages = forAllSystems (system: {
-        inherit (perSystem.${system}) web image;
+        inherit (perSystem.${system}) web image sbom;
         default = perSystem.${system}.image;
       });
 
-      # nix flake check      -> build, clippy, rustfmt, tests, image contents
+      # nix flake check      -> build, SBOM, clippy, rustfmt, tests, image contents
       checks = forAllSystems (system: perSystem.${system}.checks);
 
       # nix develop          -> toolchain, rust-analyzer, redis, postgresql, ...

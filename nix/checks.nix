@@ -1,5 +1,6 @@
-# nix flake check: the build, clippy (-D warnings), rustfmt, the test suite, and two
-# checks that the image holds nothing but the binary, the CA bundle and passwd/group.
+# nix flake check: the build, the SBOM, clippy (-D warnings), rustfmt, the test suite, and two
+# checks that the image holds nothing but the binary (with its dependency list), the CA bundle
+# and passwd/group.
 {
   pkgs,
   rust,
@@ -12,10 +13,11 @@ let
     cargoArtifacts
     src
     web
+    sbom
     ;
 in
 {
-  inherit web image;
+  inherit web image sbom;
 
   clippy = craneLib.cargoClippy (
     commonArgs
@@ -60,11 +62,12 @@ in
     touch $out
   '';
 
-  # Exactly the files, modes and config of image-facts.json; no /nix/store, no symlinks.
+  # Exactly the files, modes and config of image-facts.json; no /nix/store, no symlinks; the
+  # binary's embedded dependency list (cargo auditable) as in Cargo.lock.
   image-contents =
     pkgs.runCommand "image-contents" { nativeBuildInputs = [ pkgs.python3 ]; }
       ''
-        python3 ${./check-image.py} ${./image-facts.json} ${image}
+        python3 ${./check-image.py} ${./image-facts.json} ${image} --cargo-dir=${src}
         touch $out
       '';
 }

@@ -18,7 +18,7 @@ let
 in
 {
   inherit pkgs image;
-  inherit (rust) web;
+  inherit (rust) web sbom;
   checks = import ./checks.nix { inherit pkgs rust image; };
   devShell = import ./shell.nix { inherit pkgs rust; };
 }

@@ -41,14 +41,33 @@ let
   # Dependencies alone: rebuilt when Cargo.lock changes, not when src/ does.
   cargoArtifacts = craneLib.buildDepsOnly commonArgs;
 
+  # Built by `cargo auditable`, which embeds the dependency list (.dep-v0) that scanners read
+  # (`cargo audit bin`, Trivy, Grype); checks.image-contents reads it back (check-image.py).
   web = craneLib.buildPackage (
     commonArgs
     // {
       inherit cargoArtifacts;
+      nativeBuildInputs = [ pkgs.rustPackages.cargo-auditable ];
+      cargoBuildCommand = "cargo auditable build --profile release";
       cargoExtraArgs = "--locked --bin web";
       # The test suite needs redis and postgres; it runs in checks.tests instead.
       doCheck = false;
       meta.mainProgram = "web";
+    }
+  );
+
+  # The SBOM of web (nix build .#sbom): CycloneDX JSON from cargo metadata for this target, by
+  # cargo-cyclonedx, offline against the crates crane vendored from Cargo.lock.
+  sbom = craneLib.mkCargoDerivation (
+    commonArgs
+    // {
+      pname = "web-sbom";
+      cargoArtifacts = null;
+      doInstallCargoArtifacts = false;
+      doCheck = false;
+      nativeBuildInputs = [ pkgs.cargo-cyclonedx ];
+      buildPhaseCargoCommand = "cargo cyclonedx --format json --target ${target} --override-filename web.cdx";
+      installPhaseCommand = "install -Dm444 web.cdx.json $out/web.cdx.json";
     }
   );
 in
@@ -60,5 +79,6 @@ in
     commonArgs
     cargoArtifacts
     web
+    sbom
     ;
 }
