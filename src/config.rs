@@ -5,15 +5,18 @@
 //! secret (`REDIS_URL`, `DATABASE_URL`, password files) are never echoed back in errors.
 
 use std::ffi::OsString;
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
-use crate::store::tls::{PostgresTls, SslMode, TrustRoots};
+use crate::store::{
+    self,
+    postgres_url::{PostgresUrl, RootsSource},
+    tls::{RedisTls, SYSTEM_CA_BUNDLE, TrustRoots},
+};
 
 /// Everything the service needs to run. Fields are public so tests can adjust a parsed config
-/// (for instance `port = 0` to let the OS pick a free port).
-#[derive(Clone)]
+/// (for instance `port = 0` to let the OS pick a free port). No secret is printed by `Debug`:
+/// the URLs and passwords are in [`store::Settings`], whose `Debug` redacts them.
+#[derive(Clone, Debug)]
 pub struct Config {
     /// TCP port of the public listener (`/`, `/healthz`), on every interface.
     pub port: u16,
@@ -31,52 +34,10 @@ pub struct Config {
     pub http_write_timeout: Duration,
     /// A connection is closed after this long, once its request in flight is answered.
     pub http_connection_max_age: Duration,
-    /// Redis connection URL; may contain a password, so it is never logged.
-    pub redis_url: String,
-    /// Password for Redis's ACL user, from `REDIS_PASSWORD_FILE`.
-    pub redis_password: Option<String>,
-    /// PostgreSQL connection settings, with the password from the password file applied.
-    pub database: tokio_postgres::Config,
-    /// TLS to PostgreSQL: `sslmode` and `sslrootcert` from `DATABASE_URL`, libpq's meaning.
-    pub database_tls: PostgresTls,
-    /// CA certificates a `rediss://` Redis must chain to (`REDIS_CA_FILE`, else the system
-    /// bundle); `None` for `redis://` and for `rediss://…#insecure`.
-    pub redis_roots: Option<TrustRoots>,
-    /// IANA time zone in which `hora_db` is rendered, canonical spelling.
-    pub db_timezone: String,
-    /// Upper bound for every single call to Redis or PostgreSQL.
-    pub dependency_timeout: Duration,
+    /// Redis and PostgreSQL: URLs, passwords, TLS, time zone, the dependency timeout.
+    pub store: store::Settings,
     /// `tracing` filter directives (the `RUST_LOG` syntax).
     pub log_filter: String,
-}
-
-impl fmt::Debug for Config {
-    /// Hand-written so that the URLs and the password can never reach a log line.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("port", &self.port)
-            .field("admin_port", &self.admin_port)
-            .field("max_connections", &self.max_connections)
-            .field(
-                "max_connections_per_address",
-                &self.max_connections_per_address,
-            )
-            .field("http_header_timeout", &self.http_header_timeout)
-            .field("http_write_timeout", &self.http_write_timeout)
-            .field("http_connection_max_age", &self.http_connection_max_age)
-            .field("redis_url", &"<redacted>")
-            .field(
-                "redis_password",
-                &self.redis_password.as_ref().map(|_| "<redacted>"),
-            )
-            .field("database", &"<redacted>")
-            .field("database_tls", &self.database_tls)
-            .field("redis_roots", &self.redis_roots)
-            .field("db_timezone", &self.db_timezone)
-            .field("dependency_timeout", &self.dependency_timeout)
-            .field("log_filter", &self.log_filter)
-            .finish()
-    }
 }
 
 /// A configuration variable that could not be used. Its `Display` is the single line that
@@ -176,20 +137,16 @@ impl Config {
         let database_url = env
             .get("DATABASE_URL")?
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
-        // tokio-postgres knows only disable/prefer/require and no sslrootcert: both are taken
-        // out here and applied by the TLS connector (`store::tls`).
-        let (database_url, ssl_params) = take_ssl_params(&database_url);
-        let mut database = tokio_postgres::Config::from_str(&database_url).map_err(|_| {
-            ConfigError::new(
-                "DATABASE_URL",
-                "not a valid postgres:// URL or key=value string (value not shown: it may hold a password)",
-            )
-        })?;
-        if database.get_hosts().is_empty() {
-            return Err(ConfigError::new("DATABASE_URL", "names no host"));
-        }
-        let database_tls = database_tls(&env, ssl_params)?;
-        database.ssl_mode(database_tls.driver_mode());
+        let database_url = PostgresUrl::parse(&database_url)
+            .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
+        let roots = match database_url.roots() {
+            RootsSource::None => None,
+            RootsSource::System => Some(system_trust_roots(&env, "DATABASE_URL")?),
+            RootsSource::File(path) => {
+                Some(read_trust_roots("DATABASE_URL", "sslrootcert ", path)?)
+            }
+        };
+        let (mut database, database_tls) = database_url.into_parts(roots);
         for var in ["DATABASE_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"] {
             if let Some(path) = env.get(var)? {
                 database.password(read_password_file(var, &path)?);
@@ -223,10 +180,6 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&log_filter)
             .map_err(|e| ConfigError::new("RUST_LOG", format!("{log_filter:?}: {e}")))?;
 
-        // Connecting must never take longer than any other dependency call.
-        database.connect_timeout(dependency_timeout);
-        database.application_name("desafio3-web");
-
         Ok(Self {
             port,
             admin_port,
@@ -235,13 +188,15 @@ impl Config {
             http_header_timeout,
             http_write_timeout,
             http_connection_max_age,
-            redis_url,
-            redis_password,
-            database,
-            database_tls,
-            redis_roots,
-            db_timezone,
-            dependency_timeout,
+            store: store::Settings {
+                redis_url,
+                redis_password,
+                redis_roots,
+                database,
+                database_tls,
+                db_timezone,
+                dependency_timeout,
+            },
             log_filter,
         })
     }
@@ -315,194 +270,6 @@ fn read_password_file(var: &'static str, path: &str) -> Result<String, ConfigErr
     Ok(password.to_owned())
 }
 
-/// The system's CA bundle, as the image ships it (Debian and Alpine keep it there too).
-pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-/// `sslmode` and `sslrootcert` as written in `DATABASE_URL`, not yet interpreted.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct SslParams {
-    mode: Option<String>,
-    rootcert: Option<String>,
-}
-
-/// Removes `sslmode` and `sslrootcert` from a `postgres://` URL's query or from a libpq
-/// key=value string, reading them as tokio-postgres reads the rest (the last one wins).
-/// Anything it cannot read is left in place, for tokio-postgres to reject.
-fn take_ssl_params(conninfo: &str) -> (String, SslParams) {
-    if ["postgres://", "postgresql://"]
-        .iter()
-        .any(|prefix| conninfo.starts_with(prefix))
-    {
-        take_ssl_params_from_url(conninfo)
-    } else {
-        take_ssl_params_from_key_values(conninfo)
-            .unwrap_or_else(|| (conninfo.to_owned(), SslParams::default()))
-    }
-}
-
-fn take_ssl_params_from_url(url: &str) -> (String, SslParams) {
-    let mut params = SslParams::default();
-    // The query starts at the first `?` after the credentials, which end at the first `@`
-    // (a password may hold a `?`).
-    let after_credentials = url.find('@').map_or(0, |i| i + 1);
-    let Some(query) = url[after_credentials..]
-        .find('?')
-        .map(|i| i + after_credentials)
-    else {
-        return (url.to_owned(), params);
-    };
-    let kept: Vec<&str> = url[query + 1..]
-        .split('&')
-        .filter(|pair| {
-            let Some((key, value)) = pair.split_once('=') else {
-                return true;
-            };
-            let slot = match percent_decode(key).as_deref() {
-                Some("sslmode") => &mut params.mode,
-                Some("sslrootcert") => &mut params.rootcert,
-                _ => return true,
-            };
-            match percent_decode(value) {
-                Some(value) => {
-                    *slot = Some(value);
-                    false
-                }
-                None => true,
-            }
-        })
-        .collect();
-    let mut rest = url[..query].to_owned();
-    if !kept.is_empty() {
-        rest.push('?');
-        rest.push_str(&kept.join("&"));
-    }
-    (rest, params)
-}
-
-/// `None` when the string is not well formed (tokio-postgres then says so).
-fn take_ssl_params_from_key_values(conninfo: &str) -> Option<(String, SslParams)> {
-    let mut params = SslParams::default();
-    let mut rest = String::new();
-    let mut copied = 0;
-    let mut chars = conninfo.char_indices().peekable();
-    let position = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
-        chars.peek().map_or(conninfo.len(), |&(i, _)| i)
-    };
-    let skip_whitespace = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
-        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-    };
-    loop {
-        skip_whitespace(&mut chars);
-        let start = position(&mut chars);
-        while chars
-            .next_if(|&(_, c)| !c.is_whitespace() && c != '=')
-            .is_some()
-        {}
-        let key = &conninfo[start..position(&mut chars)];
-        if key.is_empty() {
-            break;
-        }
-        skip_whitespace(&mut chars);
-        chars.next_if(|&(_, c)| c == '=')?;
-        skip_whitespace(&mut chars);
-        let quoted = chars.next_if(|&(_, c)| c == '\'').is_some();
-        let mut value = String::new();
-        loop {
-            match chars.peek().copied() {
-                None if quoted => return None,
-                None => break,
-                Some((_, '\'')) if quoted => {
-                    chars.next();
-                    break;
-                }
-                Some((_, c)) if c.is_whitespace() && !quoted => break,
-                Some((_, '\\')) => {
-                    chars.next();
-                    if let Some((_, escaped)) = chars.next() {
-                        value.push(escaped);
-                    }
-                }
-                Some((_, c)) => {
-                    chars.next();
-                    value.push(c);
-                }
-            }
-        }
-        let slot = match key {
-            "sslmode" => &mut params.mode,
-            "sslrootcert" => &mut params.rootcert,
-            _ => continue,
-        };
-        *slot = Some(value);
-        rest.push_str(&conninfo[copied..start]);
-        copied = position(&mut chars);
-    }
-    rest.push_str(&conninfo[copied..]);
-    Some((rest, params))
-}
-
-/// `%XX` escapes of a URL query; `None` for a bad escape or invalid UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let mut bytes = Vec::with_capacity(s.len());
-    let mut rest = s.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
-            bytes.push(u8::from_str_radix(hex, 16).ok()?);
-            rest = &tail[2..];
-        } else {
-            bytes.push(b);
-            rest = tail;
-        }
-    }
-    String::from_utf8(bytes).ok()
-}
-
-/// libpq's rules: `prefer` when no `sslmode` is given (`verify-full` with
-/// `sslrootcert=system`); a root certificate file makes `prefer`/`require` verify the chain
-/// too; `verify-ca`/`verify-full` without one use the system bundle (libpq would look for
-/// `~/.postgresql/root.crt`, which a container does not have).
-fn database_tls(env: &Env<'_>, params: SslParams) -> Result<PostgresTls, ConfigError> {
-    let system = params.rootcert.as_deref() == Some("system");
-    let mode = match params.mode.as_deref() {
-        None if system => SslMode::VerifyFull,
-        None => SslMode::Prefer,
-        Some("disable") => SslMode::Disable,
-        Some("prefer") => SslMode::Prefer,
-        Some("require") => SslMode::Require,
-        Some("verify-ca") => SslMode::VerifyCa,
-        Some("verify-full") => SslMode::VerifyFull,
-        Some("allow") => {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "sslmode=allow is not supported (use disable or prefer)",
-            ));
-        }
-        // The value is not echoed: a malformed URL could put part of a password there.
-        Some(_) => {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "sslmode must be disable, prefer, require, verify-ca or verify-full",
-            ));
-        }
-    };
-    let roots = match params.rootcert {
-        Some(_) if system && mode != SslMode::VerifyFull => {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "sslrootcert=system needs sslmode=verify-full (as in libpq)",
-            ));
-        }
-        Some(_) if system => Some(system_trust_roots(env, "DATABASE_URL")?),
-        Some(path) => Some(read_trust_roots("DATABASE_URL", "sslrootcert ", &path)?),
-        None if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) => {
-            Some(system_trust_roots(env, "DATABASE_URL")?)
-        }
-        None => None,
-    };
-    Ok(PostgresTls { mode, roots })
-}
-
 /// `rediss://` verifies against `REDIS_CA_FILE` or the system bundle; `#insecure` and
 /// `redis://` need no roots. `REDIS_CA_FILE` is read whenever it is set, so a wrong path
 /// shows at start, not on the day TLS is switched on.
@@ -511,22 +278,17 @@ fn redis_trust_roots(env: &Env<'_>, url: &str) -> Result<Option<TrustRoots>, Con
         Some(path) => Some(read_trust_roots("REDIS_CA_FILE", "", &path)?),
         None => None,
     };
-    let (tls, verifies) = match redis::IntoConnectionInfo::into_connection_info(url)
-        .map(|info| info.addr().clone())
-    {
-        Ok(redis::ConnectionAddr::TcpTls { insecure, .. }) => (true, !insecure),
-        _ => (false, false),
-    };
+    let tls = RedisTls::of(url);
     // The redis crate loads the platform's certificates on every TLS connection (with
     // rustls-native-certs, which reads SSL_CERT_FILE), even when given its roots, and fails
     // the connection if that file cannot be read: better said once, at start.
-    if tls && env.get("SSL_CERT_FILE")?.is_some() {
+    if tls != RedisTls::Plain && env.get("SSL_CERT_FILE")?.is_some() {
         system_trust_roots(env, "REDIS_URL")?;
     }
-    match (verifies, ca_file) {
-        (false, _) => Ok(None),
-        (true, Some(roots)) => Ok(Some(roots)),
-        (true, None) => system_trust_roots(env, "REDIS_URL").map(Some),
+    match (tls, ca_file) {
+        (RedisTls::Plain | RedisTls::Insecure, _) => Ok(None),
+        (RedisTls::Verified, Some(roots)) => Ok(Some(roots)),
+        (RedisTls::Verified, None) => system_trust_roots(env, "REDIS_URL").map(Some),
     }
 }
 
@@ -555,6 +317,7 @@ fn read_trust_roots(var: &'static str, what: &str, path: &str) -> Result<TrustRo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tls::SslMode;
     use std::collections::HashMap;
 
     fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -575,12 +338,12 @@ mod tests {
         assert_eq!(c.http_header_timeout, Duration::from_secs(5));
         assert_eq!(c.http_write_timeout, Duration::from_secs(10));
         assert_eq!(c.http_connection_max_age, Duration::from_secs(600));
-        assert_eq!(c.redis_password, None);
-        assert_eq!(c.redis_url, "redis://web@cache:6379/0");
-        assert_eq!(c.database.get_user(), Some("web"));
-        assert_eq!(c.database.get_dbname(), Some("desafio3"));
-        assert_eq!(c.db_timezone, "UTC");
-        assert_eq!(c.dependency_timeout, Duration::from_millis(1000));
+        assert_eq!(c.store.redis_password, None);
+        assert_eq!(c.store.redis_url, "redis://web@cache:6379/0");
+        assert_eq!(c.store.database.get_user(), Some("web"));
+        assert_eq!(c.store.database.get_dbname(), Some("desafio3"));
+        assert_eq!(c.store.db_timezone, "UTC");
+        assert_eq!(c.store.dependency_timeout, Duration::from_millis(1000));
     }
 
     #[test]
@@ -630,7 +393,7 @@ mod tests {
         let path = dir.path().join("pw");
         std::fs::write(&path, "s3cret\n").unwrap();
         let c = parse(&[("POSTGRES_PASSWORD_FILE", path.to_str().unwrap())]).unwrap();
-        assert_eq!(c.database.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(c.store.database.get_password(), Some(&b"s3cret"[..]));
 
         std::fs::write(&path, "\n").unwrap();
         let err = parse(&[("DATABASE_PASSWORD_FILE", path.to_str().unwrap())]).unwrap_err();
@@ -640,13 +403,13 @@ mod tests {
     #[test]
     fn timezone_spelling_is_canonicalised() {
         let c = parse(&[("DB_TIMEZONE", "america/sao_PAULO")]).unwrap();
-        assert_eq!(c.db_timezone, "America/Sao_Paulo");
+        assert_eq!(c.store.db_timezone, "America/Sao_Paulo");
     }
 
     #[test]
     fn dependency_timeout_is_bounded_by_the_shutdown_budget() {
         let c = parse(&[("DEPENDENCY_TIMEOUT_MS", "1000")]).unwrap();
-        assert_eq!(c.dependency_timeout, Duration::from_secs(1));
+        assert_eq!(c.store.dependency_timeout, Duration::from_secs(1));
         let err = parse(&[("DEPENDENCY_TIMEOUT_MS", "1001")]).unwrap_err();
         assert_eq!(err.var, "DEPENDENCY_TIMEOUT_MS");
     }
@@ -663,15 +426,21 @@ mod tests {
             ("POSTGRES_PASSWORD_FILE", theirs.to_str().unwrap()),
         ])
         .unwrap();
-        assert_eq!(c.database.get_password(), Some(&b"from-database-file"[..]));
+        assert_eq!(
+            c.store.database.get_password(),
+            Some(&b"from-database-file"[..])
+        );
         let c = parse(&[
             ("DATABASE_URL", "postgres://u:from-url@h/db"),
             ("POSTGRES_PASSWORD_FILE", theirs.to_str().unwrap()),
         ])
         .unwrap();
-        assert_eq!(c.database.get_password(), Some(&b"from-postgres-file"[..]));
+        assert_eq!(
+            c.store.database.get_password(),
+            Some(&b"from-postgres-file"[..])
+        );
         let c = parse(&[("DATABASE_URL", "postgres://u:from-url@h/db")]).unwrap();
-        assert_eq!(c.database.get_password(), Some(&b"from-url"[..]));
+        assert_eq!(c.store.database.get_password(), Some(&b"from-url"[..]));
     }
 
     /// A PEM file with one (self-signed) certificate, usable as a trust anchor.
@@ -701,14 +470,14 @@ mod tests {
             for conninfo in [url, key_values] {
                 let c = parse(&[("DATABASE_URL", &conninfo), ("SSL_CERT_FILE", &ca)])
                     .unwrap_or_else(|e| panic!("{conninfo}: {e}"));
-                assert_eq!(c.database_tls.mode, mode, "{conninfo}");
-                assert_eq!(c.database.get_ssl_mode(), driver, "{conninfo}");
-                assert_eq!(c.database.get_dbname(), Some("db"), "{conninfo}");
-                assert_eq!(c.database.get_ports(), [5433], "{conninfo}");
+                assert_eq!(c.store.database_tls.mode, mode, "{conninfo}");
+                assert_eq!(c.store.database.get_ssl_mode(), driver, "{conninfo}");
+                assert_eq!(c.store.database.get_dbname(), Some("db"), "{conninfo}");
+                assert_eq!(c.store.database.get_ports(), [5433], "{conninfo}");
                 // Only the verifying modes need trust roots; then the system bundle
                 // (here SSL_CERT_FILE) gives them.
                 let verifies = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
-                assert_eq!(c.database_tls.roots.is_some(), verifies, "{conninfo}");
+                assert_eq!(c.store.database_tls.roots.is_some(), verifies, "{conninfo}");
             }
         }
     }
@@ -725,8 +494,11 @@ mod tests {
         let key_values = format!("host=h sslmode = require sslrootcert='{ca}' dbname=db");
         for conninfo in [url, key_values] {
             let c = parse(&[("DATABASE_URL", &conninfo)]).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(c.database_tls.mode, SslMode::Require);
-            assert_eq!(c.database_tls.roots.as_ref().map(TrustRoots::len), Some(1));
+            assert_eq!(c.store.database_tls.mode, SslMode::Require);
+            assert_eq!(
+                c.store.database_tls.roots.as_ref().map(TrustRoots::len),
+                Some(1)
+            );
         }
         // The password keeps its `?`.
         let c = parse(&[(
@@ -734,7 +506,7 @@ mod tests {
             &format!("postgres://u:p?w@h/db?sslrootcert={encoded}"),
         )])
         .unwrap();
-        assert_eq!(c.database.get_password(), Some(&b"p?w"[..]));
+        assert_eq!(c.store.database.get_password(), Some(&b"p?w"[..]));
 
         for conninfo in [
             "postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
@@ -790,14 +562,14 @@ mod tests {
             ("SSL_CERT_FILE", &ca),
         ])
         .unwrap();
-        assert_eq!(c.database_tls.mode, SslMode::VerifyFull);
+        assert_eq!(c.store.database_tls.mode, SslMode::VerifyFull);
     }
 
     #[test]
     fn rediss_verifies_against_redis_ca_file_or_the_system_bundle() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ca_file(&dir);
-        let roots = |vars: &[(&str, &str)]| parse(vars).unwrap().redis_roots.map(|r| r.len());
+        let roots = |vars: &[(&str, &str)]| parse(vars).unwrap().store.redis_roots.map(|r| r.len());
         assert_eq!(
             roots(&[("REDIS_URL", "rediss://h:6380/0"), ("REDIS_CA_FILE", &ca)]),
             Some(1)

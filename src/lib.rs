@@ -84,13 +84,13 @@ impl Application {
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Self> {
         let listener = bind(config.port).await?;
         let admin_listener = bind(config.admin_port).await?;
-        let store = Store::new(&config)?;
+        let store = Store::new(&config.store)?;
         let (background, stop_background) = (TaskTracker::new(), CancellationToken::new());
         telemetry::spawn_metrics_upkeep(metrics.clone(), &background, stop_background.clone());
         store.spawn_tasks(&background, &stop_background);
         let (batching, close_queue) = (TaskTracker::new(), CancellationToken::new());
         let visits = Visits::spawn(Arc::clone(&store), &batching, close_queue.clone());
-        let budget = ShutdownBudget::for_timeout(config.dependency_timeout);
+        let budget = ShutdownBudget::for_timeout(config.store.dependency_timeout);
         let state = AppState {
             store,
             visits,
@@ -236,7 +236,7 @@ pub(crate) mod test_support {
     }
 
     pub fn unreachable_store() -> Arc<Store> {
-        Store::new(&unreachable_config()).expect("store")
+        Store::new(&unreachable_config().store).expect("store")
     }
 
     pub fn metrics() -> PrometheusHandle {

@@ -132,7 +132,8 @@ pub struct Db {
 /// Server-side bounds on every session `web` opens, and the durability a confirmation relies
 /// on, whatever the server's defaults: a statement, a lock wait or a transaction left idle by
 /// a frozen or cut-off replica is ended by the server itself. TCP keepalives and a user
-/// timeout let the client's kernel drop a half-open connection.
+/// timeout let the client's kernel drop a half-open connection. Connecting never takes longer
+/// than any other call.
 fn bounded(mut config: tokio_postgres::Config, timeout: Duration) -> tokio_postgres::Config {
     let ms = timeout.as_millis();
     let ours = format!(
@@ -151,7 +152,9 @@ fn bounded(mut config: tokio_postgres::Config, timeout: Duration) -> tokio_postg
         .keepalives_idle(Duration::from_secs(5))
         .keepalives_interval(Duration::from_secs(1))
         .keepalives_retries(3)
-        .tcp_user_timeout(4 * timeout);
+        .tcp_user_timeout(4 * timeout)
+        .connect_timeout(timeout)
+        .application_name("desafio3-web");
     config
 }
 

@@ -13,8 +13,10 @@
 pub mod cache;
 pub mod db;
 pub mod dependency;
+pub mod postgres_url;
 pub mod tls;
 
+use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,10 +25,56 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
 use cache::Cache;
 use db::Db;
 pub use dependency::DepError;
+use tls::{PostgresTls, TrustRoots};
+
+/// What the store needs, built by `config` from the environment. The store never reads the
+/// environment and never sees `Config`: `config` depends on `store`, not the other way round.
+///
+/// The passwords are plain `String`s, not `secrecy::SecretString`, and `Debug` is written by
+/// hand instead: both drivers take the password into their own settings (`tokio_postgres::Config`
+/// as bytes, redis' `ConnectionInfo` as a `String`), which live as long as the process, so a
+/// secret wrapper would guard only our copy for the few lines before it is handed over. What
+/// can leak is a log line: this `Debug` is the one place every secret field is printed, and
+/// `config`'s tests check that no password comes out.
+#[derive(Clone)]
+pub struct Settings {
+    /// Redis connection URL; may contain a password, so it is never logged.
+    pub redis_url: String,
+    /// Password for Redis's ACL user, from `REDIS_PASSWORD_FILE`.
+    pub redis_password: Option<String>,
+    /// CA certificates a `rediss://` Redis must chain to (`REDIS_CA_FILE`, else the system
+    /// bundle); `None` for `redis://` and for `rediss://…#insecure`.
+    pub redis_roots: Option<TrustRoots>,
+    /// PostgreSQL connection settings, with the password from the password file applied.
+    pub database: tokio_postgres::Config,
+    /// TLS to PostgreSQL: `sslmode` and `sslrootcert` from `DATABASE_URL`, libpq's meaning.
+    pub database_tls: PostgresTls,
+    /// IANA time zone in which `hora_db` is rendered, canonical spelling.
+    pub db_timezone: String,
+    /// Upper bound for every single call to Redis or PostgreSQL, connecting included.
+    pub dependency_timeout: Duration,
+}
+
+impl fmt::Debug for Settings {
+    /// Hand-written so that the URLs and the passwords can never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("redis_url", &"<redacted>")
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("redis_roots", &self.redis_roots)
+            .field("database", &"<redacted>")
+            .field("database_tls", &self.database_tls)
+            .field("db_timezone", &self.db_timezone)
+            .field("dependency_timeout", &self.dependency_timeout)
+            .finish()
+    }
+}
 
 /// How long after the last confirmed Redis batch PostgreSQL may count itself. A replica that
 /// cannot reach Redis while others still count there answers without a count instead of
@@ -143,20 +191,20 @@ fn new_token() -> String {
 impl Store {
     /// Creates the clients without connecting: the service must start, and serve `/healthz`,
     /// before Redis or PostgreSQL exist.
-    pub fn new(config: &Config) -> anyhow::Result<Arc<Self>> {
+    pub fn new(settings: &Settings) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             cache: Cache::new(
-                &config.redis_url,
-                config.redis_password.as_deref(),
-                config.redis_roots.as_ref(),
-                config.dependency_timeout,
+                &settings.redis_url,
+                settings.redis_password.as_deref(),
+                settings.redis_roots.as_ref(),
+                settings.dependency_timeout,
             )
             .context("configuring Redis")?,
             db: Db::new(
-                config.database.clone(),
-                &config.database_tls,
-                config.db_timezone.clone(),
-                config.dependency_timeout,
+                settings.database.clone(),
+                &settings.database_tls,
+                settings.db_timezone.clone(),
+                settings.dependency_timeout,
             )
             .context("configuring PostgreSQL")?,
         }))

@@ -1,6 +1,7 @@
 //! TLS to Redis and PostgreSQL: rustls, its crypto provider, the trust roots, and libpq's
-//! `sslmode` turned into certificate verification. `config` reads the variables and files;
-//! this module only builds clients from what it found.
+//! `sslmode` turned into certificate verification. `postgres_url` decides which roots
+//! PostgreSQL needs and [`RedisTls`] which Redis needs; `config` reads the variables and files;
+//! this module builds clients from what it found.
 //!
 //! **Crypto provider: ring**, deliberately, and only ring (`cargo tree -e features -i rustls`
 //! shows no `aws_lc_rs`). rustls' default, aws-lc-rs, builds a large C/assembly library with
@@ -23,6 +24,9 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The system's CA bundle, as the image ships it (Debian and Alpine keep it there too).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// ring, installed once as the process default as well: the redis crate builds its rustls
 /// configuration with `ClientConfig::builder()`, which takes the process default. Our own
@@ -98,35 +102,35 @@ pub enum SslMode {
     VerifyFull,
 }
 
+impl SslMode {
+    /// Whether the server's certificate is verified even without `sslrootcert` (then against
+    /// the system bundle).
+    pub fn verifies(self) -> bool {
+        matches!(self, Self::VerifyCa | Self::VerifyFull)
+    }
+
+    /// What tokio-postgres is told: it knows only whether to ask for TLS and whether to
+    /// insist; verification is the connector's job.
+    pub fn driver_mode(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Driver;
+        match self {
+            Self::Disable => Driver::Disable,
+            Self::Prefer => Driver::Prefer,
+            Self::Require | Self::VerifyCa | Self::VerifyFull => Driver::Require,
+        }
+    }
+}
+
 /// TLS to PostgreSQL: `sslmode` and the trust roots (`sslrootcert`, or the system bundle for
-/// `verify-ca`/`verify-full` without one; `None` means nothing is verified).
+/// `verify-ca`/`verify-full` without one; `None` means nothing is verified). Made by
+/// [`super::postgres_url::PostgresUrl::into_parts`], which applies libpq's rules.
 #[derive(Debug, Clone)]
 pub struct PostgresTls {
     pub mode: SslMode,
     pub roots: Option<TrustRoots>,
 }
 
-impl Default for PostgresTls {
-    fn default() -> Self {
-        Self {
-            mode: SslMode::Prefer,
-            roots: None,
-        }
-    }
-}
-
 impl PostgresTls {
-    /// What tokio-postgres is told: it knows only whether to ask for TLS and whether to
-    /// insist; verification is the connector's job.
-    pub fn driver_mode(&self) -> tokio_postgres::config::SslMode {
-        use tokio_postgres::config::SslMode as Driver;
-        match self.mode {
-            SslMode::Disable => Driver::Disable,
-            SslMode::Prefer => Driver::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Driver::Require,
-        }
-    }
-
     /// The connector for the pool. Under `prefer`, tokio-postgres falls back to plain TCP only
     /// when the server answers that it has no TLS; a handshake that fails (an untrusted
     /// certificate) is an error, never a silent downgrade. Under `disable` it is never used.
@@ -142,6 +146,7 @@ impl PostgresTls {
             (Some(roots), SslMode::Prefer | SslMode::Require | SslMode::VerifyCa) => {
                 Arc::new(ChainOnly(webpki(roots, &provider)?))
             }
+            // `PostgresUrl` always asks for roots in these modes: a bug, said rather than hidden.
             (None, SslMode::VerifyCa | SslMode::VerifyFull) => {
                 anyhow::bail!("sslmode {:?} needs trust roots", self.mode)
             }
@@ -262,6 +267,29 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What a `REDIS_URL` asks of TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisTls {
+    /// `redis://`: plain TCP.
+    Plain,
+    /// `rediss://`: the server verified against trust roots (`REDIS_CA_FILE`, else the
+    /// system bundle).
+    Verified,
+    /// `rediss://…#insecure`: encrypted, nothing verified.
+    Insecure,
+}
+
+impl RedisTls {
+    /// `Plain` also for a URL the redis crate cannot read (`config` rejects it anyway).
+    pub fn of(url: &str) -> Self {
+        match redis::IntoConnectionInfo::into_connection_info(url).map(|info| info.addr().clone()) {
+            Ok(redis::ConnectionAddr::TcpTls { insecure: true, .. }) => Self::Insecure,
+            Ok(redis::ConnectionAddr::TcpTls { .. }) => Self::Verified,
+            _ => Self::Plain,
+        }
     }
 }
 
