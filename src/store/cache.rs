@@ -7,7 +7,8 @@ use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::dependency::{DepError, Dependency};
+use super::error::DepError;
+use super::health::Dependency;
 use super::tls::{self, TrustRoots};
 
 /// The key the seed's Flask app used; kept so the counter survives a switch between the two.

@@ -7,7 +7,8 @@ use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_util::sync::CancellationToken;
 
-use super::dependency::{DepError, Dependency};
+use super::error::DepError;
+use super::health::Dependency;
 use super::tls::PostgresTls;
 
 /// Connections in the pool. Requests are coalesced (see `visits`), so a handful is plenty.

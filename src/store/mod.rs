@@ -12,7 +12,8 @@
 
 pub mod cache;
 pub mod db;
-pub mod dependency;
+pub mod error;
+pub mod health;
 pub mod postgres_url;
 pub mod tls;
 
@@ -27,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use cache::Cache;
 use db::Db;
-pub use dependency::DepError;
+pub use error::DepError;
 use tls::{PostgresTls, TrustRoots};
 
 /// What the store needs, built by `config` from the environment. The store never reads the

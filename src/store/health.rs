@@ -11,149 +11,18 @@
 //! or exhausting the pool; while it is connecting, they wait for the attempt in flight.
 
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::error::DepError;
+
 /// First and longest pause between probes of a dependency that is down. The ceiling keeps
 /// recovery under two seconds after the dependency returns.
 const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_millis(1000);
-
-/// Why a dependency call gave no answer. The `Display` is a few words, safe to show to
-/// anyone (the page's `erros`, `/readyz`): never a user name, SQL, script or server message.
-/// [`DepError::detail`] has the driver's full text, for the logs.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DepError {
-    /// No answer within the dependency timeout.
-    #[error("timeout")]
-    Timeout(Duration),
-    /// Failing fast while the dependency is down; says what brought it down.
-    #[error("unavailable ({0})")]
-    Unavailable(&'static str),
-    /// The call failed: `summary` is public, `detail` is for the logs.
-    #[error("{summary}")]
-    Failed {
-        summary: &'static str,
-        detail: String,
-    },
-    /// The dependency answered, with a value this service refuses (a counter out of range).
-    /// Not an outage: the dependency stays up, and the value goes no further.
-    #[error("invalid counter value")]
-    Invalid(String),
-    /// Redis counted, but PostgreSQL no longer names that Redis as the counter: the counts
-    /// may not be new, so they are withheld (`docs/counting.md`). Not an outage either.
-    #[error("count withheld: counter changing hands")]
-    Unconfirmed,
-}
-
-impl DepError {
-    /// A driver error and its causes: classified for the public text, kept whole (on one
-    /// line) for the logs. Drivers repeat themselves along the chain (the pool's error quotes
-    /// the client's, which quotes the server's), so a cause already quoted is not appended.
-    pub fn failed(error: impl Into<anyhow::Error>) -> Self {
-        let error = error.into();
-        let mut text = String::new();
-        for cause in error.chain() {
-            let cause = cause.to_string();
-            if !text.contains(&cause) {
-                if !text.is_empty() {
-                    text.push_str(": ");
-                }
-                text.push_str(&cause);
-            }
-        }
-        let detail = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        Self::Failed {
-            summary: summarise(&detail),
-            detail,
-        }
-    }
-
-    /// The full story, for the logs only.
-    pub fn detail(&self) -> String {
-        match self {
-            Self::Timeout(after) => format!("timed out after {} ms", after.as_millis()),
-            Self::Failed { detail, .. } | Self::Invalid(detail) => detail.clone(),
-            Self::Unavailable(_) | Self::Unconfirmed => self.to_string(),
-        }
-    }
-
-    /// The answer while the dependency is down: what brought it down, in public words.
-    fn as_unavailable(&self) -> Self {
-        match self {
-            Self::Timeout(_) => Self::Unavailable("timeout"),
-            Self::Failed { summary, .. } => Self::Unavailable(summary),
-            Self::Invalid(_) => Self::Unavailable("invalid counter value"),
-            Self::Unconfirmed => Self::Unavailable("count withheld: counter changing hands"),
-            Self::Unavailable(summary) => Self::Unavailable(summary),
-        }
-    }
-}
-
-/// A few public words for a driver's error text. The first match wins, so the specific
-/// (authentication, TLS) come before the generic (a lost connection).
-fn summarise(detail: &str) -> &'static str {
-    const RULES: &[(&[&str], &str)] = &[
-        (
-            &[
-                "authentication",
-                "wrongpass",
-                "noauth",
-                "invalid username-password",
-            ],
-            "authentication failed",
-        ),
-        (&["noperm", "permission denied"], "permission denied"),
-        (
-            &[
-                "unknownissuer",
-                "unknown issuer",
-                "certificate verify failed",
-                "badsignature",
-            ],
-            "tls: certificate not trusted",
-        ),
-        (
-            &["notvalidforname", "not valid for name", "name mismatch"],
-            "tls: certificate name mismatch",
-        ),
-        (
-            &["server does not support tls", "does not support ssl"],
-            "tls: not offered by the server",
-        ),
-        (
-            &["tls", "ssl", "certificate", "handshake"],
-            "tls: handshake failed",
-        ),
-        (&["connection refused"], "connection refused"),
-        (
-            &[
-                "the database system is",
-                "loading the dataset",
-                "loading redis",
-            ],
-            "server not ready",
-        ),
-        (&["timed out", "timeout"], "timeout"),
-        (
-            &[
-                "broken pipe",
-                "reset by peer",
-                "connection closed",
-                "eof",
-                "terminating connection",
-            ],
-            "connection lost",
-        ),
-    ];
-    let lower = detail.to_lowercase();
-    RULES
-        .iter()
-        .find(|(needles, _)| needles.iter().any(|n| lower.contains(n)))
-        .map_or("error", |(_, summary)| summary)
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Health {
@@ -182,20 +51,30 @@ async fn bounded<T, E: Into<anyhow::Error>>(
     }
 }
 
-/// The pauses between probes while a dependency stays down: doubling from the minimum up to
-/// the ceiling, back to the minimum once it is up.
+/// The pauses between probes while a dependency stays down: a ceiling doubling from the
+/// minimum up to the maximum, back to the minimum once it is up. Each pause is drawn between
+/// half the ceiling and the ceiling ("equal jitter"): replicas that lost a dependency at the
+/// same moment would otherwise probe it in lockstep, all at once, just as it recovers. The
+/// upper bound is unchanged, so recovery is still noticed within [`PROBE_BACKOFF_MAX`].
 #[derive(Debug)]
-struct Backoff(Duration);
+struct Backoff {
+    ceiling: Duration,
+}
 
 impl Backoff {
     fn new() -> Self {
-        Self(PROBE_BACKOFF_MIN)
+        Self {
+            ceiling: PROBE_BACKOFF_MIN,
+        }
     }
 
     fn next_pause(&mut self) -> Duration {
-        let pause = self.0;
-        self.0 = (self.0 * 2).min(PROBE_BACKOFF_MAX);
-        pause
+        let ceiling = self.ceiling;
+        self.ceiling = (ceiling * 2).min(PROBE_BACKOFF_MAX);
+        let half = ceiling / 2;
+        // A fresh `RandomState` has new random keys: different in every call and process.
+        let draw = RandomState::new().hash_one(std::process::id());
+        half + half.mul_f64(draw as f64 / u64::MAX as f64)
     }
 }
 
@@ -345,7 +224,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use tokio::time::{Instant, advance, sleep};
+    use tokio::time::{Instant, sleep};
 
     use super::*;
 
@@ -353,6 +232,10 @@ mod tests {
 
     fn ok() -> std::future::Ready<Result<u32, anyhow::Error>> {
         std::future::ready(Ok(7))
+    }
+
+    fn refused() -> std::io::Error {
+        std::io::ErrorKind::ConnectionRefused.into()
     }
 
     fn boom() -> std::future::Ready<Result<u32, anyhow::Error>> {
@@ -377,13 +260,7 @@ mod tests {
                 || {
                     probes.fetch_add(1, Ordering::SeqCst);
                     let up = healthy.load(Ordering::SeqCst);
-                    async move {
-                        if up {
-                            Ok(())
-                        } else {
-                            Err(anyhow::anyhow!("Connection refused"))
-                        }
-                    }
+                    async move { if up { Ok(()) } else { Err(refused()) } }
                 },
                 s,
             )
@@ -393,10 +270,46 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_ceiling() {
+    fn backoff_doubles_up_to_the_ceiling_each_pause_jittered_below_it() {
         let mut backoff = Backoff::new();
-        let pauses: Vec<u128> = (0..8).map(|_| backoff.next_pause().as_millis()).collect();
-        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        for ceiling in [50, 100, 200, 400, 800, 1000, 1000, 1000] {
+            let pause = backoff.next_pause().as_millis();
+            assert!((ceiling / 2..=ceiling).contains(&pause), "{pause} ms");
+        }
+    }
+
+    /// The instants at which a dependency that never answers is probed during `span`.
+    async fn probe_schedule(span: Duration) -> Vec<Duration> {
+        let dep = Dependency::new("test", TIMEOUT);
+        let (start, probes) = (Instant::now(), std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let probe = || {
+            probes.lock().unwrap().push(start.elapsed());
+            std::future::ready(Err::<(), _>(refused()))
+        };
+        let _ = tokio::time::timeout(span, dep.watch(probe, stop)).await;
+        probes.into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_replicas_do_not_probe_in_lockstep_and_stay_within_the_bound() {
+        let span = Duration::from_secs(6);
+        let (one, two) = tokio::join!(probe_schedule(span), probe_schedule(span));
+        assert_ne!(one, two, "two schedules drawn alike");
+        for schedule in [&one, &two] {
+            assert_eq!(schedule[0], Duration::ZERO, "the first probe is at once");
+            let mut ceiling = PROBE_BACKOFF_MIN;
+            for gap in schedule.windows(2).map(|w| w[1] - w[0]) {
+                assert!(
+                    ceiling / 2 <= gap && gap <= ceiling,
+                    "{gap:?} vs {ceiling:?}"
+                );
+                ceiling = (ceiling * 2).min(PROBE_BACKOFF_MAX);
+            }
+            // 25+50+100+200+400 ms, then at most 1 s apart: at least 5 pauses of the
+            // ceiling fit in 6 s, and no more probes than pauses of half the ceiling.
+            assert!((9..=16).contains(&schedule.len()), "{schedule:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -425,10 +338,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_down_dependency_fails_fast_with_the_reason() {
         let dep = Dependency::new("test", TIMEOUT);
-        dep.set_health(
-            0,
-            Health::Down(DepError::failed(anyhow::anyhow!("Connection refused"))),
-        );
+        dep.set_health(0, Health::Down(DepError::failed(refused())));
         let started = Instant::now();
         let err = dep.call(ok()).await.unwrap_err();
         assert_eq!(err, DepError::Unavailable("connection refused"));
@@ -486,9 +396,10 @@ mod tests {
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let probes = Arc::new(AtomicUsize::new(0));
         let (dep, stop, _) = watched(healthy.clone(), probes.clone());
-        // Probes at 0, 50, 150, 350, 750 ms: five in the first 0.8 s.
+        // Probes at 0, then after pauses of at most 50, 100, 200, 400 ms (jittered down to
+        // half of that): at least five in the first 0.8 s.
         sleep(Duration::from_millis(800)).await;
-        assert_eq!(probes.load(Ordering::SeqCst), 5);
+        assert!(probes.load(Ordering::SeqCst) >= 5);
         assert!(matches!(dep.state.borrow().health, Health::Down(_)));
         // Calls meanwhile fail fast and never reach the dependency.
         let started = Instant::now();
@@ -498,12 +409,13 @@ mod tests {
         );
         assert_eq!(started.elapsed(), Duration::ZERO);
 
+        // The next probe heals it, and comes within the longest pause; not before a probe.
+        let before = probes.load(Ordering::SeqCst);
         healthy.store(true, Ordering::SeqCst);
-        // The next probe is due at 1550 ms (750 + 800): healed by then, not before.
-        advance(Duration::from_millis(700)).await;
         assert!(!dep.is_up());
-        sleep(Duration::from_millis(100)).await;
+        sleep(PROBE_BACKOFF_MAX + Duration::from_millis(1)).await;
         assert!(dep.is_up());
+        assert_eq!(probes.load(Ordering::SeqCst), before + 1);
         let healed_probes = probes.load(Ordering::SeqCst);
         // Up: no probing at all.
         sleep(Duration::from_secs(10)).await;
@@ -536,78 +448,5 @@ mod tests {
             .await
             .expect("the watcher stops at once when cancelled")
             .unwrap();
-    }
-
-    #[test]
-    fn driver_errors_become_one_line_without_repeats() {
-        let chain = anyhow::anyhow!("connection refused").context("pool: connection refused");
-        assert_eq!(DepError::failed(chain).detail(), "pool: connection refused");
-        let multiline = anyhow::anyhow!("ERR script\n  line 3").context("script failed");
-        assert_eq!(
-            DepError::failed(multiline).detail(),
-            "script failed: ERR script line 3"
-        );
-    }
-
-    #[test]
-    fn the_public_text_names_the_failure_never_the_server_s_words() {
-        let cases = [
-            (
-                r#"db error: FATAL: password authentication failed for user "admin""#,
-                "authentication failed",
-            ),
-            (
-                "WRONGPASS invalid username-password pair",
-                "authentication failed",
-            ),
-            (
-                "NOPERM User web has no permissions to run the 'flushall' command",
-                "permission denied",
-            ),
-            (
-                "invalid peer certificate: UnknownIssuer",
-                "tls: certificate not trusted",
-            ),
-            (
-                "invalid peer certificate: NotValidForName",
-                "tls: certificate name mismatch",
-            ),
-            (
-                "error performing TLS handshake: server does not support TLS",
-                "tls: not offered by the server",
-            ),
-            (
-                "error connecting to server: Connection refused (os error 111)",
-                "connection refused",
-            ),
-            ("broken pipe", "connection lost"),
-            (
-                "db error: FATAL: the database system is shutting down",
-                "server not ready",
-            ),
-            (
-                "LOADING Redis is loading the dataset in memory",
-                "server not ready",
-            ),
-            (
-                "ERR user_script:3: Script attempted to access a non local key f_8c1e",
-                "error",
-            ),
-            ("ERROR: relation \"visit_counter\" does not exist", "error"),
-        ];
-        for (detail, public) in cases {
-            let error = DepError::failed(anyhow::anyhow!(detail.to_owned()));
-            assert_eq!(error.to_string(), public, "{detail}");
-            assert_eq!(
-                error.as_unavailable().to_string(),
-                format!("unavailable ({public})")
-            );
-            assert_eq!(error.detail(), detail, "the logs keep it all");
-        }
-        assert_eq!(DepError::Timeout(TIMEOUT).to_string(), "timeout");
-        assert_eq!(
-            DepError::Timeout(TIMEOUT).detail(),
-            "timed out after 500 ms"
-        );
     }
 }
