@@ -8,12 +8,13 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod visits;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -24,41 +25,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::http::AppState;
+use crate::shutdown::ShutdownBudget;
 use crate::store::Store;
 use crate::visits::Visits;
-
-/// What Docker waits between SIGTERM and SIGKILL (`stop_grace_period` in docker-compose.yml;
-/// Kubernetes' `terminationGracePeriodSeconds` is longer). The whole shutdown must fit in it,
-/// for every dependency timeout `Config` accepts.
-pub const STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
-
-/// How long each step of the shutdown may take, all derived from the dependency timeout `t`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShutdownBudget {
-    /// Longest a request may take (its answer is then a 503): a first request waits for the
-    /// connection attempt in flight (`t`), then Redis's count (`t`), then PostgreSQL's
-    /// confirmation and clock, or its own count in place of a failed Redis (`t`).
-    pub request: Duration,
-    /// In-flight requests finish within `request`; the margin lets their answers go out.
-    pub drain: Duration,
-    /// The batch still running after the drain, if requests timed out on it: at worst a count
-    /// (`t`), a fencing (`2t`), a second count and its confirmation (`2t`).
-    pub batch: Duration,
-}
-
-impl ShutdownBudget {
-    pub fn for_timeout(t: Duration) -> Self {
-        Self {
-            request: 3 * t,
-            drain: 3 * t + Duration::from_millis(250),
-            batch: 5 * t,
-        }
-    }
-
-    pub fn total(&self) -> Duration {
-        self.drain + self.batch
-    }
-}
 
 /// A bound, not yet serving, instance of the service. It owns every task it starts: the
 /// batching task, the dependency watchers and the metrics upkeep.
@@ -69,6 +38,16 @@ pub struct Application {
     admin_router: Router,
     limits: server::Limits,
     budget: ShutdownBudget,
+    tasks: Tasks,
+}
+
+/// The tasks an [`Application`] started, and the tokens that stop them. Dropping it cancels
+/// them all and closes the trackers, so an application built and never run (a start-up that
+/// fails after `build`, a test that only binds) leaves no task running on the runtime: each
+/// returns at its next await, and `wait()` on a tracker then completes. `run_until` stops them
+/// in order instead (it must answer every queued visit before the watchers go), joins them,
+/// and drops this last; if its future is dropped midway, this cancels what is left.
+struct Tasks {
     /// The batching task alone: closed and awaited after the drain, so that every visit
     /// accepted is answered before the watchers stop.
     batching: TaskTracker,
@@ -76,6 +55,15 @@ pub struct Application {
     /// Watchers, metrics upkeep: cancelled and joined last.
     background: TaskTracker,
     stop_background: CancellationToken,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.close_queue.cancel();
+        self.batching.close();
+        self.stop_background.cancel();
+        self.background.close();
+    }
 }
 
 impl Application {
@@ -110,10 +98,12 @@ impl Application {
                 max_age: config.http_connection_max_age,
             },
             budget,
-            batching,
-            close_queue,
-            background,
-            stop_background,
+            tasks: Tasks {
+                batching,
+                close_queue,
+                background,
+                stop_background,
+            },
         })
     }
 
@@ -140,15 +130,8 @@ impl Application {
             admin_router,
             limits,
             budget,
-            batching,
-            close_queue,
-            background,
-            stop_background,
+            tasks,
         } = self;
-        let _cancel_on_drop = (
-            close_queue.clone().drop_guard(),
-            stop_background.clone().drop_guard(),
-        );
         tracing::info!(
             port = listener.local_addr()?.port(),
             admin_port = admin_listener.local_addr()?.port(),
@@ -177,18 +160,18 @@ impl Application {
             ),
         );
 
-        close_queue.cancel();
-        batching.close();
-        if tokio::time::timeout(budget.batch, batching.wait())
+        tasks.close_queue.cancel();
+        tasks.batching.close();
+        if tokio::time::timeout(budget.batch, tasks.batching.wait())
             .await
             .is_err()
         {
             tracing::warn!("the last batch did not finish in time");
         }
 
-        stop_background.cancel();
-        background.close();
-        background.wait().await;
+        tasks.stop_background.cancel();
+        tasks.background.close();
+        tasks.background.wait().await;
         tracing::info!("stopped; bye");
         Ok(())
     }
@@ -206,50 +189,30 @@ async fn bind(port: u16) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {address}"))
 }
 
-/// What unit tests share: a store whose dependencies refuse connections (closed loopback
-/// ports: real refusals, no servers needed) and the metrics recorder.
-#[cfg(test)]
-pub(crate) mod test_support {
-    use std::sync::{Arc, OnceLock};
-
-    use metrics_exporter_prometheus::PrometheusHandle;
-
-    use crate::config::Config;
-    use crate::store::Store;
-
-    fn closed_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
-    }
-
-    pub fn unreachable_config() -> Config {
-        let (redis_port, pg_port) = (closed_port(), closed_port());
-        Config::from_lookup(|name| match name {
-            "REDIS_URL" => Some(format!("redis://127.0.0.1:{redis_port}/0").into()),
-            "DATABASE_URL" => Some(format!("postgres://u@127.0.0.1:{pg_port}/d").into()),
-            "DEPENDENCY_TIMEOUT_MS" => Some("300".into()),
-            _ => None,
-        })
-        .expect("config")
-    }
-
-    pub fn unreachable_store() -> Arc<Store> {
-        Store::new(&unreachable_config().store).expect("store")
-    }
-
-    pub fn metrics() -> PrometheusHandle {
-        static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-        HANDLE
-            .get_or_init(|| crate::telemetry::install_metrics().expect("one recorder"))
-            .clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_application_dropped_without_running_stops_its_tasks() {
+        let mut config = crate::test_support::unreachable_config();
+        (config.port, config.admin_port) = (0, 0);
+        let app = Application::build(config, crate::test_support::metrics())
+            .await
+            .expect("builds");
+        let (batching, background) = (app.tasks.batching.clone(), app.tasks.background.clone());
+        assert!(
+            batching.len() == 1 && background.len() >= 3,
+            "tasks started"
+        );
+        drop(app);
+        for tracker in [batching, background] {
+            tokio::time::timeout(std::time::Duration::from_secs(1), tracker.wait())
+                .await
+                .expect("every task stops once the application is dropped");
+            assert!(tracker.is_empty());
+        }
+    }
 
     #[tokio::test]
     async fn listeners_are_on_every_ipv4_address_only() {
@@ -266,27 +229,5 @@ mod tests {
         if std::net::TcpListener::bind("[::1]:0").is_ok() {
             assert!(tokio::net::TcpStream::connect(("::1", port)).await.is_err());
         }
-    }
-
-    #[test]
-    fn shutdown_fits_the_grace_period_for_every_accepted_timeout() {
-        let longest = Duration::from_millis(config::MAX_DEPENDENCY_TIMEOUT_MS);
-        let budget = ShutdownBudget::for_timeout(longest);
-        assert!(
-            budget.total() < STOP_GRACE_PERIOD,
-            "{budget:?} totals {:?}",
-            budget.total()
-        );
-    }
-
-    #[test]
-    fn the_compose_file_gives_web_the_grace_period_the_budget_assumes() {
-        let compose = include_str!("../docker-compose.yml");
-        let web = compose
-            .split("\n  cache:")
-            .next()
-            .expect("the web service comes first");
-        let expected = format!("stop_grace_period: {}s", STOP_GRACE_PERIOD.as_secs());
-        assert!(web.contains(&expected), "web lacks {expected}");
     }
 }
