@@ -38,6 +38,10 @@ pub struct Config {
     pub store: store::Settings,
     /// `tracing` filter directives (the `RUST_LOG` syntax).
     pub log_filter: String,
+    /// Variables in the environment that look like `web`'s but are not read (see
+    /// [`unknown_variables`]): logged as warnings once logging is up, since logging itself
+    /// is configured from this `Config`.
+    pub unknown_variables: Vec<String>,
 }
 
 /// A configuration variable that could not be used. Its `Display` is the single line that
@@ -78,7 +82,9 @@ const DEFAULT_LOG_FILTER: &str = "info";
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var_os(name))
+        let mut config = Self::from_lookup(|name| std::env::var_os(name))?;
+        config.unknown_variables = unknown_variables(std::env::vars_os());
+        Ok(config)
     }
 
     /// Parses configuration from any variable lookup, so tests need not touch the process
@@ -198,6 +204,7 @@ impl Config {
                 dependency_timeout,
             },
             log_filter,
+            unknown_variables: Vec::new(),
         })
     }
 }
@@ -216,10 +223,69 @@ fn port(env: &Env<'_>) -> Result<u16, ConfigError> {
     Ok(env.number("PORT", DEFAULT_PORT.into(), 1..=65_535)? as u16)
 }
 
+/// Every variable `web` reads. The parser reads only names from this list (`Env::get` checks,
+/// in debug builds and so in every test), and [`unknown_variables`] warns about the names that
+/// look like ours but are missing from it: one list for both, so they cannot drift apart.
+pub const VARIABLES: &[&str] = &[
+    "PORT",
+    "ADMIN_PORT",
+    "MAX_CONNECTIONS",
+    "MAX_CONNECTIONS_PER_ADDRESS",
+    "HTTP_HEADER_TIMEOUT_MS",
+    "HTTP_WRITE_TIMEOUT_MS",
+    "HTTP_CONNECTION_MAX_AGE_MS",
+    "REDIS_URL",
+    "REDIS_PASSWORD_FILE",
+    "REDIS_CA_FILE",
+    "DATABASE_URL",
+    "DATABASE_PASSWORD_FILE",
+    "POSTGRES_PASSWORD_FILE",
+    "SSL_CERT_FILE",
+    "DB_TIMEZONE",
+    "DEPENDENCY_TIMEOUT_MS",
+    "RUST_LOG",
+];
+
+/// Names that look like ours: a typo of one of them (`DEPENDENCY_TIMEOUT`) or a variable
+/// meant for `web` that it does not have (`REDIS_PASSWORD`) would otherwise change nothing and
+/// say nothing.
+const OUR_NAMES: &[&str] = &["PORT", "ADMIN_PORT"];
+const OUR_PREFIXES: &[&str] = &["REDIS_", "DATABASE_", "DB_", "DEPENDENCY_", "HTTP_", "MAX_"];
+/// Variables `web` read once and no longer does: setting one is a mistake worth a line.
+const RETIRED: &[&str] = &["FLUSH_INTERVAL_MS"];
+
+/// The names among `vars` that look like `web`'s (or were once) but that `web` does not read,
+/// sorted. Never their values: one could be a password. Left out, although they match a
+/// prefix: the proxy variable `HTTP_PROXY`, read by HTTP clients everywhere; and Kubernetes'
+/// service links (`DB_SERVICE_HOST`, `DB_PORT=tcp://…`, `DB_PORT_5432_TCP_ADDR`), which a
+/// Service named `db` puts into every pod of its namespace.
+pub fn unknown_variables(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Vec<String> {
+    let mut unknown: Vec<String> = vars
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let name = name.into_string().ok()?;
+            let ours = OUR_NAMES.contains(&name.as_str())
+                || OUR_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+                || RETIRED.contains(&name.as_str());
+            let service_link = name.contains("_SERVICE_")
+                || name.contains("_PORT_")
+                || (name.ends_with("_PORT") && value.to_str().is_some_and(|v| v.contains("://")));
+            let unread = !VARIABLES.contains(&name.as_str());
+            (ours && unread && !service_link && name != "HTTP_PROXY").then_some(name)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 struct Env<'a>(&'a dyn Fn(&str) -> Option<OsString>);
 
 impl Env<'_> {
     fn get(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        debug_assert!(
+            VARIABLES.contains(&var),
+            "{var} is read but not in VARIABLES"
+        );
         match (self.0)(var) {
             None => Ok(None),
             Some(value) if value.is_empty() => Ok(None),
@@ -398,6 +464,49 @@ mod tests {
         std::fs::write(&path, "\n").unwrap();
         let err = parse(&[("DATABASE_PASSWORD_FILE", path.to_str().unwrap())]).unwrap_err();
         assert_eq!(err.var, "DATABASE_PASSWORD_FILE");
+    }
+
+    #[test]
+    fn variables_that_look_like_ours_but_are_not_read_are_named() {
+        let vars = [
+            ("DEPENDENCY_TIMEOUT", "1000"),
+            ("REDIS_PASSWORD", "hunter2"),
+            ("FLUSH_INTERVAL_MS", "100"),
+            ("MAX_CONECTIONS", "10"),
+            ("DB_TZ", "UTC"),
+            ("HTTP_TIMEOUT_MS", "5"),
+            ("DB_PORT", "5432"),
+            // Read, or not ours, or Kubernetes' and proxies':
+            ("PORT", "5000"),
+            ("REDIS_URL", "redis://h"),
+            ("POSTGRES_PASSWORD_FILE", "/run/secrets/pw"),
+            ("MAX_CONNECTIONS_PER_ADDRESS", "4"),
+            ("PATH", "/bin"),
+            ("POSTGRES_USER", "admin"),
+            ("HTTP_PROXY", "http://proxy:3128"),
+            ("DB_SERVICE_HOST", "10.0.0.1"),
+            ("DB_SERVICE_PORT_POSTGRES", "5432"),
+            ("DB_PORT", "tcp://10.0.0.1:5432"),
+            ("DB_PORT_5432_TCP_ADDR", "10.0.0.1"),
+        ]
+        .map(|(name, value)| (OsString::from(name), OsString::from(value)));
+        assert_eq!(
+            unknown_variables(vars),
+            [
+                "DB_PORT",
+                "DB_TZ",
+                "DEPENDENCY_TIMEOUT",
+                "FLUSH_INTERVAL_MS",
+                "HTTP_TIMEOUT_MS",
+                "MAX_CONECTIONS",
+                "REDIS_PASSWORD",
+            ]
+        );
+        // Every variable the parser reads is known, so none of them is ever warned about.
+        let all = VARIABLES
+            .iter()
+            .map(|name| (OsString::from(name), OsString::from("x")));
+        assert!(unknown_variables(all).is_empty());
     }
 
     #[test]

@@ -70,6 +70,13 @@ impl Application {
     /// Binds the port and starts the background tasks. Does not wait for Redis or
     /// PostgreSQL: the service serves `/healthz` before they exist.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Self> {
+        for name in &config.unknown_variables {
+            tracing::warn!(
+                variable = %name,
+                "this environment variable looks like one of web's but is not read: a typo, \
+                 or a variable web does not have (any more)"
+            );
+        }
         let listener = bind(config.port).await?;
         let admin_listener = bind(config.admin_port).await?;
         let store = Store::new(&config.store)?;
