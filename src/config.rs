@@ -319,16 +319,19 @@ impl Env<'_> {
     }
 }
 
+/// A file `var` names that cannot be read; `what` says what it is, if the variable does not.
+fn unreadable(var: &'static str, what: &str, path: &str, e: &std::io::Error) -> ConfigError {
+    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        " (the image runs web as uid 65532: the file must be readable by it)"
+    } else {
+        ""
+    };
+    ConfigError::new(var, format!("cannot read {what}{path:?}: {e}{hint}"))
+}
+
 /// Docker secrets end with a newline more often than not; it is not part of the password.
 fn read_password_file(var: &'static str, path: &str) -> Result<String, ConfigError> {
-    let content = std::fs::read_to_string(path).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-            " (the image runs web as uid 65532: the file must be readable by it)"
-        } else {
-            ""
-        };
-        ConfigError::new(var, format!("cannot read {path:?}: {e}{hint}"))
-    })?;
+    let content = std::fs::read_to_string(path).map_err(|e| unreadable(var, "", path, &e))?;
     let password = content.trim_end_matches(['\r', '\n']);
     if password.is_empty() {
         return Err(ConfigError::new(var, format!("{path:?} is empty")));
@@ -368,14 +371,7 @@ fn system_trust_roots(env: &Env<'_>, needed_by: &'static str) -> Result<TrustRoo
 }
 
 fn read_trust_roots(var: &'static str, what: &str, path: &str) -> Result<TrustRoots, ConfigError> {
-    let pem = std::fs::read(path).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-            " (the image runs web as uid 65532: the file must be readable by it)"
-        } else {
-            ""
-        };
-        ConfigError::new(var, format!("cannot read {what}{path:?}: {e}{hint}"))
-    })?;
+    let pem = std::fs::read(path).map_err(|e| unreadable(var, what, path, &e))?;
     TrustRoots::from_pem(pem)
         .map_err(|reason| ConfigError::new(var, format!("{what}{path:?}: {reason}")))
 }

@@ -136,21 +136,24 @@ impl PostgresTls {
     /// certificate) is an error, never a silent downgrade. Under `disable` it is never used.
     pub fn connector(&self) -> anyhow::Result<MakeRustlsConnect> {
         let provider = crypto_provider();
-        let verifier: Arc<dyn ServerCertVerifier> = match (&self.roots, self.mode) {
-            (_, SslMode::Disable) | (None, SslMode::Prefer | SslMode::Require) => {
-                Arc::new(NoVerification(provider.clone()))
-            }
-            (Some(roots), SslMode::VerifyFull) => webpki(roots, &provider)?,
+        let (chain, check_name) = match (&self.roots, self.mode) {
+            (_, SslMode::Disable) | (None, SslMode::Prefer | SslMode::Require) => (None, false),
+            (Some(roots), SslMode::VerifyFull) => (Some(webpki(roots, &provider)?), true),
             // libpq: with a root certificate file, `require` (and `prefer`) verify the chain
             // like `verify-ca`.
             (Some(roots), SslMode::Prefer | SslMode::Require | SslMode::VerifyCa) => {
-                Arc::new(ChainOnly(webpki(roots, &provider)?))
+                (Some(webpki(roots, &provider)?), false)
             }
             // `PostgresUrl` always asks for roots in these modes: a bug, said rather than hidden.
             (None, SslMode::VerifyCa | SslMode::VerifyFull) => {
                 anyhow::bail!("sslmode {:?} needs trust roots", self.mode)
             }
         };
+        let verifier = Arc::new(PostgresVerifier {
+            chain,
+            check_name,
+            provider: provider.clone(),
+        });
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
@@ -170,13 +173,25 @@ fn webpki(
         .context("building the certificate verifier")
 }
 
-/// `verify-ca`: rustls' own verifier, with only its host-name verdict ignored. rustls checks
-/// the chain (issuer, signatures, validity dates, key usage) first and the name last, so a
-/// `NotValidForName` error means everything else passed.
+/// The server's certificate as libpq's `sslmode` asks, with rustls' own verifier doing the
+/// work:
+/// - `verify-full`: the chain and the host name (`check_name`);
+/// - `verify-ca`, or `prefer`/`require` with `sslrootcert`: the chain, and only the host-name
+///   verdict ignored. rustls checks the chain (issuer, signatures, validity dates, key usage)
+///   first and the name last, so a `NotValidForName` error means everything else passed;
+/// - `prefer`/`require` without `sslrootcert` (`chain` is `None`), as libpq: encryption
+///   without authentication of the server.
+///
+/// In every mode the handshake signatures are checked, so the server does hold the key of the
+/// certificate it shows (which SCRAM channel binding relies on).
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct PostgresVerifier {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    check_name: bool,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for PostgresVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -185,24 +200,26 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
 
+    /// What `WebPkiServerVerifier` does too, with the same provider's algorithms.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -211,62 +228,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer`/`require` without `sslrootcert`, as libpq: encryption without authentication of
-/// the server. The handshake signatures are still checked, so the server does hold the key of
-/// the certificate it shows (which SCRAM channel binding relies on).
-#[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
