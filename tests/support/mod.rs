@@ -761,44 +761,6 @@ impl Postgres {
         .expect("pg_stat_activity")
     }
 
-    /// Takes the service's schema lock from a session of our own and holds it until the
-    /// guard is dropped: the service's database probe (which takes it) then times out.
-    pub fn hold_schema_lock(&self) -> HeldLock {
-        let (taken, is_taken) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let port = self.port;
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let (client, conn) =
-                    tokio_postgres::connect(&pg_conn_string(port), tokio_postgres::NoTls)
-                        .await
-                        .expect("connecting to hold the lock");
-                tokio::spawn(conn);
-                client
-                    .execute(
-                        "SELECT pg_advisory_lock($1)",
-                        &[&desafio3::store::db::SCHEMA_LOCK_ID],
-                    )
-                    .await
-                    .expect("taking the schema lock");
-                let _ = taken.send(());
-                // Blocks this thread only; the session (and the lock) ends when it returns.
-                let _ = released.recv();
-            });
-        });
-        is_taken
-            .recv_timeout(Duration::from_secs(10))
-            .expect("schema lock taken");
-        HeldLock {
-            release: Some(release),
-            thread: Some(thread),
-        }
-    }
-
     /// Everything the server logged so far (statements too, once `log_statement` is set).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
@@ -890,21 +852,6 @@ fn query_i64(port: u16, sql: &'static str) -> Option<i64> {
             .transpose()
     })
     .flatten()
-}
-
-/// A PostgreSQL advisory lock held by a session of the test's own; released on drop.
-pub struct HeldLock {
-    release: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for HeldLock {
-    fn drop(&mut self) {
-        drop(self.release.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// A listener that accepts connections and never says a word: the worst kind of outage.
@@ -1047,7 +994,6 @@ impl Env {
             pw.to_str().expect("utf-8 path").into(),
         );
         vars.insert("DEPENDENCY_TIMEOUT_MS".into(), "500".into());
-        vars.insert("FLUSH_INTERVAL_MS".into(), "200".into());
         Self {
             vars,
             _password_dir: dir,
@@ -1056,6 +1002,15 @@ impl Env {
 
     pub fn for_servers(redis: &Redis, pg: &Postgres) -> Self {
         Self::new(&redis.url(), &pg.url())
+    }
+
+    /// Dependencies that refuse every connection (closed loopback ports): for what never
+    /// needs them, or must do without them.
+    pub fn unreachable() -> Self {
+        Self::new(
+            &format!("redis://127.0.0.1:{}/0", free_port()),
+            &format!("postgres://admin@127.0.0.1:{}/desafio3", free_port()),
+        )
     }
 
     pub fn set(mut self, key: &str, value: &str) -> Self {
@@ -1120,19 +1075,6 @@ impl TestApp {
 
     pub async fn wait_ready(&self, timeout: Duration) {
         wait_ready(&self.client, &self.admin_address, timeout).await;
-    }
-
-    /// Polls `GET /` until `done` accepts the page (5 s at most).
-    pub async fn wait_for(&self, done: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let (_, page) = self.visit().await;
-            if done(&page) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "still {page}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -1214,6 +1156,61 @@ pub fn count_of(page: &Value) -> Option<i64> {
     page["visitas_cache"]
         .as_str()
         .map(|s| s.parse().expect("numeric count"))
+}
+
+/// The counting invariant over every count handed out in a run (README, "never loses or
+/// repeats a count"), for the tests that count through faults.
+pub struct Counted {
+    /// Counts handed out, each once.
+    pub distinct: usize,
+    pub highest: i64,
+    /// The counter of record at the end.
+    pub record: i64,
+    /// Numbers of record never handed out.
+    pub gaps: i64,
+    /// Counts handed out more than once.
+    pub repeated: Vec<i64>,
+}
+
+impl Counted {
+    pub fn of(counts: impl IntoIterator<Item = i64>, record: i64) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        let repeated: Vec<i64> = counts.into_iter().filter(|c| !seen.insert(*c)).collect();
+        let highest = seen.iter().copied().max().unwrap_or(0);
+        Self {
+            distinct: seen.len(),
+            highest,
+            record,
+            gaps: record - seen.len() as i64,
+            repeated,
+        }
+    }
+
+    /// What breaks the invariant, a line each: a count handed out twice, a counter of record
+    /// below a count handed out, more gaps than the requests that can explain them.
+    pub fn violations(&self, gap_bound: i64) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.repeated.is_empty() {
+            let some = &self.repeated[..self.repeated.len().min(8)];
+            v.push(format!(
+                "{} counts handed out twice, e.g. {some:?}",
+                self.repeated.len()
+            ));
+        }
+        if self.record < self.highest {
+            v.push(format!(
+                "counter of record {} < highest count handed out {}",
+                self.record, self.highest
+            ));
+        }
+        if self.gaps > gap_bound {
+            v.push(format!(
+                "{} gaps > {gap_bound} requests in flight at the faults",
+                self.gaps
+            ));
+        }
+        v
+    }
 }
 
 /// The real binary, for what only a process shows: signals, exit codes, logs, replicas.
