@@ -7,7 +7,7 @@ stack's containers (tests/e2e/), queried the same way. Standard library only.
     Postgres.container("db", "admin", "desafio3").value("SELECT 1")
     run(argv, timeout)                                # subprocess.run, bounded, never raising
 
-(The Rust tests have their own harness, tests/support/.)
+(The Rust tests have their own harness, tests/integration/support/.)
 """
 
 import contextlib

@@ -1,13 +1,11 @@
 //! What only the real `web` process shows: exit codes, signals, logs, the healthcheck
 //! subcommand, and several replicas sharing one counter.
 
-mod support;
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{
+use crate::support::{
     Blackhole, DB_PASSWORD, Env, Postgres, Redis, Signal, WebProcess, count_of, free_port,
     get_page, http_client, inject,
 };

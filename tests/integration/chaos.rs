@@ -19,14 +19,12 @@
 //! Fault timing is drawn from a seeded RNG; the seed is printed, and `CHAOS_SEED=n` replays
 //! it (timing on a busy machine still varies).
 
-mod support;
-
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use support::{
+use crate::support::{
     Counted, Env, Partition, Postgres, Redis, Signal, WebProcess, count_of, http_client, inject,
     try_get_page,
 };

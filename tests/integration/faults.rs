@@ -1,29 +1,21 @@
 //! Dependencies that come and go: every line of the outage table, recovery, timeouts, and the
 //! counting invariants through each single fault.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{
+    Blackhole, Counted, Env, Partition, Postgres, Redis, TestApp, count_of, free_port, healthy_app,
+    inject,
+};
 use desafio3::store::REDIS_LEASE;
 use serde_json::Value;
-use support::{
-    Blackhole, Counted, Env, Partition, Postgres, Redis, TestApp, count_of, free_port, inject,
-};
 
 /// What `Env` sets: every dependency call gives up after this long.
 const TIMEOUT: Duration = Duration::from_millis(500);
 /// The contract's bound on a recovery after a dependency returns.
 const RECOVERY: Duration = Duration::from_secs(2);
-
-async fn healthy_app() -> (Redis, Postgres, TestApp) {
-    let redis = Redis::start();
-    let pg = Postgres::start();
-    let app = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
-    (redis, pg, app)
-}
 
 fn assert_increasing(counts: &[i64]) {
     assert!(
