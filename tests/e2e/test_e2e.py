@@ -551,19 +551,20 @@ class TestHardening:
 # ------------------------------------------------------------------------------------------
 # stop; faults under load; persistence
 
-class TestStop:
-    @pytest.fixture(scope="class")
-    def stopped(self, stack):
-        usable()
-        last = [get() for _ in range(3)][-1].count
-        t0 = time.monotonic()
-        p = compose("stop", "web", timeout=60)
-        yield SimpleNamespace(p=p, dt=time.monotonic() - t0, last=last, state=inspect("web")["web"]["State"])
-        p = compose("start", "web", timeout=120)
-        if p.returncode != 0 or not wait_healthy(120):
-            BROKEN.append(f"web did not come back after `docker compose start web`: {last_lines(p.stderr)}")
-            pytest.fail(BROKEN[-1])
+@pytest.fixture(scope="class")
+def stopped(stack):
+    usable()
+    last = [get() for _ in range(3)][-1].count
+    t0 = time.monotonic()
+    p = compose("stop", "web", timeout=60)
+    yield SimpleNamespace(p=p, dt=time.monotonic() - t0, last=last, state=inspect("web")["web"]["State"])
+    p = compose("start", "web", timeout=120)
+    if p.returncode != 0 or not wait_healthy(120):
+        BROKEN.append(f"web did not come back after `docker compose start web`: {last_lines(p.stderr)}")
+        pytest.fail(BROKEN[-1])
 
+
+class TestStop:
     def test_stop_web(self, stopped):  # in < 3 s, exit code 0
         ok(stopped.p)
         assert stopped.dt < 3 and stopped.state["ExitCode"] == 0 and not stopped.state["Running"], stopped.state
@@ -612,21 +613,32 @@ def wait_recovered(load: Load, since: float) -> float | None:
     return wait_for(streak, RECOVERY_TIMEOUT_S, 0.5)
 
 
+@pytest.fixture(scope="class")
+def load(stack):
+    usable()
+    backend = network_id("backend")
+    assert backend, "backend network not found"
+    info(f"fault phase starts at visitas_cache={get().count}; load: 3 loopback workers, 50 ms pause, 5 s client timeout")
+    load = Load()
+    load.backend = backend
+    time.sleep(2)
+    yield load
+    load.stop()
+
+
+@pytest.fixture(scope="class")
+def final(load):
+    load.stop()
+    res = SimpleNamespace(healthy=wait_healthy(RECOVERY_TIMEOUT_S), health={n: health(n) for n in NAMES}, page=get(),
+                          values=LEDGER[-1]["values"], nocount=LEDGER[-1]["nocount"], threads=len(load.threads))
+    info(f"load: {len(load.snapshot())} requests; since the volumes were created: {len(res.values)} answers carried "
+         f"a count, {res.nocount} requests got none (no number, an error answer, no answer)")
+    return res
+
+
 class TestFaults:
     """Faults under a bounded loopback load: answers within the timeout (degraded, or while db is
     down a 503 naming it), recovery by itself, and afterwards every count accounted for."""
-
-    @pytest.fixture(scope="class")
-    def load(self, stack):
-        usable()
-        backend = network_id("backend")
-        assert backend, "backend network not found"
-        info(f"fault phase starts at visitas_cache={get().count}; load: 3 loopback workers, 50 ms pause, 5 s client timeout")
-        load = Load()
-        load.backend = backend
-        time.sleep(2)
-        yield load
-        load.stop()
 
     @pytest.mark.parametrize("how,target", [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
     def test_fault(self, load, how, target):
@@ -665,15 +677,6 @@ class TestFaults:
                 compose("up", "-d", "--no-build", "--pull", "never", timeout=180)
                 info(f"restored by hand (docker compose up -d): {'all healthy' if wait_healthy(90) else 'NOT healthy'}")
             time.sleep(1)
-
-    @pytest.fixture(scope="class")
-    def final(self, load):
-        load.stop()
-        res = SimpleNamespace(healthy=wait_healthy(RECOVERY_TIMEOUT_S), health={n: health(n) for n in NAMES}, page=get(),
-                              values=LEDGER[-1]["values"], nocount=LEDGER[-1]["nocount"], threads=len(load.threads))
-        info(f"load: {len(load.snapshot())} requests; since the volumes were created: {len(res.values)} answers carried "
-             f"a count, {res.nocount} requests got none (no number, an error answer, no answer)")
-        return res
 
     def test_all_healthy_again(self, final):
         assert final.healthy, final.health
@@ -783,25 +786,26 @@ def dependency_alerts(dependency: str) -> list[str]:
             if a["labels"].get("alertname") == "WebDependencyDown" and a["labels"].get("dependency") == dependency]
 
 
+@pytest.fixture(scope="class")
+def monitoring(stack, home):
+    usable()
+    block = doc_block(README, "test_monitoring_up").strip()
+    grafana = compose_config()["services"]["grafana"]["image"]
+    if have_image(grafana):
+        p = run_recipe(home, "test_monitoring_up")
+    else:
+        info(f"`docker compose --profile monitoring up -d prometheus` (README's `{block}` starts Grafana too, but "
+             f"{grafana} cannot be pulled here and has no stand-in: Grafana NOT run)")
+        p = compose("--profile", "monitoring", "up", "-d", "--no-build", "--pull", "never", "prometheus", timeout=180)
+    yield p
+    compose("--profile", "monitoring", "rm", "-s", "-f", *MONITORING, timeout=120)
+
+
 class TestMonitoring:
     """Prometheus scrapes web, loads the rules, answers queries over web's series and the dashboard's
     queries, and stopping cache makes the dependency alert pending or firing (then it resolves).
     Grafana's image cannot be pulled here and has no stand-in: then only Prometheus is started, and
     the README block is not run as written."""
-
-    @pytest.fixture(scope="class")
-    def monitoring(self, stack, home):
-        usable()
-        block = doc_block(README, "test_monitoring_up").strip()
-        grafana = compose_config()["services"]["grafana"]["image"]
-        if have_image(grafana):
-            p = run_recipe(home, "test_monitoring_up")
-        else:
-            info(f"`docker compose --profile monitoring up -d prometheus` (README's `{block}` starts Grafana too, but "
-                 f"{grafana} cannot be pulled here and has no stand-in: Grafana NOT run)")
-            p = compose("--profile", "monitoring", "up", "-d", "--no-build", "--pull", "never", "prometheus", timeout=180)
-        yield p
-        compose("--profile", "monitoring", "rm", "-s", "-f", *MONITORING, timeout=120)
 
     def test_monitoring_up(self, monitoring):  # on 127.0.0.1 only, off the backend network
         ok(monitoring)
