@@ -453,6 +453,17 @@ class TestLeastPrivilege:
         assert p.returncode == 0 and p.stdout.split()[-1:] == ["web"], last_lines(p.stdout + p.stderr, 2)
         assert web_password_verifier() != before
 
+    def test_db_admin_local_only(self, stack):  # the superuser by the local socket only, never over the network
+        def psql_from_backend(user: str, password: str):
+            return run(["docker", "run", "--rm", "--network", network_id("backend"), "-e", f"PGPASSWORD={password}",
+                        "--entrypoint", "psql", "desafio3-test/postgres:latest",
+                        "-h", "db", "-U", user, "-d", "desafio3", "-tAc", "SELECT current_user"], 60)
+        refused = psql_from_backend("admin", stack["db_password"])
+        assert refused.returncode != 0 and 'pg_hba.conf rejects connection' in refused.stderr and 'user "admin"' in refused.stderr, \
+            last_lines(refused.stdout + refused.stderr, 2)
+        assert ok(psql_from_backend("web", stack["web_db_password"])).stdout.strip() == "web"  # the network path works
+        assert ok(run(["docker", "exec", "db", "psql", "-U", "admin", "-d", "desafio3", "-tAc", "SELECT current_user"], 30)).stdout.strip() == "admin"
+
     def test_db_server_environment(self, stack):
         """secrets/README.md on db's environment: the official entrypoint exports POSTGRES_PASSWORD (read
         from POSTGRES_PASSWORD_FILE) and the server, PID 1, keeps it; no other password is there; root in
@@ -722,7 +733,12 @@ class TestPersistence:
         DB.value("ALTER TABLE web.visit_counter SET SCHEMA public; ALTER TABLE public.visit_counter OWNER TO admin; "
                  "DROP SCHEMA web; DROP ROLE web; GRANT CONNECT ON DATABASE postgres, template1 TO PUBLIC; "
                  "GRANT TEMPORARY ON DATABASE desafio3 TO PUBLIC; SELECT 1;")
+        ok(run(["docker", "exec", "db", "bash", "-c", 'sed -i "/ reject$/d" "$(psql -U admin -d desafio3 -XtAc "SHOW hba_file")"'], 30))
+        first_rule = "SELECT array_to_string(user_name, ',') || ' ' || auth_method FROM pg_hba_file_rules ORDER BY line_number LIMIT 1;"
+        assert DB.value(first_rule) != "admin reject"
         ok(run_recipe(home, "test_upgrade_recipe"))
+        assert DB.value(first_rule) == "admin reject", "admin still allowed over TCP after the upgrade"
+
         assert wait_healthy(RECOVERY_TIMEOUT_S)
         r = get()
         assert r.state == "ok" and before is not None and r.count == before + 1, f"before {before}, after {r.short()}"
