@@ -32,10 +32,12 @@ PLACEHOLDER = re.compile(r"change[-_]?me", re.IGNORECASE)
 # NetworkPolicy peers as flows() spells them
 DNS = {("ns kubernetes.io/metadata.name=kube-system pod k8s-app=kube-dns", 53, proto) for proto in ("UDP", "TCP")}
 MONITORING = "ns kubernetes.io/metadata.name=monitoring pod *"
-# dev's cache and db: image, Service port, data mount (a PersistentVolumeClaim), the compose file's probe
+# dev's cache and db: image (the compose file's, pinned by digest), Service port, data mount (a
+# PersistentVolumeClaim), the compose file's probe
+COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[3] / "docker-compose.yml").read_text())["services"]
 STATEFULSETS = {
-    "cache": ("redis:8.2", 6379, "/data", ["redis-cli", "ping"]),
-    "db": ("postgres:17", 5432, "/var/lib/postgresql/data", ["pg_isready", "-U", "admin", "-d", "desafio3"]),
+    "cache": (COMPOSE["cache"]["image"], 6379, "/data", ["redis-cli", "ping"]),
+    "db": (COMPOSE["db"]["image"], 5432, "/var/lib/postgresql/data", ["pg_isready", "-U", "admin", "-d", "desafio3"]),
 }
 
 
