@@ -16,8 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
@@ -26,7 +24,7 @@ ROOT = os.path.dirname(HERE)
 REFERENCE = os.path.join(HERE, "reference")
 VENV_BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from servers import free_port, proc_status, run, spawn, stop, throwaway  # noqa: E402 - shared with tests/e2e
+from servers import free_port, http_get, proc_status, run, spawn, stop, throwaway, wait_for  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
            "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)",
@@ -55,16 +53,6 @@ WRK_FIELDS = ("requests", "duration_us", "connect", "read", "write", "status", "
 
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def http_get(url, timeout=2.0):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")
-    except Exception as e:  # noqa: BLE001 - any failure means "not yet"
-        return None, str(e)
 
 
 def settle(port, path):
@@ -264,12 +252,11 @@ class Bench:
         argv = [a.format(port=port) for a in argv]
         p = self.start(name, argv, env=dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **(env or {})), **kw)
         p.port, p.admin_port = port, admin
-        end = time.monotonic() + 30
-        while (st := http_get(f"http://127.0.0.1:{port}/"))[0] != 200 or '"ok"' not in st[1]:
-            if p.poll() is not None or time.monotonic() > end:
-                stop(p)
-                raise RuntimeError(f"{name} did not become ready: {st}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
-            time.sleep(0.1)
+        st = []
+        if not wait_for(lambda: st.append(http_get(f"http://127.0.0.1:{port}/")) or (st[-1][0] == 200 and '"ok"' in st[-1][1]),
+                        proc=p):
+            stop(p)
+            raise RuntimeError(f"{name} did not become ready: {st[-1]}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
         return p, port
 
     # ---------------------------------------------------------------- systems

@@ -30,7 +30,7 @@ in
   fmt = craneLib.cargoFmt { inherit src; };
 
   # `cargo test`: the integration tests start their own redis-server and
-  # PostgreSQL (initdb, postgres) from PATH, on free loopback ports. tests/outage_table.rs
+  # PostgreSQL (initdb, postgres) from PATH, on free loopback ports. tests/integration/outage_table.rs
   # also reads the documents (*.md, *.yaml) it holds to the code, so they stay in its source.
   tests = craneLib.cargoTest (
     commonArgs

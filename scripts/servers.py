@@ -6,8 +6,10 @@ stack's containers (tests/e2e/), queried the same way. Standard library only.
     Redis.container("cache").cmd("GET", "visitas")    # `docker exec cache redis-cli ...`
     Postgres.container("db", "admin", "desafio3").value("SELECT 1")
     run(argv, timeout)                                # subprocess.run, bounded, never raising
+    http_get(url), wait_for(lambda: ..., timeout)     # one GET; polling until something holds
 
-(The Rust tests have their own harness, tests/support/.)
+The one helper of the Python tools (bench/, tests/e2e/); the Rust tests have
+tests/integration/support/.
 """
 
 import contextlib
@@ -20,6 +22,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 
 def run(argv, timeout=120, **kw):
@@ -30,6 +34,31 @@ def run(argv, timeout=120, **kw):
     except subprocess.TimeoutExpired as e:
         out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
         return subprocess.CompletedProcess(argv, 124, out, f"{err}\n{os.path.basename(argv[0])}: timeout after {timeout} s")
+
+
+def http_get(url, timeout=2.0):
+    """(HTTP status, body) of GET url; (None, the error) when there is no HTTP answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
+    except Exception as e:  # noqa: BLE001 - refused, reset, timeout, ...: no answer (yet)
+        return None, str(e)
+
+
+def wait_for(what, timeout=30, pause=0.1, proc=None):
+    """what() until it returns something true, then that; else its last result once timeout
+    seconds have passed or proc has exited. A RuntimeError from what() counts as None."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            got = what()
+        except RuntimeError:
+            got = None
+        if got or time.monotonic() > end or (proc is not None and proc.poll() is not None):
+            return got
+        time.sleep(pause)
 
 
 def _output(argv, timeout):
@@ -123,19 +152,6 @@ def stop(p, sig=signal.SIGTERM, timeout=15):
     return p.wait()
 
 
-def _wait(ready, proc, what, timeout=30):
-    end, last = time.monotonic() + timeout, None
-    while proc.poll() is None and time.monotonic() < end:
-        try:
-            if ready():
-                return
-        except RuntimeError as e:
-            last = e
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} exited with {proc.returncode}" if proc.poll() is not None else
-                       f"{what} not ready after {timeout} s: {last}")
-
-
 @contextlib.contextmanager
 def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
     """redis-server and PostgreSQL on free loopback ports, data in workdir (an empty directory,
@@ -172,8 +188,10 @@ def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
                       signal.SIGINT)  # postgres' fast stop
         psql = shutil.which("psql", path=bindir) or "psql"
         socket_psql = [psql, "-h", workdir, "-p", str(pport), "-U", user, "--no-psqlrc"]
-        _wait(lambda: redis.cmd("PING") == "PONG", rproc, "redis-server")
-        _wait(lambda: Postgres(socket_psql + ["-d", "postgres"]).value("SELECT 1") == "1", pproc, "postgres")
+        for name, proc, ready in (("redis", rproc, lambda: redis.cmd("PING") == "PONG"),
+                                  ("postgres", pproc, lambda: Postgres(socket_psql + ["-d", "postgres"]).value("SELECT 1"))):
+            if not wait_for(ready, proc=proc):
+                raise RuntimeError(f"{name} did not start (rc {proc.poll()}): see {workdir}/{name}.log")
         Postgres(socket_psql + ["-d", "postgres"]).value(f'CREATE DATABASE "{db}"')
         yield redis, Postgres(socket_psql + ["-d", db], port=pport, password=password, password_file=pwfile,
                               bindir=bindir)

@@ -1,18 +1,19 @@
 """Holds the rendered Kubernetes manifests (K8S_RENDERED_DIR/{base,dev,managed}.yaml, made by
 ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to what
-deploy/kubernetes/README.md promises ("Offline checks", item 3). unittest plus PyYAML; closes
-with the line `k8s: N passed, M failed`."""
+deploy/kubernetes/README.md promises ("Offline checks", item 3): this project's own facts. What
+Pod Security "restricted" enforces on every pod (the namespace's label, asserted here) and the
+schemas (`kubernetes-validate --strict`) are left to them. pytest plus PyYAML."""
 
 import base64
 import hashlib
 import os
 import re
 import subprocess
-import sys
-import unittest
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
 RENDERED = Path(os.environ.get("K8S_RENDERED_DIR", "."))
@@ -22,9 +23,6 @@ SOURCE = Path(os.environ.get("K8S_SOURCE_DIR", Path(__file__).resolve().parent.p
 CONTRACT_ENV = {"PORT", "ADMIN_PORT", "REDIS_URL", "REDIS_PASSWORD_FILE", "DATABASE_URL",
                 "DATABASE_PASSWORD_FILE", "DB_TIMEZONE", "DEPENDENCY_TIMEOUT_MS", "RUST_LOG"}
 WEB_UID = 65532
-# the effective securityContext of every container (Pod Security "restricted", and a read-only root)
-RESTRICTED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-              "capabilities.drop": ["ALL"], "seccompProfile.type": "RuntimeDefault"}
 # git-ignored secret material: what scripts/make-secrets writes into an overlay's secrets/, and
 # files copied from the committed <file>.example beside them
 MADE_SECRETS = [f"overlays/{o}/secrets/{f}" for o in ("dev", "managed")
@@ -34,10 +32,12 @@ PLACEHOLDER = re.compile(r"change[-_]?me", re.IGNORECASE)
 # NetworkPolicy peers as flows() spells them
 DNS = {("ns kubernetes.io/metadata.name=kube-system pod k8s-app=kube-dns", 53, proto) for proto in ("UDP", "TCP")}
 MONITORING = "ns kubernetes.io/metadata.name=monitoring pod *"
-# dev's cache and db: image, Service port, data mount (a PersistentVolumeClaim), the compose file's probe
+# dev's cache and db: image (the compose file's, pinned by digest), Service port, data mount (a
+# PersistentVolumeClaim), the compose file's probe
+COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[3] / "docker-compose.yml").read_text())["services"]
 STATEFULSETS = {
-    "cache": ("redis:8.2", 6379, "/data", ["redis-cli", "ping"]),
-    "db": ("postgres:17", 5432, "/var/lib/postgresql/data", ["pg_isready", "-U", "admin", "-d", "desafio3"]),
+    "cache": (COMPOSE["cache"]["image"], 6379, "/data", ["redis-cli", "ping"]),
+    "db": (COMPOSE["db"]["image"], 5432, "/var/lib/postgresql/data", ["pg_isready", "-U", "admin", "-d", "desafio3"]),
 }
 
 
@@ -144,267 +144,252 @@ def web_env(objs, dep):
     return env
 
 
-class WebChecks:
-    """Checks of the web workload, run against each overlay."""
-
-    overlay = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.objs = load(cls.overlay)
-        cls.dep = one(cls.objs, "Deployment", "web")
-        cls.c = container(cls.dep)
-        cls.pod_labels = cls.dep["spec"]["template"]["metadata"]["labels"]
-        cls.env = web_env(cls.objs, cls.dep)
-
-    def test_prometheus_rules_configmap(self):  # README.md "Monitoring": the compose profile's rules
-        rules = (SOURCE.parent / "monitoring/rules/web.rules.yml").read_text()
-        self.assertEqual(one(self.objs, "ConfigMap", "web-prometheus-rules")["data"], {"web.rules.yml": rules})
-
-    def test_image_ports_resources(self):
-        self.assertRegex(self.c["image"], r"(^|/)desafio3-web(:[\w.-]+)?$")
-        self.assertEqual((port_number(self.c, "http"), port_number(self.c, "admin")), (5000, 9090))
-        for part in ("requests", "limits"):
-            self.assertLessEqual({"cpu", "memory"}, set(self.c["resources"].get(part, {})), part)
-
-    def test_env_follows_the_contract(self):
-        env = self.env
-        self.assertEqual(set(env), CONTRACT_ENV, "env names must be exactly the service's contract")
-        self.assertEqual((env["PORT"][1], env["ADMIN_PORT"][1]), ("5000", "9090"))
-        for name, (kind, value) in env.items():
-            self.assertNotEqual(kind, "env", f"{name}: set inline, expected from ConfigMap/Secret")
-
-    def test_password_is_a_mounted_secret_file(self):
-        env = self.env
-        for var in ("DATABASE_URL", "REDIS_URL"):  # web's own users; each password from its file
-            url = urlsplit(env[var][1])
-            self.assertEqual((url.username, url.password), ("web", None), var)
-            mounted_secret_file(self.objs, self.dep, self.c, env[var.replace("URL", "PASSWORD_FILE")][1])
-        self.assertFalse(any("PASSWORD" in n and not n.endswith("_FILE") for n in env))
-        # and no other secret: not the admin's database password, not the Redis ACL
-        keys = {key for _, key in mounted_secrets(self.objs, self.dep, self.c).values()}
-        self.assertEqual(keys, {"web_db_password", "redis_password"})
-
-    def test_probes_and_scrapes_on_the_admin_port(self):  # readiness never follows the shared /readyz
-        probes = [k for k in ("livenessProbe", "readinessProbe", "startupProbe") if k in self.c]
-        self.assertEqual(probes[:2], ["livenessProbe", "readinessProbe"])
-        for kind in probes:
-            self.assertEqual(self.c[kind]["httpGet"]["path"], "/healthz", kind)
-            self.assertEqual(port_number(self.c, self.c[kind]["httpGet"]["port"]), 9090, kind)
-        ann = self.dep["spec"]["template"]["metadata"]["annotations"]
-        self.assertEqual((ann["prometheus.io/port"], ann["prometheus.io/path"]), ("9090", "/metrics"))
-
-    def test_security_context(self):  # beyond what test_every_pod_meets_restricted asserts of every pod
-        sc = effective_security(self.dep, self.c)
-        self.assertEqual((sc.get("runAsUser"), sc.get("runAsGroup")), (WEB_UID, WEB_UID))
-        self.assertFalse(sc.get("capabilities", {}).get("add"))
-        self.assertIs(self.dep["spec"]["template"]["spec"].get("automountServiceAccountToken"), False)
-
-    def test_selectors_pick_the_web_pods(self):
-        spread = self.dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
-        self.assertIn("kubernetes.io/hostname", {t["topologyKey"] for t in spread})
-        selectors = [("Service", {"matchLabels": one(self.objs, "Service", "web")["spec"]["selector"]}),
-                     ("PodDisruptionBudget", one(self.objs, "PodDisruptionBudget", "web")["spec"]["selector"]),
-                     ("NetworkPolicy", one(self.objs, "NetworkPolicy", "web")["spec"]["podSelector"])]
-        for what, selector in selectors + [(t["topologyKey"], t["labelSelector"]) for t in spread]:
-            self.assertTrue(matches(selector, self.pod_labels), what)
-
-    def test_service(self):
-        for p in one(self.objs, "Service", "web")["spec"]["ports"]:  # the public port only, never the admin port
-            self.assertEqual(port_number(self.c, p["targetPort"]), 5000)
-            self.assertNotEqual(p["port"], 9090)
-
-    def test_default_deny(self):
-        deny = [np for np in find(self.objs, "NetworkPolicy") if np["spec"]["podSelector"] == {}]
-        self.assertEqual(len(deny), 1, "one NetworkPolicy selecting every pod")
-        self.assertEqual(sorted(deny[0]["spec"]["policyTypes"]), ["Egress", "Ingress"])
-        self.assertFalse(deny[0]["spec"].get("ingress") or deny[0]["spec"].get("egress"))
-
-    def test_web_network_policy(self):
-        np = one(self.objs, "NetworkPolicy", "web")
-        self.assertEqual(sorted(np["spec"]["policyTypes"]), ["Egress", "Ingress"])
-        self.assertEqual(flows(np["spec"]["ingress"], "from"), {("any", 5000, "TCP"), (MONITORING, 9090, "TCP")})
-        egress = flows(np["spec"]["egress"], "to")
-        self.assertLessEqual(DNS, egress)
-        self.check_dependency_egress(egress - DNS)
-
-    def test_replicas_budget_and_autoscaling(self):
-        replicas, pdb = self.dep["spec"]["replicas"], one(self.objs, "PodDisruptionBudget", "web")["spec"]
-        self.assertGreaterEqual(replicas, 2)
-        self.assertTrue(1 <= int(pdb.get("maxUnavailable", pdb.get("minAvailable"))) < replicas)
-        hpa = one(self.objs, "HorizontalPodAutoscaler", "web")
-        spec, ref = hpa["spec"], hpa["spec"]["scaleTargetRef"]
-        self.assertEqual((hpa["apiVersion"], ref["kind"], ref["name"]), ("autoscaling/v2", "Deployment", "web"))
-        self.assertTrue(2 <= spec["minReplicas"] < spec["maxReplicas"])
-        self.assertIn("cpu", [m.get("resource", {}).get("name") for m in spec["metrics"]], "no CPU metric")
-
-    def test_namespace_enforces_restricted(self):
-        ns = one(self.objs, "Namespace", "desafio3")
-        self.assertEqual(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted")
-        for o in self.objs:
-            if o["kind"] != "Namespace":
-                self.assertEqual(o["metadata"].get("namespace"), "desafio3", o["metadata"]["name"])
-
-    def test_every_pod_meets_restricted(self):
-        for w in find(self.objs, "Deployment") + find(self.objs, "StatefulSet"):
-            for c in w["spec"]["template"]["spec"]["containers"]:
-                sc, where = effective_security(w, c), f"{w['metadata']['name']}/{c['name']}"
-                for path, want in RESTRICTED.items():
-                    outer, _, inner = path.partition(".")
-                    got = sc.get(outer, {}).get(inner) if inner else sc.get(outer)
-                    (self.assertIs if isinstance(want, bool) else self.assertEqual)(got, want, f"{where} {path}")
-                self.assertNotEqual(sc.get("runAsUser"), 0, where)
-                self.assertIn("limits", c.get("resources", {}), where)
+def overlay(name):
+    objs = load(name)
+    dep = one(objs, "Deployment", "web")
+    return SimpleNamespace(name=name, objs=objs, dep=dep, c=container(dep), env=web_env(objs, dep),
+                           pod_labels=dep["spec"]["template"]["metadata"]["labels"])
 
 
-class Dev(WebChecks, unittest.TestCase):
-    overlay = "dev"
-
-    def test_web_points_at_in_cluster_services(self):
-        self.assertEqual(self.env["REDIS_URL"], ("ConfigMap", "redis://web@cache:6379/0"))
-        self.assertEqual(self.env["DATABASE_URL"], ("ConfigMap", "postgres://web@db:5432/desafio3"))
-
-    def check_dependency_egress(self, egress):
-        self.assertEqual(egress, {(f"app.kubernetes.io/name={n}", p, "TCP") for n, p in (("cache", 6379), ("db", 5432))})
-
-    def test_statefulsets(self):
-        """cache and db: headless Service, the image, the port, data on a PersistentVolumeClaim,
-        the compose file's probe; a NetworkPolicy that admits only web and lets them reach nothing."""
-        for name, (image, port, mount, probe) in STATEFULSETS.items():
-            sts, svc, np = (one(self.objs, kind, name) for kind in ("StatefulSet", "Service", "NetworkPolicy"))
-            labels, c = sts["spec"]["template"]["metadata"]["labels"], container(sts)
-            self.assertEqual(svc["spec"].get("clusterIP"), "None", f"Service {name} must be headless")
-            self.assertEqual(sts["spec"]["serviceName"], name)
-            self.assertTrue(matches({"matchLabels": svc["spec"]["selector"]}, labels), name)
-            self.assertEqual([p["port"] for p in svc["spec"]["ports"]], [port])
-            self.assertEqual(c["image"], image)
-            self.assertEqual(port_number(c, svc["spec"]["ports"][0]["targetPort"]), port)
-            claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-            data = [m for m in c["volumeMounts"] if m["mountPath"] == mount]
-            self.assertEqual(len(data), 1, f"{name}: nothing mounted at {mount}")
-            self.assertIn(data[0]["name"], claims, f"{name}: {mount} is not a PersistentVolumeClaim")
-            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                self.assertEqual(c[kind]["exec"]["command"], probe, f"{name} {kind}")
-            self.assertTrue(matches(np["spec"]["podSelector"], labels), name)
-            self.assertEqual(np["spec"]["policyTypes"], ["Ingress", "Egress"], name)
-            self.assertFalse(np["spec"].get("egress"), f"{name} must reach nothing")
-            self.assertEqual(flows(np["spec"]["ingress"], "from"), {("app.kubernetes.io/name=web", port, "TCP")})
-
-    def test_cache_statefulset(self):
-        sts = one(self.objs, "StatefulSet", "cache")
-        c = container(sts)
-        # compose's `command:` is the image's CMD, i.e. Kubernetes `args` (keeps the entrypoint)
-        self.assertNotIn("command", c)
-        self.assertEqual(c["args"], ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
-                                     "--dir", "/data", "--aclfile", "/run/secrets/redis_acl"])
-        self.assertNotIn("env", c)  # the passwords are in the ACL file only, mounted there (test_secrets_agree)
-
-    def test_db_statefulset(self):
-        sts = one(self.objs, "StatefulSet", "db")
-        c, mount = container(sts), STATEFULSETS["db"][2]
-        env = {e["name"]: e for e in c["env"]}
-        self.assertEqual(env["POSTGRES_USER"]["value"], "admin")
-        self.assertEqual(env["POSTGRES_DB"]["value"], "desafio3")
-        self.assertNotIn("POSTGRES_PASSWORD", env)
-        pgdata = env["PGDATA"]["value"]
-        self.assertTrue(pgdata.startswith(mount + "/") and len(pgdata) > len(mount) + 1, pgdata)
-        # the admin's password, and role web's for the init script (run on an empty volume's first start)
-        for var, key in (("POSTGRES_PASSWORD_FILE", "db_password"), ("WEB_DB_PASSWORD_FILE", "web_db_password")):
-            self.assertEqual(mounted_secret_file(self.objs, sts, c, env[var]["value"])[1], key)
-        init = [m for m in c["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d"]
-        self.assertEqual(len(init), 1, "no /docker-entrypoint-initdb.d")
-        ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == init[0]["name"])
-        self.assertTrue(ref["defaultMode"] & 0o111, "not executable: the entrypoint would source it, not run it")
-        script = (SOURCE / "base/db/initdb/10-web-role.sh").read_text()
-        self.assertEqual(one(self.objs, "ConfigMap", ref["name"])["data"], {"10-web-role.sh": script})
-
-    def test_secrets_agree(self):
-        """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
-        hashes, web's database password the one db gives role web, the admin's another."""
-        web = lambda var: secret_text(self.objs, self.dep, self.c, self.env[var][1])  # noqa: E731
-        db, cache = one(self.objs, "StatefulSet", "db"), one(self.objs, "StatefulSet", "cache")
-        db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
-        in_db = lambda var: secret_text(self.objs, db, container(db), db_env[var])  # noqa: E731
-        self.assertEqual(in_db("WEB_DB_PASSWORD_FILE"), web("DATABASE_PASSWORD_FILE"))
-        self.assertNotEqual(in_db("POSTGRES_PASSWORD_FILE"), web("DATABASE_PASSWORD_FILE"))
-        args = container(cache)["args"]
-        acl = secret_text(self.objs, cache, container(cache), args[args.index("--aclfile") + 1])
-        password = web("REDIS_PASSWORD_FILE").strip()
-        self.assertRegex(acl, rf"(?m)^user web on #{hashlib.sha256(password.encode()).hexdigest()} ")
-        self.assertRegex(acl, r"(?m)^user default on nopass .*-@all \+ping$")
-        self.assertNotIn(password, acl + " ".join(args))
+@pytest.fixture(scope="module", params=["dev", "managed"])
+def web(request):
+    """The web workload, checked in each overlay."""
+    return overlay(request.param)
 
 
-class Managed(WebChecks, unittest.TestCase):
-    overlay = "managed"
+@pytest.fixture(scope="module")
+def dev():
+    return overlay("dev")
 
-    def test_only_web(self):
-        self.assertEqual(find(self.objs, "StatefulSet"), [])
-        self.assertEqual(find(self.objs, "Service", "cache") + find(self.objs, "Service", "db"), [])
-        self.assertEqual({d["metadata"]["name"] for d in find(self.objs, "Deployment")}, {"web"})
 
-    def test_dependencies_come_from_a_secret(self):
-        for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
-            self.assertEqual(self.env[var][0], "Secret", var)
-            self.assertRegex(self.env[var][1], scheme)
-            for cm in find(self.objs, "ConfigMap"):
-                self.assertNotIn(var, cm.get("data", {}))
+def test_prometheus_rules_configmap(web):  # README.md "Monitoring": the compose profile's rules
+    rules = (SOURCE.parent / "monitoring/rules/web.rules.yml").read_text()
+    assert one(web.objs, "ConfigMap", "web-prometheus-rules")["data"] == {"web.rules.yml": rules}
 
-    def check_dependency_egress(self, egress):  # the managed services' addresses, not anywhere
-        self.assertEqual({port for _, port, _ in egress}, {6379, 5432})
-        for who, _, _ in egress:
-            self.assertRegex(who, r"^ip (?!0\.0\.0\.0/0$)", "egress to pods, or to anywhere")
 
+def test_image_ports_resources(web):
+    assert re.search(r"(^|/)desafio3-web(:[\w.-]+)?$", web.c["image"])
+    assert (port_number(web.c, "http"), port_number(web.c, "admin")) == (5000, 9090)
+    for part in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(web.c["resources"].get(part, {})), part
+
+
+def test_env_follows_the_contract(web):
+    assert set(web.env) == CONTRACT_ENV, "env names must be exactly the service's contract"
+    assert (web.env["PORT"][1], web.env["ADMIN_PORT"][1]) == ("5000", "9090")
+    assert [n for n, (kind, _) in web.env.items() if kind == "env"] == [], "set inline, expected from ConfigMap/Secret"
+
+
+def test_password_is_a_mounted_secret_file(web):
+    for var in ("DATABASE_URL", "REDIS_URL"):  # web's own users; each password from its file
+        url = urlsplit(web.env[var][1])
+        assert (url.username, url.password) == ("web", None), var
+        mounted_secret_file(web.objs, web.dep, web.c, web.env[var.replace("URL", "PASSWORD_FILE")][1])
+    assert not any("PASSWORD" in n and not n.endswith("_FILE") for n in web.env)
+    # and no other secret: not the admin's database password, not the Redis ACL
+    assert {key for _, key in mounted_secrets(web.objs, web.dep, web.c).values()} == {"web_db_password", "redis_password"}
+
+
+def test_probes_and_scrapes_on_the_admin_port(web):  # readiness never follows the shared /readyz
+    probes = [k for k in ("livenessProbe", "readinessProbe", "startupProbe") if k in web.c]
+    assert probes[:2] == ["livenessProbe", "readinessProbe"]
+    for kind in probes:
+        assert web.c[kind]["httpGet"]["path"] == "/healthz", kind
+        assert port_number(web.c, web.c[kind]["httpGet"]["port"]) == 9090, kind
+    ann = web.dep["spec"]["template"]["metadata"]["annotations"]
+    assert (ann["prometheus.io/port"], ann["prometheus.io/path"]) == ("9090", "/metrics")
+
+
+def test_security_context(web):  # the image's user, nothing added, no service account token
+    sc = effective_security(web.dep, web.c)
+    assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (WEB_UID, WEB_UID)
+    assert not sc.get("capabilities", {}).get("add")
+    assert web.dep["spec"]["template"]["spec"].get("automountServiceAccountToken") is False
+
+
+def test_selectors_pick_the_web_pods(web):
+    spread = web.dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert "kubernetes.io/hostname" in {t["topologyKey"] for t in spread}
+    selectors = [("Service", {"matchLabels": one(web.objs, "Service", "web")["spec"]["selector"]}),
+                 ("PodDisruptionBudget", one(web.objs, "PodDisruptionBudget", "web")["spec"]["selector"]),
+                 ("NetworkPolicy", one(web.objs, "NetworkPolicy", "web")["spec"]["podSelector"])]
+    for what, selector in selectors + [(t["topologyKey"], t["labelSelector"]) for t in spread]:
+        assert matches(selector, web.pod_labels), what
+
+
+def test_service(web):  # the public port only, never the admin port
+    for p in one(web.objs, "Service", "web")["spec"]["ports"]:
+        assert port_number(web.c, p["targetPort"]) == 5000 and p["port"] != 9090
+
+
+def test_default_deny(web):
+    deny = [np for np in find(web.objs, "NetworkPolicy") if np["spec"]["podSelector"] == {}]
+    assert len(deny) == 1, "one NetworkPolicy selecting every pod"
+    assert sorted(deny[0]["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert not (deny[0]["spec"].get("ingress") or deny[0]["spec"].get("egress"))
+
+
+def test_web_network_policy(web):
+    np = one(web.objs, "NetworkPolicy", "web")
+    assert sorted(np["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert flows(np["spec"]["ingress"], "from") == {("any", 5000, "TCP"), (MONITORING, 9090, "TCP")}
+    egress = flows(np["spec"]["egress"], "to")
+    assert DNS <= egress
+    if web.name == "dev":  # cache and db in the cluster
+        assert egress - DNS == {(f"app.kubernetes.io/name={n}", p, "TCP") for n, p in (("cache", 6379), ("db", 5432))}
+    else:  # the managed services' addresses, not pods, not anywhere
+        assert {port for _, port, _ in egress - DNS} == {6379, 5432}
+        for who, _, _ in egress - DNS:
+            assert re.match(r"^ip (?!0\.0\.0\.0/0$)", who), "egress to pods, or to anywhere"
+
+
+def test_replicas_budget_and_autoscaling(web):
+    replicas, pdb = web.dep["spec"]["replicas"], one(web.objs, "PodDisruptionBudget", "web")["spec"]
+    assert replicas >= 2
+    assert 1 <= int(pdb.get("maxUnavailable", pdb.get("minAvailable"))) < replicas
+    hpa = one(web.objs, "HorizontalPodAutoscaler", "web")
+    spec, ref = hpa["spec"], hpa["spec"]["scaleTargetRef"]
+    assert (hpa["apiVersion"], ref["kind"], ref["name"]) == ("autoscaling/v2", "Deployment", "web")
+    assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
+    assert "cpu" in [m.get("resource", {}).get("name") for m in spec["metrics"]], "no CPU metric"
+
+
+def test_namespace_enforces_restricted(web):  # so every pod meets Pod Security "restricted" at admission
+    ns = one(web.objs, "Namespace", "desafio3")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert [o["metadata"]["name"] for o in web.objs if o["kind"] != "Namespace"
+            and o["metadata"].get("namespace") != "desafio3"] == []
+
+
+def test_every_container_read_only_with_limits(web):  # what "restricted" does not ask
+    for w in find(web.objs, "Deployment") + find(web.objs, "StatefulSet"):
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            assert effective_security(w, c).get("readOnlyRootFilesystem") is True, f"{w['metadata']['name']}/{c['name']}"
+            assert "limits" in c.get("resources", {}), f"{w['metadata']['name']}/{c['name']}"
+
+
+def test_dev_web_points_at_in_cluster_services(dev):
+    assert dev.env["REDIS_URL"] == ("ConfigMap", "redis://web@cache:6379/0")
+    assert dev.env["DATABASE_URL"] == ("ConfigMap", "postgres://web@db:5432/desafio3")
+
+
+@pytest.mark.parametrize("name", STATEFULSETS)
+def test_dev_statefulset(dev, name):
+    """cache and db: headless Service, the image, the port, data on a PersistentVolumeClaim, the
+    compose file's probe; a NetworkPolicy that admits only web and lets them reach nothing."""
+    image, port, mount, probe = STATEFULSETS[name]
+    sts, svc, np = (one(dev.objs, kind, name) for kind in ("StatefulSet", "Service", "NetworkPolicy"))
+    labels, c = sts["spec"]["template"]["metadata"]["labels"], container(sts)
+    assert svc["spec"].get("clusterIP") == "None", f"Service {name} must be headless"
+    assert sts["spec"]["serviceName"] == name
+    assert matches({"matchLabels": svc["spec"]["selector"]}, labels)
+    assert [p["port"] for p in svc["spec"]["ports"]] == [port]
+    assert c["image"] == image
+    assert port_number(c, svc["spec"]["ports"][0]["targetPort"]) == port
+    data = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == mount]
+    assert data and data[0] in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}, \
+        f"{mount} is not a PersistentVolumeClaim"
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[kind]["exec"]["command"] == probe, kind
+    assert matches(np["spec"]["podSelector"], labels)
+    assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert not np["spec"].get("egress"), f"{name} must reach nothing"
+    assert flows(np["spec"]["ingress"], "from") == {("app.kubernetes.io/name=web", port, "TCP")}
+
+
+def test_dev_cache_statefulset(dev):
+    c = container(one(dev.objs, "StatefulSet", "cache"))
+    # compose's `command:` is the image's CMD, i.e. Kubernetes `args` (keeps the entrypoint)
+    assert "command" not in c
+    assert c["args"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
+                         "--dir", "/data", "--aclfile", "/run/secrets/redis_acl"]
+    assert "env" not in c  # the passwords are in the ACL file only, mounted there (test_dev_secrets_agree)
+
+
+def test_dev_db_statefulset(dev):
+    sts = one(dev.objs, "StatefulSet", "db")
+    c, mount = container(sts), STATEFULSETS["db"][2]
+    env = {e["name"]: e for e in c["env"]}
+    assert (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]) == ("admin", "desafio3")
+    assert "POSTGRES_PASSWORD" not in env
+    pgdata = env["PGDATA"]["value"]
+    assert pgdata.startswith(mount + "/") and len(pgdata) > len(mount) + 1, pgdata
+    # the admin's password, and role web's for the init script (run on an empty volume's first start)
+    for var, key in (("POSTGRES_PASSWORD_FILE", "db_password"), ("WEB_DB_PASSWORD_FILE", "web_db_password")):
+        assert mounted_secret_file(dev.objs, sts, c, env[var]["value"])[1] == key
+    init = [m for m in c["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d"]
+    assert len(init) == 1, "no /docker-entrypoint-initdb.d"
+    ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == init[0]["name"])
+    assert ref["defaultMode"] & 0o111, "not executable: the entrypoint would source it, not run it"
+    script = (SOURCE / "base/db/initdb/10-web-role.sh").read_text()
+    assert one(dev.objs, "ConfigMap", ref["name"])["data"] == {"10-web-role.sh": script}
+
+
+def test_dev_secrets_agree(dev):
+    """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
+    hashes, web's database password the one db gives role web, the admin's another."""
+    web = lambda var: secret_text(dev.objs, dev.dep, dev.c, dev.env[var][1])  # noqa: E731
+    db, cache = one(dev.objs, "StatefulSet", "db"), one(dev.objs, "StatefulSet", "cache")
+    db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
+    in_db = lambda var: secret_text(dev.objs, db, container(db), db_env[var])  # noqa: E731
+    assert in_db("WEB_DB_PASSWORD_FILE") == web("DATABASE_PASSWORD_FILE")
+    assert in_db("POSTGRES_PASSWORD_FILE") != web("DATABASE_PASSWORD_FILE")
+    args = container(cache)["args"]
+    acl = secret_text(dev.objs, cache, container(cache), args[args.index("--aclfile") + 1])
+    password = web("REDIS_PASSWORD_FILE").strip()
+    assert re.search(rf"(?m)^user web on #{hashlib.sha256(password.encode()).hexdigest()} ", acl)
+    assert re.search(r"(?m)^user default on nopass .*-@all \+ping$", acl)
+    assert password not in acl + " ".join(args)
+
+
+def test_managed_only_web():
+    objs = load("managed")
+    assert find(objs, "StatefulSet") == []
+    assert find(objs, "Service", "cache") + find(objs, "Service", "db") == []
+    assert {d["metadata"]["name"] for d in find(objs, "Deployment")} == {"web"}
+
+
+def test_managed_dependencies_come_from_a_secret():
+    managed = overlay("managed")
+    for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
+        assert managed.env[var][0] == "Secret", var
+        assert re.match(scheme, managed.env[var][1])
+        assert [cm for cm in find(managed.objs, "ConfigMap") if var in cm.get("data", {})] == []
+
+
+# No plaintext secret values in the files that are committed (git's view of SOURCE).
 
 def git(*args):
     return subprocess.run(["git", "-C", str(SOURCE), *args], capture_output=True, text=True)
 
 
-class Committed(unittest.TestCase):
-    """No plaintext secret values in the files that are committed (git's view of SOURCE)."""
-
-    def test_base_renders_no_secret(self):
-        self.assertEqual(find(load("base"), "Secret"), [])
-
-    def test_no_secret_objects_with_values_in_sources(self):
-        for rel in git("ls-files", "*.yaml", "*.yml").stdout.split():
-            for doc in yaml.safe_load_all((SOURCE / rel).read_text()):
-                if isinstance(doc, dict) and doc.get("kind") == "Secret":
-                    self.assertFalse(doc.get("data") or doc.get("stringData"), rel)
-                if isinstance(doc, dict) and doc.get("kind") == "Kustomization":
-                    for gen in doc.get("secretGenerator", []):
-                        self.assertNotIn("literals", gen, f"{rel}: secret literal committed")
-                        for f in gen.get("files", []) + gen.get("envs", []):
-                            src = (Path(rel).parent / f.split("=", 1)[-1]).as_posix()
-                            self.assertEqual(git("check-ignore", "-q", src).returncode, 0,
-                                             f"{rel}: a Secret from committed {src}")
-
-    def test_real_secret_files_are_git_ignored(self):  # check-ignore also fails for a tracked file
-        for rel in MADE_SECRETS + EXAMPLES:
-            self.assertEqual(git("check-ignore", "-q", rel).returncode, 0, f"git does not ignore {rel} (or tracks it)")
-
-    def test_examples_hold_placeholders_only(self):
-        for rel in EXAMPLES:
-            text = (SOURCE / (rel + ".example")).read_text()
-            lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-            values = [line.split("=", 1)[1] if rel.endswith(".env") else line for line in lines]
-            self.assertTrue(values, rel)
-            for v in values:
-                self.assertRegex(v, PLACEHOLDER, f"{rel}.example: not an obvious placeholder")
+def test_base_renders_no_secret():
+    assert find(load("base"), "Secret") == []
 
 
-def main():
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    verbose = bool(os.environ.get("K8S_VERBOSE"))
-    stream = sys.stderr if verbose else open(os.devnull, "w")
-    result = unittest.TextTestRunner(stream=stream, verbosity=2 * verbose).run(suite)
-    for test, tb in result.failures + result.errors:
-        print(f"FAIL {test.id()}\n{tb}", file=sys.stderr)
-    failed = len(result.failures) + len(result.errors)
-    passed = result.testsRun - failed - len(result.skipped)
-    print(f"k8s: {passed} passed, {failed} failed")
-    return 0 if failed == 0 and passed > 0 else 1
+def test_no_secret_objects_with_values_in_sources():
+    for rel in git("ls-files", "*.yaml", "*.yml").stdout.split():
+        for doc in yaml.safe_load_all((SOURCE / rel).read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                assert not (doc.get("data") or doc.get("stringData")), rel
+            if isinstance(doc, dict) and doc.get("kind") == "Kustomization":
+                for gen in doc.get("secretGenerator", []):
+                    assert "literals" not in gen, f"{rel}: secret literal committed"
+                    for f in gen.get("files", []) + gen.get("envs", []):
+                        src = (Path(rel).parent / f.split("=", 1)[-1]).as_posix()
+                        assert git("check-ignore", "-q", src).returncode == 0, f"{rel}: a Secret from committed {src}"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def test_real_secret_files_are_git_ignored():  # check-ignore also fails for a tracked file
+    for rel in MADE_SECRETS + EXAMPLES:
+        assert git("check-ignore", "-q", rel).returncode == 0, f"git does not ignore {rel} (or tracks it)"
+
+
+def test_examples_hold_placeholders_only():
+    for rel in EXAMPLES:
+        text = (SOURCE / (rel + ".example")).read_text()
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        values = [line.split("=", 1)[1] if rel.endswith(".env") else line for line in lines]
+        assert values, rel
+        for v in values:
+            assert PLACEHOLDER.search(v), f"{rel}.example: not an obvious placeholder"

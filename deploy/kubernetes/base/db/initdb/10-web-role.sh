@@ -6,7 +6,10 @@
 # PUBLIC), may not create temporary tables here (TEMPORARY revoked from PUBLIC), holds at most
 # WEB_CONNECTION_LIMIT sessions, and its sessions start with statement_timeout and
 # temp_file_limit set (README.md, "Passwords and users", says why these values).
-# `admin` (POSTGRES_USER) stays for people.
+# `admin` (POSTGRES_USER) stays for people, over the local socket only (`docker exec db psql
+# -U admin`): pg_hba.conf rejects it over TCP, so that nothing on the network (a compromised
+# web included) can log in as the superuser with its password, which would be code execution
+# in db (`COPY ... FROM PROGRAM`).
 #
 # The official postgres image runs this once, on the first start of an empty data directory
 # (from /docker-entrypoint-initdb.d), as POSTGRES_USER over the local socket. It is idempotent:
@@ -68,4 +71,12 @@ END
 $$;
 COMMIT;
 SQL
-echo "10-web-role.sh: role web ready (schema web, connection limit $connection_limit)"
+# The superuser over the local socket only. pg_hba.conf is read top down, first match wins:
+# the rule goes first, once, and the server rereads the file.
+hba=$(psql -X -qtAc 'SHOW hba_file') || die "cannot ask PostgreSQL where pg_hba.conf is"
+rule="host all \"$PGUSER\" all reject"
+if ! grep -qxF "$rule" "$hba"; then
+    sed -i "1i $rule" "$hba" || die "cannot write $hba"
+    psql -X -qtAc 'SELECT pg_reload_conf()' >/dev/null || die "cannot reload pg_hba.conf"
+fi
+echo "10-web-role.sh: role web ready (schema web, connection limit $connection_limit); $PGUSER local only"

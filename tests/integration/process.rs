@@ -1,13 +1,11 @@
 //! What only the real `web` process shows: exit codes, signals, logs, the healthcheck
 //! subcommand, and several replicas sharing one counter.
 
-mod support;
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{
+use crate::support::{
     Blackhole, DB_PASSWORD, Env, Postgres, Redis, Signal, WebProcess, count_of, free_port,
     get_page, http_client, inject,
 };
@@ -105,10 +103,7 @@ async fn sigint_also_stops_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_exits_promptly_even_when_dependencies_are_gone() {
-    let mut web = WebProcess::spawn(Env::new(
-        &format!("redis://127.0.0.1:{}/0", free_port()),
-        &format!("postgres://admin@127.0.0.1:{}/desafio3", free_port()),
-    ));
+    let mut web = WebProcess::spawn(Env::unreachable());
     let client = http_client();
     let deadline = Instant::now() + Duration::from_secs(5);
     while client
@@ -145,10 +140,7 @@ fn healthcheck(port: u16) -> (Option<i32>, Duration, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn healthcheck_subcommand_answers_within_two_seconds() {
     // Dependencies absent on purpose: liveness does not need them.
-    let web = WebProcess::spawn(Env::new(
-        &format!("redis://127.0.0.1:{}/0", free_port()),
-        &format!("postgres://admin@127.0.0.1:{}/desafio3", free_port()),
-    ));
+    let web = WebProcess::spawn(Env::unreachable());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (code, took, _) = healthcheck(web.admin_port);
@@ -310,15 +302,8 @@ async fn three_processes_share_one_counter() {
         assert!(counts.insert(count_of(&page).unwrap()));
     }
     assert_eq!(counts, (1..=300).collect::<HashSet<_>>());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while pg.counter() != Some(300) {
-        assert!(
-            Instant::now() < deadline,
-            "durable counter {:?}",
-            pg.counter()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Every count was confirmed before it was answered: nothing is left to catch up.
+    assert_eq!(pg.counter(), Some(300));
 }
 
 /// The value of a metric series in Prometheus text (0 when absent).

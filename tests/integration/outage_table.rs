@@ -3,13 +3,11 @@
 //! with real servers; the other documents are held to linking to the table, or, where they
 //! argue fault by fault (docs/counting.md), to agreeing with it.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::{Env, Postgres, Redis, TestApp, inject};
 use desafio3::store::REDIS_LEASE;
-use support::{Env, Postgres, Redis, TestApp, inject};
 
 /// What `Env` sets: every dependency call gives up after this long.
 const TIMEOUT: Duration = Duration::from_millis(500);

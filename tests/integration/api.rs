@@ -1,19 +1,10 @@
 //! The HTTP contract with both dependencies healthy: the seed's page, what counts and what
 //! does not, error answers, health, readiness and metrics.
 
-mod support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::{Env, Postgres, Redis, TestApp, count_of};
-
-async fn healthy_app() -> (Redis, Postgres, TestApp) {
-    let redis = Redis::start();
-    let pg = Postgres::start();
-    let app = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
-    (redis, pg, app)
-}
+use crate::support::{Env, Postgres, Redis, TestApp, count_of, healthy_app};
 
 fn assert_db_time_format(value: &str) {
     // YYYY-MM-DD HH:MM:SS.ffffff, always six fraction digits.
@@ -76,7 +67,10 @@ async fn sequential_visits_count_one_two_three() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_visits_get_two_hundred_consecutive_counts() {
-    let (redis, _pg, app) = healthy_app().await;
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    // Two hundred connections from one address: more than its default share of the slots.
+    let env = Env::for_servers(&redis, &pg).set("MAX_CONNECTIONS_PER_ADDRESS", "512");
+    let app = TestApp::spawn_ready(env).await;
     let app = std::sync::Arc::new(app);
     let tasks: Vec<_> = (0..200)
         .map(|_| {

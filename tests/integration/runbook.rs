@@ -2,14 +2,12 @@
 //! the Redis user and command the README gives, and restoring an older PostgreSQL backup with
 //! `pg_dump`/`psql` and the README's SQL. Neither may hand out a count twice.
 
-mod support;
-
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{
+use crate::support::{
     DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, get_page,
     http_client, inject,
 };

@@ -19,16 +19,13 @@
 //! Fault timing is drawn from a seeded RNG; the seed is printed, and `CHAOS_SEED=n` replays
 //! it (timing on a busy machine still varies).
 
-mod support;
-
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use support::{
-    Env, Partition, Postgres, Redis, Signal, WebProcess, count_of, http_client, inject,
+use crate::support::{
+    Counted, Env, Partition, Postgres, Redis, Signal, WebProcess, count_of, http_client, inject,
     try_get_page,
 };
 
@@ -274,6 +271,13 @@ impl Window {
         if received.len() < CLIENTS {
             v.push(format!("{span}: only {} answers", received.len()));
         }
+        // What follows is about answers to requests sent during the fault: without any, it
+        // would hold for nothing.
+        if self.expect != Expect::Answers && sent().next().is_none() {
+            v.push(format!(
+                "{span}: no request sent during it was answered in it"
+            ));
+        }
         match self.expect {
             Expect::Answers => {}
             Expect::Counts if sent().all(|a| a.count.is_none()) => {
@@ -515,28 +519,28 @@ fn check_polls(
 /// Checks the invariant on every answer (see the top of the file); returns a summary line.
 fn check(chaos: &Chaos, answers: &[Answer], counter: Option<i64>, v: &mut Vec<String>) -> String {
     let t0 = chaos.t0;
-    // 1. No count twice.
-    let mut first = HashMap::new();
-    let duplicates: Vec<String> = answers
+    // 1. No count twice, 2. the counter of record ≥ every count handed out, at once, and
+    // 4. gaps within the requests in flight at the faults (`in_flight`).
+    let counter = counter.unwrap_or(0);
+    let counted = Counted::of(answers.iter().filter_map(|a| a.count), counter);
+    let mut in_flight_at_faults = 0;
+    let injected: Vec<String> = chaos
+        .injected
         .iter()
-        .filter_map(|a| {
-            let earlier = first.insert(a.count?, a)?;
-            Some(format!("{} and {}", earlier.describe(t0), a.describe(t0)))
+        .map(|&at| {
+            let (at, n) = (
+                at.saturating_duration_since(t0).as_millis(),
+                in_flight(at, answers),
+            );
+            in_flight_at_faults += n as i64;
+            format!("{at} ms ({n} in flight)")
         })
         .collect();
-    if !duplicates.is_empty() {
-        let some = &duplicates[..duplicates.len().min(4)];
-        let (n, some) = (duplicates.len(), some.join("; "));
-        v.push(format!("{n} counts handed out twice: {some}"));
-    }
-
-    // 2. The counter of record covers every count handed out, at once.
-    let highest = first.keys().copied().max().unwrap_or(0);
-    let counter = counter.unwrap_or(0);
-    if counter < highest {
-        v.push(format!(
-            "counter of record {counter} < highest count handed out {highest}"
-        ));
+    v.extend(counted.violations(in_flight_at_faults));
+    for repeated in counted.repeated.iter().take(4) {
+        let twice = answers.iter().filter(|a| a.count == Some(*repeated));
+        let described: Vec<String> = twice.map(|a| a.describe(t0)).collect();
+        v.push(format!("count {repeated}: {}", described.join(" and ")));
     }
 
     // 3. The load flowed through every outage, and nothing hung.
@@ -551,34 +555,15 @@ fn check(chaos: &Chaos, answers: &[Answer], counter: Option<i64>, v: &mut Vec<St
         ));
     }
 
-    // 4. Gaps: counts of record never handed out, within the requests in flight at the faults.
-    let no_count = answers.iter().filter(|a| a.count.is_none()).count() as i64;
-    let mut in_flight_at_faults = 0;
-    let injected: Vec<String> = chaos
-        .injected
-        .iter()
-        .map(|&at| {
-            let (at, n) = (
-                at.saturating_duration_since(t0).as_millis(),
-                in_flight(at, answers),
-            );
-            in_flight_at_faults += n as i64;
-            format!("{at} ms ({n} in flight)")
-        })
-        .collect();
-    let gaps = counter - first.len() as i64;
-    let bound = in_flight_at_faults;
-    if gaps > bound {
-        v.push(format!(
-            "{gaps} gaps > {in_flight_at_faults} requests in flight at faults"
-        ));
-    }
+    let no_count = answers.iter().filter(|a| a.count.is_none()).count();
     format!(
-        "{} answers, {} counts, {no_count} without; gaps {gaps} (bound {bound}); \
-         {} duplicates; counter {counter}, highest {highest}; injected at {}",
+        "{} answers, {} counts, {no_count} without; gaps {} (bound {in_flight_at_faults}); \
+         {} duplicates; counter {counter}, highest {}; injected at {}",
         answers.len(),
-        first.len(),
-        duplicates.len(),
+        counted.distinct,
+        counted.gaps,
+        counted.repeated.len(),
+        counted.highest,
         injected.join(", ")
     )
 }

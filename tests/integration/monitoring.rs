@@ -3,13 +3,11 @@
 //! (after the events that create its series), and every metric family `web` exports is on the
 //! dashboard. (That the queries parse as PromQL, and the alerts' own tests: deploy/monitoring/check.)
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{Env, Postgres, Redis, TestApp, count_of, inject};
+use crate::support::{Env, Postgres, Redis, TestApp, count_of, inject};
 
 /// Series `web` cannot export: Prometheus makes `up` itself, per scrape target.
 const MADE_BY_PROMETHEUS: &[&str] = &["up"];

@@ -1,16 +1,16 @@
 //! TLS to PostgreSQL (`sslmode`, `sslrootcert`) and Redis (`rediss://`, `REDIS_CA_FILE`,
 //! `#insecure`) against real servers with throwaway certificates made at test time
-//! (`support::tls`): the server certificate is signed by `pki.ca` for the DNS name
+//! (`crate::support::tls`): the server certificate is signed by `pki.ca` for the DNS name
 //! `localhost` only; `pki.other_ca` signed nothing here.
-
-mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::tls::Pki;
+use crate::support::{
+    DB_NAME, DB_PASSWORD, DB_USER, Env, Postgres, Redis, TestApp, WebProcess, inject,
+};
 use serde_json::Value;
-use support::tls::Pki;
-use support::{DB_NAME, DB_PASSWORD, DB_USER, Env, Postgres, Redis, TestApp, WebProcess, inject};
 
 /// The contract's bound on a recovery after a dependency returns.
 const RECOVERY: Duration = Duration::from_secs(2);
@@ -272,9 +272,9 @@ async fn rediss_insecure_skips_verification_and_says_so_in_the_log() {
         .set("REDIS_CA_FILE", pki.other_ca_path());
     let mut web = WebProcess::spawn(env);
     web.wait_ready(Duration::from_secs(10)).await;
-    let (_, page) = support::get_page(&support::http_client(), &web.address()).await;
+    let (_, page) = crate::support::get_page(&crate::support::http_client(), &web.address()).await;
     assert_eq!(page["status"], "ok", "{page}");
-    web.signal(support::Signal::TERM);
+    web.signal(crate::support::Signal::TERM);
     assert_eq!(web.wait_exit(Duration::from_secs(10)).0, Some(0));
     let (stdout, _) = web.logs();
     let warning = stdout
