@@ -91,9 +91,10 @@ impl Config {
     /// environment. An empty value counts as unset, which is what Compose's `${VAR:-}` gives.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let port = port(&env)?;
-        let admin_port = env.number("ADMIN_PORT", DEFAULT_ADMIN_PORT.into(), 1..=65_535)? as u16;
-        if admin_port == port {
+        // 0: a free port chosen by the system, reported in the start-up log line (`listening`).
+        let port = env.number("PORT", DEFAULT_PORT.into(), 0..=65_535)? as u16;
+        let admin_port = env.number("ADMIN_PORT", DEFAULT_ADMIN_PORT.into(), 0..=65_535)? as u16;
+        if admin_port == port && port != 0 {
             return Err(ConfigError::new(
                 "ADMIN_PORT",
                 format!("must differ from PORT ({port})"),
@@ -217,10 +218,6 @@ pub fn admin_port_from_env() -> Result<u16, ConfigError> {
 
 fn admin_port(env: &Env<'_>) -> Result<u16, ConfigError> {
     Ok(env.number("ADMIN_PORT", DEFAULT_ADMIN_PORT.into(), 1..=65_535)? as u16)
-}
-
-fn port(env: &Env<'_>) -> Result<u16, ConfigError> {
-    Ok(env.number("PORT", DEFAULT_PORT.into(), 1..=65_535)? as u16)
 }
 
 /// Every variable `web` reads. The parser reads only names from this list (`Env::get` checks,
@@ -391,6 +388,16 @@ mod tests {
     }
 
     #[test]
+    fn port_zero_asks_the_system_for_a_free_port_for_either_listener() {
+        let c = parse(&[("PORT", "0"), ("ADMIN_PORT", "0")]).expect("both 0");
+        assert_eq!((c.port, c.admin_port), (0, 0));
+        assert_eq!(
+            parse(&[("ADMIN_PORT", "5000")]).expect_err("same port").var,
+            "ADMIN_PORT"
+        );
+    }
+
+    #[test]
     fn defaults_match_the_compose_stack() {
         let c = parse(&[]).expect("defaults parse");
         assert_eq!(c.port, 5000);
@@ -412,10 +419,8 @@ mod tests {
     fn each_bad_value_names_its_variable() {
         let cases = [
             ("PORT", "abc"),
-            ("PORT", "0"),
             ("PORT", "70000"),
             ("ADMIN_PORT", "5000"),
-            ("ADMIN_PORT", "0"),
             ("MAX_CONNECTIONS", "0"),
             ("HTTP_HEADER_TIMEOUT_MS", "5"),
             ("MAX_CONNECTIONS_PER_ADDRESS", "0"),

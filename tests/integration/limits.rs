@@ -48,16 +48,17 @@ async fn app_without_dependencies(vars: &[(&str, &str)]) -> TestApp {
     TestApp::spawn(env).await
 }
 
-/// A `web` process whose dependencies are absent, started with stdout sent to `stdout`, once
-/// its public `/healthz` answers.
-async fn web_without_dependencies(
-    vars: &[(&str, &str)],
-    stdout: Option<std::process::Stdio>,
-) -> WebProcess {
+/// A `web` process whose dependencies are absent (with `vars` set, and its stdout left unread
+/// after the start-up line if asked), once its public `/healthz` answers.
+async fn web_without_dependencies(vars: &[(&str, &str)], stdout_unread: bool) -> WebProcess {
     let env = vars
         .iter()
         .fold(Env::unreachable(), |env, (k, v)| env.set(k, v));
-    let web = WebProcess::spawn_with_stdout(env, stdout);
+    let web = if stdout_unread {
+        WebProcess::spawn_with_stdout_unread(env)
+    } else {
+        WebProcess::spawn(env)
+    };
     let (client, started) = (http_client(), Instant::now());
     while !client
         .get(format!("{}/healthz", web.address()))
@@ -170,8 +171,7 @@ async fn two_hundred_long_invented_methods_leave_memory_and_metrics_flat() {
 /// service logs waits in its queue, which must drop lines rather than grow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn long_paths_with_stdout_stalled_leave_memory_flat_and_count_dropped_lines() {
-    let (_unread, stalled) = std::io::pipe().expect("pipe");
-    let web = web_without_dependencies(&[], Some(stalled.into())).await;
+    let web = web_without_dependencies(&[], true).await;
     // Fill the pipe and the queue (2,048 lines), then measure.
     for i in 0..3000 {
         long_path_request(web.port, i).await;
@@ -199,7 +199,7 @@ async fn long_paths_with_stdout_stalled_leave_memory_flat_and_count_dropped_line
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_path_is_logged_cut_to_128_bytes_and_marked() {
-    let web = web_without_dependencies(&[], None).await;
+    let web = web_without_dependencies(&[], false).await;
     long_path_request(web.port, 7).await;
     let started = Instant::now();
     let line: serde_json::Value = loop {
@@ -367,7 +367,7 @@ async fn a_poisoned_redis_counter_never_reaches_an_answer_or_postgresql() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_from_one_address_leaves_room_for_the_others() {
     // Idle sockets stay as long as the test: the header timeout does not thin the flood.
-    let web = web_without_dependencies(&[("HTTP_HEADER_TIMEOUT_MS", "60000")], None).await;
+    let web = web_without_dependencies(&[("HTTP_HEADER_TIMEOUT_MS", "60000")], false).await;
     let port = web.port;
     let mut flood = Vec::new();
     for _ in 0..40 {

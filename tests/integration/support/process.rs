@@ -9,39 +9,64 @@ pub struct WebProcess {
     pub child: Child,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
+    /// The stdout pipe nobody reads any more (`spawn_with_stdout_unread`).
+    _unread: Option<std::io::BufReader<std::process::ChildStdout>>,
     _logs: TempDir,
     _env: Env,
 }
 
 impl WebProcess {
+    /// Starts `web` on ports the system picks (`PORT=0`, no race between picking and binding),
+    /// and learns them from its start-up log line.
     pub fn spawn(env: Env) -> Self {
-        Self::spawn_with_stdout(env, None)
+        Self::start(env, false)
     }
 
-    /// As `spawn`, with stdout sent to `to` (say, a pipe nobody reads) instead of the file
-    /// that `logs` reads.
-    pub fn spawn_with_stdout(env: Env, to: Option<Stdio>) -> Self {
-        let (port, admin_port) = (free_port(), free_port());
+    /// As `spawn`, with stdout a pipe that is read up to the start-up line and never again:
+    /// once the pipe is full, the service's log writer blocks.
+    pub fn spawn_with_stdout_unread(env: Env) -> Self {
+        Self::start(env, true)
+    }
+
+    fn start(env: Env, unread: bool) -> Self {
         let logs = tempfile::tempdir().expect("log dir");
         let stdout = logs.path().join("stdout");
         let stderr = logs.path().join("stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_web"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_web"))
             .env_clear()
             .envs(&env.vars)
-            .env("PORT", port.to_string())
-            .env("ADMIN_PORT", admin_port.to_string())
-            .stdout(
-                to.unwrap_or_else(|| std::fs::File::create(&stdout).expect("stdout file").into()),
-            )
+            .env("PORT", "0")
+            .env("ADMIN_PORT", "0")
+            .stdout(if unread {
+                Stdio::piped()
+            } else {
+                std::fs::File::create(&stdout).expect("stdout file").into()
+            })
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("starting web");
+        let (ports, pipe) = match child.stdout.take() {
+            Some(pipe) => {
+                let mut pipe = std::io::BufReader::new(pipe);
+                let lines = std::iter::from_fn(|| {
+                    let mut line = String::new();
+                    let read = std::io::BufRead::read_line(&mut pipe, &mut line);
+                    read.ok().filter(|n| *n > 0).map(|_| line)
+                });
+                let ports = lines.filter_map(|line| listening(&line)).next();
+                (ports, Some(pipe))
+            }
+            None => (ports_from_file(&stdout, &mut child), None),
+        };
+        // A process that stopped before listening (bad configuration) has no ports.
+        let (port, admin_port) = ports.unwrap_or((0, 0));
         Self {
             port,
             admin_port,
             child,
             stdout,
             stderr,
+            _unread: pipe,
             _logs: logs,
             _env: env,
         }
@@ -105,5 +130,34 @@ impl WebProcess {
 impl Drop for WebProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The ports in the start-up log line (`"message":"listening"`), if `line` is that line.
+fn listening(line: &str) -> Option<(u16, u16)> {
+    let line: Value = serde_json::from_str(line).ok()?;
+    if line["message"] != "listening" {
+        return None;
+    }
+    let port = |key: &str| u16::try_from(line[key].as_u64()?).ok();
+    Some((port("port")?, port("admin_port")?))
+}
+
+/// Waits (10 s at most) for the start-up line in the stdout file, or for the process to exit.
+fn ports_from_file(stdout: &Path, child: &mut Child) -> Option<(u16, u16)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(stdout).unwrap_or_default();
+        if let Some(ports) = text.lines().find_map(listening) {
+            return Some(ports);
+        }
+        if child.try_wait().expect("try_wait").is_some() {
+            return None;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web never logged its ports:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
