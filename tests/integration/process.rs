@@ -167,6 +167,26 @@ async fn healthcheck_subcommand_answers_within_two_seconds() {
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
+/// A typo in a variable name changes nothing; the warning at start says so, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_variable_that_looks_like_ours_but_is_not_read_is_named_at_start() {
+    let env = Env::unreachable()
+        .set("DEPENDENCY_TIMEOUT", "200")
+        .set("HTTP_HEADER_TIMEOUT_MS", "5000");
+    let web = WebProcess::spawn(env);
+    let (stdout, _) = web.logs();
+    let warnings: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["level"] == "WARN" && line["variable"].is_string())
+        .collect();
+    let named: Vec<&str> = warnings
+        .iter()
+        .filter_map(|w| w["variable"].as_str())
+        .collect();
+    assert_eq!(named, ["DEPENDENCY_TIMEOUT"], "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logs_are_json_lines_per_request_and_per_state_change_without_secrets() {
     let mut redis = Redis::start();
