@@ -12,6 +12,7 @@ import pwd
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import free_port, http_get, proc_status, run, spawn, stop, throwaway, wait_for  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
-           "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)",
+           "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)", "nginx": "nginx return 200",
            "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /", "pgbench": "pgbench SELECT now()"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
@@ -69,7 +70,7 @@ def tree_pids(pid):
 
 class Bench:
     def __init__(self, args):
-        self.args, self.results, self.notes, self.meta = args, [], [], {}
+        self.args, self.results, self.notes, self.meta, self.round = args, [], [], {}, 0
         self.tmp = tempfile.mkdtemp(prefix="desafio3-bench-")
         self.stack = ExitStack()
 
@@ -201,7 +202,7 @@ class Bench:
 
     def record(self, key, c, res, extra=None):
         label = SYSTEMS[key]
-        self.results.append({"system": key, "label": label, "concurrency": c, **res, **(extra or {})})
+        self.results.append({"system": key, "label": label, "concurrency": c, "round": self.round, **res, **(extra or {})})
         if "error" in res:
             log(f"  {label:28s} c={c:<4d} FAILED: {res['error']}")
         else:
@@ -225,7 +226,7 @@ class Bench:
             v0 = self.visits()
             res = self.wrk_split(ports, path, c, a.duration)
             extra = {"replicas": len(ports)}
-            if path == "/" and "error" not in res:
+            if path == "/" and key != "nginx" and "error" not in res:
                 # every GET / must have counted one visit in Redis (a request still in flight
                 # when wrk stops may count without being reported)
                 time.sleep(0.2)
@@ -269,7 +270,7 @@ class Bench:
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
                 self.http_series(key, [p], path, lambda: [p.pid])
-        self.meta["web_peak_rss_kib"] = int(proc_status(p.pid)["VmHWM"][0])
+        self.meta["web_peak_rss_kib"] = max(self.meta.get("web_peak_rss_kib", 0), int(proc_status(p.pid)["VmHWM"][0]))
         t0 = time.monotonic()
         rc = stop(p, signal.SIGTERM)
         self.meta["web_sigterm_exit"] = {"code": rc, "seconds": round(time.monotonic() - t0, 2)}
@@ -294,6 +295,15 @@ class Bench:
         self.http_series(key, [p], "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
         stop(p)
 
+    def run_nginx(self):
+        """nginx answering every request with a fixed body of the page's size (bench/nginx.conf)."""
+        conf = os.path.join(self.tmp, "nginx.conf")
+        sh = (f"sed 's/@PORT@/{{port}}/;s|@TMP@|{self.tmp}|' {HERE}/nginx.conf > {conf} && "
+              f"exec nginx -c {conf} -p {self.tmp} -e stderr")
+        p, port = self.serve("nginx", ["sh", "-c", sh])
+        self.http_series("nginx", [p], "/", lambda: tree_pids(p.pid))  # the master and its workers
+        stop(p)
+
     def run_pgbench(self):
         for c in self.args.concurrency:
             if self.args.warmup:
@@ -304,10 +314,12 @@ class Bench:
     def run(self):
         started = time.time()
         self.start_deps()
-        steps = [({"web", "web-3", "web-healthz", "web-info", "web-tls"}, self.run_web),
-                 ({"flask-dev"}, lambda: self.run_reference("flask-dev")),
+        web = [({"web", "web-3", "web-healthz", "web-info", "web-tls"}, self.run_web), ({"nginx"}, self.run_nginx)]
+        steps = [({"flask-dev"}, lambda: self.run_reference("flask-dev")),
                  ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench)]
-        for keys, fn in steps:
+        # --rounds N: web and nginx N times in turn (side by side), the slow references once
+        for self.round, (keys, fn) in [(i, st) for i in range(self.args.rounds) for st in web] + \
+                                      [(0, st) for st in steps]:
             if keys & set(self.args.systems):
                 log(f"== {min(keys)}")
                 try:
@@ -331,8 +343,14 @@ def fmt_rps(v):
 
 
 # -------------------------------------------------------------------- reporting
-def get(results, system, c):
-    return next((r for r in results if r["system"] == system and r["concurrency"] == c and "error" not in r), None)
+def get(results, system, c, rnd=None):
+    """The result of system at c: of round rnd, or with several rounds their medians (errors summed)."""
+    rs = [r for r in results if r["system"] == system and r["concurrency"] == c and "error" not in r
+          and rnd in (None, r.get("round", 0))]
+    med = lambda k: statistics.median(r[k] for r in rs if r.get(k) is not None)  # noqa: E731
+    if len(rs) < 2:
+        return rs[0] if rs else None
+    return {**rs[0], "rps": med("rps"), "p99_ms": med("p99_ms"), "errors": sum(r["errors"] for r in rs)}
 
 
 def ratios(doc):
@@ -345,16 +363,26 @@ def ratios(doc):
                     "shown": "—" if val is None else fmt.format(val)})
 
     w = get(res, "web", 64)
-    rps = lambda k: (get(res, k, 64) or {}).get("rps")  # noqa: E731
+    rps = lambda k, rnd=None: (get(res, k, 64, rnd) or {}).get("rps")  # noqa: E731
+
+    def ratio_rps(name, num, den, target):  # several rounds: the median of each round's ratio
+        rounds = sorted({r.get("round", 0) for r in res if r["system"] == num})
+        each = [rps(num, i) / rps(den, i) for i in rounds if rps(num, i) and rps(den, i)]
+        val = statistics.median(each) if each else None
+        out.append({"name": name, "value": val, "target": target, "cmp": "ge", "met": val and val >= target,
+                    "rounds": len(each), "shown": "—" if val is None else f"{val:.2f}×"})
+
     ratio("web GET / ÷ flask-dev (seed), c=64", w and w["rps"], rps("flask-dev"), 100)
     ratio("web GET / ÷ gunicorn, c=64", w and w["rps"], rps("gunicorn"), 5)
     ratio("web GET / ÷ pgbench SELECT now(), c=64", w and w["rps"], rps("pgbench"), 0.9)
-    ratio("web GET / RUST_LOG=info ÷ warn, c=64", rps("web-info"), w and w["rps"], 0.9)
-    ratio("web GET / TLS to both ÷ plain TCP, c=64", rps("web-tls"), w and w["rps"], 0.8)
-    ratio("web GET / p99 (ms), c=64", w and w.get("p99_ms"), 1, 5, "le", "{:.2f}")
+    ratio_rps("web GET /healthz ÷ nginx return 200, c=64", "web-healthz", "nginx", 0.85)
+    ratio_rps("web GET / ÷ web GET /healthz, c=64", "web", "web-healthz", 0.75)
+    ratio_rps("web GET / RUST_LOG=info ÷ warn, c=64", "web-info", "web", 0.9)
+    ratio_rps("web GET / TLS to both ÷ plain TCP, c=64", "web-tls", "web", 0.8)
+    ratio("web GET / p99 (ms), c=64", w and w.get("p99_ms"), 1, 3, "le", "{:.2f}")
     ratio("web GET / errors, c=64", w and w.get("errors"), 1, 0, "le", "{:.0f}")
     rss = doc["meta"].get("web_peak_rss_kib")
-    ratio("web peak RSS (MiB)", rss and rss / 1024, 1, 20, "le", "{:.2f}")
+    ratio("web peak RSS (MiB)", rss and rss / 1024, 1, 12, "le", "{:.2f}")
     webs = [r["rps"] for r in res if r["system"] == "web" and "error" not in r]
     w256 = get(res, "web", 256)
     ratio("web GET / c=256 ÷ its best", w256 and w256["rps"], max(webs) if webs else None, 0.9)
@@ -370,18 +398,17 @@ def markdown(doc):
              f"measured; wrk threads = min(2, c) (with {REPLICAS} replicas: one `wrk -t1` per replica, c split), wrk timeout "
              f"{cfg['http_timeout_s']} s.", "",
              "| system | c | req/s | p50 ms | p99 ms | mean ms | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rounds = cfg.get("rounds", 1)
     for key in ORDER:
-        for c in cfg["concurrency"]:
-            r = next((r for r in res if r["system"] == key and r["concurrency"] == c), None)
-            if r is None:
-                continue
+        for r in (r for c in cfg["concurrency"] for r in res if r["system"] == key and r["concurrency"] == c):
+            c, label = r["concurrency"], r["label"] + (f" (round {r['round'] + 1})" if rounds > 1 else "")
             if "error" in r:
-                lines.append(f"| {r['label']} | {c} | failed | — | — | — | {r['error'][:60]} |")
+                lines.append(f"| {label} | {c} | failed | — | — | — | {r['error'][:60]} |")
                 continue
             errs = str(r.get("errors", 0))
             if r.get("error_detail"):
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["error_detail"].items()) + ")"
-            lines.append(f"| {r['label']} | {c} | {fmt_rps(r['rps'])} | {fmt_ms(r.get('p50_ms'))} | "
+            lines.append(f"| {label} | {c} | {fmt_rps(r['rps'])} | {fmt_ms(r.get('p50_ms'))} | "
                          f"{fmt_ms(r.get('p99_ms'))} | {fmt_ms(r.get('mean_ms'))} | {errs} |")
     lines += ["", "pgbench reports only its mean latency (why: bench/README.md, step 4).", ""]
     pg = [r for r in res if r.get("postgres")]
@@ -405,6 +432,9 @@ def markdown(doc):
     lines += [
               "## Targets (c=64 unless noted)", "",
               "| measure | value | target | met |", "|---|---:|---:|:---:|"]
+    if rounds > 1:
+        lines[-2:-2] = [f"With {rounds} rounds (web and nginx in turn): each ratio of requests per second is the median of "
+                        "the rounds' ratios; other values are medians over the rounds (errors: summed).", ""]
     for r in doc["ratios"]:
         tgt = ("≥ " if r["cmp"] == "ge" else "≤ ") + f"{r['target']:g}"
         lines.append(f"| {r['name']} | {r['shown']} | {tgt} | {({True: 'yes', False: '**no**'}).get(r['met'], '—')} |")
@@ -432,6 +462,26 @@ def machine_meta():
     return m
 
 
+def plot(doc, path):
+    """Requests per second and p99 of each system at c=64 (medians over the rounds), side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [(SYSTEMS[k], r) for k in ORDER if (r := get(doc["results"], k, 64))]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.5), sharey=True)
+    for ax, key, title in ((axes[0], "rps", "requests per second"), (axes[1], "p99_ms", "p99 latency (ms)")):
+        vals = [r.get(key) or 0 for _, r in rows]
+        ax.barh([label for label, _ in rows], vals, color="tab:blue" if key == "rps" else "tab:orange")
+        ax.bar_label(ax.containers[0], labels=[fmt_rps(v) if key == "rps" else fmt_ms(v) for v in vals], padding=3)
+        ax.set_title(f"{title}, c=64"), ax.invert_yaxis(), ax.margins(x=0.25)
+    fig.suptitle(f"desafio3 benchmark {doc['date']}: one machine, {doc['meta'].get('cpus')} CPUs, loopback")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_outputs(doc, outdir, stamp):
     os.makedirs(outdir, exist_ok=True)
     base = os.path.join(outdir, stamp)
@@ -440,6 +490,7 @@ def write_outputs(doc, outdir, stamp):
     md = markdown(doc)
     with open(base + ".md", "w") as f:
         f.write(md + "\n")
+    plot(doc, base + ".png")
     with open(os.path.join(outdir, "latest.md"), "w") as f:  # a pointer, not a second copy
         f.write(f"Latest run: [{stamp}.md]({stamp}.md) (numbers: [{stamp}.json]({stamp}.json)).\n")
     return md
@@ -453,6 +504,7 @@ def main():
     ap.add_argument("--warmup", type=int, help="seconds of warm-up per point")
     ap.add_argument("--systems", type=lambda s: s.split(","), default=ORDER, help="comma list of: " + ",".join(ORDER))
     ap.add_argument("--skip-build", action="store_true", help="use target/release/web as is")
+    ap.add_argument("--rounds", type=int, default=1, help="run web's systems and nginx this many times in turn")
     a = ap.parse_args()
     if set(a.systems) - set(ORDER):
         ap.error(f"unknown systems: {', '.join(sorted(set(a.systems) - set(ORDER)))}")
@@ -473,7 +525,7 @@ def main():
         b.close()
     doc = {"date": today, "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "config": {"concurrency": a.concurrency, "duration_s": a.duration, "warmup_s": a.warmup,
-                      "http_timeout_s": HTTP_TIMEOUT_S, "quick": a.quick, "systems": a.systems},
+                      "http_timeout_s": HTTP_TIMEOUT_S, "quick": a.quick, "systems": a.systems, "rounds": a.rounds},
            "meta": {**machine_meta(), **b.meta}, "results": b.results, "notes": b.notes}
     doc["ratios"] = ratios(doc)
     print(write_outputs(doc, out, today))
