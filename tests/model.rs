@@ -241,19 +241,21 @@ impl State {
         Some(c + n)
     }
 
-    /// Redis's fence script: the counter raised to the counter of record `v0` and its own top;
-    /// the fence kept only if it is `f0` and nothing needed raising. Returns (counter, fence).
+    /// Redis's fence script: the fence kept if it is `f0` (the counter then held to its own
+    /// top only), else the counter raised to the counter of record `v0` and its top; a raise
+    /// renews the fence too. Returns (counter, fence).
     fn fence_redis(&mut self, v0: u8, f0: Record, variant: Variant) -> (u8, Fence) {
         let data = self.redis.data;
-        let floor = v0.max(data.top.unwrap_or(0));
         let held = self.redis_fence(variant).map(Record::Redis);
+        let kept = held == Some(f0);
+        let floor = if kept { 0 } else { v0 }.max(data.top.unwrap_or(0));
         let c = data.counter.unwrap_or(0);
         let (c, raised) = if data.counter.is_none() || c < floor {
             (floor, true)
         } else {
             (c, false)
         };
-        if raised || held != Some(f0) {
+        if raised || !kept {
             self.redis.data.token = Some(self.fresh());
         }
         self.redis.data.counter = Some(c);

@@ -63,18 +63,28 @@ return total
 "
 );
 
-/// Fences this Redis: raises the counter to the counter of record PostgreSQL held when asked
-/// (`ARGV[1]`) and to its own top, and keeps the fence of record (`ARGV[3]`) only if it still
-/// names this Redis's data and token and the counter needed no raising; otherwise writes the
-/// new token `ARGV[2]`, so that counts taken under any older fence can no longer be
-/// confirmed. Returns the counter and the fence now in force; the caller records a new fence
-/// in PostgreSQL only if the row has not moved meanwhile.
+/// Fences this Redis. When the fence of record (`ARGV[3]`) still names this Redis's data and
+/// token, it is kept, and the counter is only held to its own top (a counter below it was
+/// lowered: raised, and the fence renewed). Otherwise the counter is raised to the counter of
+/// record PostgreSQL held when asked (`ARGV[1]`) and to its top, and the new token `ARGV[2]`
+/// is written, so that counts taken under any older fence can no longer be confirmed.
+///
+/// A kept fence is not raised to PostgreSQL's value: under the same data and token, every
+/// count handed out came from this counter, so a value above it can only be a confirmation
+/// sent ahead for a batch this Redis is still to count (or that was never answered).
+/// Raising and renewing there would refuse that batch after its confirmation went through,
+/// skipping its numbers with no fault at all, and unfence every other replica.
+/// Returns the counter and the fence now in force; the caller records a new fence in
+/// PostgreSQL only if the row has not moved meanwhile.
 const FENCE: &str = script!(
-    r"local floor = ARGV[1]
+    r"local renew = not token or id .. ':' .. token ~= ARGV[3]
+local floor = '0'
+if renew then
+  floor = ARGV[1]
+end
 if top and tonumber(top) > tonumber(floor) then
   floor = top
 end
-local renew = not token or id .. ':' .. token ~= ARGV[3]
 if not raw or tonumber(raw) < tonumber(floor) then
   raw = floor
   redis.call('SET', KEYS[1], raw)
