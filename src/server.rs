@@ -82,7 +82,7 @@ pub async fn serve(
                 Err(_) => break, // never closed
             },
         };
-        let stream = tokio::select! {
+        let (stream, own) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match per_address.take(peer.ip(), limits.max_per_address) {
@@ -100,7 +100,6 @@ pub async fn serve(
                 }
             },
         };
-        let (stream, own) = stream;
         let connection =
             serve_connection(stream, router.clone(), limits, drain.clone(), abort.clone());
         connections.spawn(async move {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     Blackhole, DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, free_port,
-    get_page, http_client, inject,
+    get_page, healthcheck, http_client, inject,
 };
 
 #[test]
@@ -119,22 +119,6 @@ async fn sigterm_exits_promptly_even_when_dependencies_are_gone() {
     let (code, took) = web.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(3), "{took:?}");
-}
-
-/// `web healthcheck` against the admin port `port`.
-fn healthcheck(port: u16) -> (Option<i32>, Duration, String) {
-    let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_web"))
-        .arg("healthcheck")
-        .env_clear()
-        .env("ADMIN_PORT", port.to_string())
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        started.elapsed(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

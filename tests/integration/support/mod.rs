@@ -17,7 +17,7 @@ mod redis_server;
 pub use app::*;
 pub use counting::Counted;
 pub use postgres_server::*;
-pub use process::WebProcess;
+pub use process::{WebProcess, healthcheck};
 pub use proxies::{Blackhole, Partition};
 pub use redis_server::*;
 

@@ -48,12 +48,9 @@ impl WebProcess {
         let (ports, pipe) = match child.stdout.take() {
             Some(pipe) => {
                 let mut pipe = std::io::BufReader::new(pipe);
-                let lines = std::iter::from_fn(|| {
-                    let mut line = String::new();
-                    let read = std::io::BufRead::read_line(&mut pipe, &mut line);
-                    read.ok().filter(|n| *n > 0).map(|_| line)
-                });
-                let ports = lines.filter_map(|line| listening(&line)).next();
+                let ports = std::io::BufRead::lines(&mut pipe)
+                    .map_while(Result::ok)
+                    .find_map(|line| listening(&line));
                 (ports, Some(pipe))
             }
             None => (ports_from_file(&stdout, &mut child), None),
@@ -160,4 +157,20 @@ fn ports_from_file(stdout: &Path, child: &mut Child) -> Option<(u16, u16)> {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// `web healthcheck` against the admin port `port`: exit code, how long it took, stderr.
+pub fn healthcheck(port: u16) -> (Option<i32>, Duration, String) {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_web"))
+        .arg("healthcheck")
+        .env_clear()
+        .env("ADMIN_PORT", port.to_string())
+        .output()
+        .expect("running web healthcheck");
+    (
+        output.status.code(),
+        started.elapsed(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
