@@ -28,7 +28,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -42,12 +42,43 @@ pub const DB_NAME: &str = "desafio3";
 /// Distinctive so tests can prove it never reaches a log line or a response.
 pub const DB_PASSWORD: &str = "pw-Zq8-never-in-logs";
 
-/// A port nobody listens on right now.
+/// A loopback port for a server a test starts, now or later, that nobody else will take
+/// meanwhile. Ports come from just below the kernel's ephemeral range, where neither `bind` to
+/// port 0 nor the source port of an outgoing connection is ever placed: an app probing a server
+/// that is not started yet cannot end up holding its port (its probes use ephemeral ports),
+/// nor can another test asking the kernel for one. Each call in this process moves on to the
+/// next port, so two tests never get the same one; a port some other program holds is skipped.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port")
+    static NEXT: OnceLock<AtomicU16> = OnceLock::new();
+    let (low, high) = harness_ports();
+    let span = u32::from(high - low);
+    let next = NEXT.get_or_init(|| {
+        // Another test binary running beside this one starts elsewhere in the range.
+        AtomicU16::new((u64::from(std::process::id()) * 7919 % u64::from(span)) as u16)
+    });
+    for _ in 0..span {
+        let port = low + (u32::from(next.fetch_add(1, SeqCst)) % span) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// `low..high`: the 16,384 ports below the kernel's ephemeral range (`ip_local_port_range`).
+fn harness_ports() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_else(|_| "32768 60999".into());
+    let ephemeral_low: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|low| low.parse().ok())
+        .expect("ip_local_port_range starts with a port");
+    assert!(
+        ephemeral_low > 17_408,
+        "the ephemeral range starts at {ephemeral_low}: no room for test servers below it"
+    );
+    (ephemeral_low - 16_384, ephemeral_low)
 }
 
 pub use rustix::process::Signal;

@@ -88,6 +88,8 @@ impl Redis {
             .args(["--appendfsync", "everysec"])
             .arg("--dir")
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_file())
             .args(self.tls_args())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -97,8 +99,28 @@ impl Redis {
         // A server loading its data file accepts connections and answers LOADING meanwhile;
         // the harness's own helpers (plain TCP only) wait until it answers.
         wait_until("redis", Duration::from_secs(10), || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "redis-server on port {} exited ({status}): {}",
+                    self.port,
+                    self.log()
+                );
+            }
             accepts_connections(self.port) && (self.tls || self.answers())
         });
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// What the server logged, for a failure's message.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
     }
 
     fn answers(&self) -> bool {
