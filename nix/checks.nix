@@ -31,7 +31,8 @@ in
 
   # `cargo test`: the integration tests start their own redis-server and
   # PostgreSQL (initdb, postgres) from PATH, on free loopback ports. tests/integration/outage_table.rs
-  # also reads the documents (*.md, *.yaml) it holds to the code, so they stay in its source.
+  # also reads the documents (*.md, *.yaml) it holds to the code, and the harness loads Redis's
+  # counting functions with the cache healthcheck (*.lua, *.sh), so they stay in its source.
   tests = craneLib.cargoTest (
     commonArgs
     // {
@@ -42,7 +43,9 @@ in
           path: type:
           craneLib.filterCargoSources path type
           || pkgs.lib.hasSuffix ".md" path
-          || pkgs.lib.hasSuffix ".yaml" path;
+          || pkgs.lib.hasSuffix ".yaml" path
+          || pkgs.lib.hasSuffix ".lua" path
+          || pkgs.lib.hasSuffix ".sh" path;
       };
       nativeCheckInputs = [
         pkgs.redis

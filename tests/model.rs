@@ -1,6 +1,6 @@
 //! A model check of the counting protocol (`docs/counting.md`, version 2: fencing by
 //! compare-and-set, no lock held across Redis) with stateright: two replicas, Redis and
-//! PostgreSQL as shared state, each atomic step (a Lua script, one SQL statement) an action,
+//! PostgreSQL as shared state, each atomic step (a Redis function, one SQL statement) an action,
 //! and every fault the document lists an action too. The checker explores every interleaving
 //! within small bounds (visits, faults) and asserts, at every state, that no count was handed
 //! out twice and that the counter of record is at least every count handed out.
@@ -73,7 +73,7 @@ enum Ahead {
     Lost,
 }
 
-/// What the replica learnt from Redis's count script.
+/// What the replica learnt from Redis's count function.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 enum Counting {
     Pending,
@@ -152,7 +152,7 @@ enum Guess {
 enum Action {
     /// Replica `r` starts a batch of `n` visits, with a confirmation sent ahead or not.
     Start(usize, u8, Option<Guess>),
-    /// Replica `r`'s step at Redis (one Lua script) or PostgreSQL (one statement).
+    /// Replica `r`'s step at Redis (one Redis function) or PostgreSQL (one statement).
     Redis(usize, Outcome),
     Pg(usize, Outcome),
     /// Replica `r` crashes: it loses its fence and its batch.
@@ -228,7 +228,7 @@ impl State {
         }
     }
 
-    /// Redis's count script: adds `n` under fence `f` if the counter did not go back.
+    /// Redis's count function: adds `n` under fence `f` if the counter did not go back.
     fn count(&mut self, n: u8, f: Option<Fence>, variant: Variant) -> Option<u8> {
         let (Some(c), Some(top)) = (self.redis.data.counter, self.redis.data.top) else {
             return None;
@@ -241,7 +241,7 @@ impl State {
         Some(c + n)
     }
 
-    /// Redis's fence script: the fence kept if it is `f0` (the counter then held to its own
+    /// Redis's fence function: the fence kept if it is `f0` (the counter then held to its own
     /// top only), else the counter raised to the counter of record `v0` and its top; a raise
     /// renews the fence too. Returns (counter, fence).
     fn fence_redis(&mut self, v0: u8, f0: Record, variant: Variant) -> (u8, Fence) {

@@ -90,6 +90,12 @@ impl DepError {
     }
 }
 
+/// Redis answered without this service's counting functions: they are not loaded (yet, or
+/// any more, its data having been replaced). Its loader is the cache healthcheck.
+#[derive(Debug, thiserror::Error)]
+#[error("Redis does not hold the desafio3 functions (the cache healthcheck loads them)")]
+pub struct FunctionsMissing(#[source] pub redis::RedisError);
+
 /// What went wrong, as far as the types tell. When causes along one chain disagree, the most
 /// specific wins: the declaration order (a TLS failure is also a connection that closed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -101,6 +107,7 @@ enum Kind {
     TlsNotOffered,
     Tls,
     Refused,
+    FunctionsMissing,
     NotReady,
     Timeout,
     Lost,
@@ -116,6 +123,7 @@ impl Kind {
             Self::TlsNotOffered => "tls: not offered by the server",
             Self::Tls => "tls: handshake failed",
             Self::Refused => "connection refused",
+            Self::FunctionsMissing => "functions not loaded",
             Self::NotReady => "server not ready",
             Self::Timeout => "timeout",
             Self::Lost => "connection lost",
@@ -125,7 +133,9 @@ impl Kind {
 
 /// One cause of the chain, by its type; `None` for a type that says nothing we name.
 fn classify(cause: &(dyn StdError + 'static)) -> Option<Kind> {
-    if let Some(e) = cause.downcast_ref::<redis::RedisError>() {
+    if cause.is::<FunctionsMissing>() {
+        Some(Kind::FunctionsMissing)
+    } else if let Some(e) = cause.downcast_ref::<redis::RedisError>() {
         redis_kind(e)
     } else if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
         postgres_kind(e)

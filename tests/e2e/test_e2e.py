@@ -342,7 +342,8 @@ def stack(engine, home):
     modes = {f.name: oct(f.stat().st_mode & 0o777) for f in sorted(secrets_dir.iterdir())}
     info(f"the recipe's `docker compose up -d` → web, cache and db all healthy in {dt:.1f} s (fresh volumes, "
          f"first db init); secrets {modes} in a {oct(secrets_dir.stat().st_mode & 0o777)} directory")
-    return {n: (secrets_dir / n).read_text().strip() for n in ("db_password", "web_db_password", "redis_password")}
+    return {n: (secrets_dir / n).read_text().strip()
+            for n in ("db_password", "web_db_password", "redis_password", "redis_admin_password")}
 
 
 @pytest.fixture(scope="session")
@@ -485,12 +486,20 @@ class TestLeastPrivilege:
     def test_redis_default_user(self, stack):
         assert run([*Redis.container("cache").cli, "GET", "visitas"]).stdout.startswith("NOPERM")
 
-    def test_redis_web_user(self, stack):  # its two keys only
+    def test_redis_web_user(self, stack):  # its two keys and the counting functions only: no Lua of its own
         cli = Redis.container("cache", "web", stack["redis_password"]).cli
         got = {" ".join(c): run([*cli, *c], 30).stdout.strip() for c in
-               (["GET", "visitas"], ["GET", "other"], ["FLUSHALL"], ["CONFIG", "GET", "dir"])}
+               (["GET", "visitas"], ["GET", "other"], ["FLUSHALL"], ["CONFIG", "GET", "dir"],
+                ["EVAL", "return 1", "0"], ["SCRIPT", "LOAD", "return 1"], ["FUNCTION", "FLUSH"])}
         assert got.pop("GET visitas").isdigit()
         assert all(v.startswith("NOPERM") for v in got.values()), got
+
+    def test_redis_functions_reloaded(self, stack):  # lost functions: the cache healthcheck loads them again
+        admin = Redis.container("cache", "admin", stack["redis_admin_password"])
+        admin.cmd("FUNCTION", "FLUSH")
+        assert admin.cmd("FUNCTION", "LIST") == ""
+        assert wait_for(lambda: get().state == "ok", timeout=20), get().short()
+        assert "desafio3_count" in admin.cmd("FUNCTION", "LIST")
 
 
 # capabilities each container may add (its entrypoint chowns, then drops to a user), and the

@@ -10,6 +10,7 @@ mod limits;
 mod monitoring;
 mod outage_table;
 mod process;
+mod redis_users;
 mod runbook;
 mod support;
 mod tls;

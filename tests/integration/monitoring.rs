@@ -4,10 +4,9 @@
 //! dashboard. (That the queries parse as PromQL, and the alerts' own tests: deploy/monitoring/check.)
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, Postgres, Redis, TestApp, count_of, inject};
+use crate::support::{Env, Postgres, Redis, TestApp, count_of, inject, repo_file};
 
 /// Series `web` cannot export: Prometheus makes `up` itself, per scrape target.
 const MADE_BY_PROMETHEUS: &[&str] = &["up"];
@@ -240,7 +239,7 @@ async fn rules_and_dashboard_read_only_metrics_web_exports_and_show_them_all() {
     let text = every_series(&mut redis, &mut pg, &app).await;
     let (series, families) = exported(&text);
 
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/monitoring");
+    let dir = repo_file("deploy/monitoring");
     let dashboard =
         dashboard_exprs(&std::fs::read_to_string(dir.join("grafana/dashboards/web.json")).unwrap());
     let mut rules = Vec::new();

@@ -3,20 +3,15 @@
 //! with real servers; the other documents are held to linking to the table, or, where they
 //! argue fault by fault (docs/counting.md), to agreeing with it.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::{Env, Postgres, Redis, TestApp, inject};
+use crate::support::{Env, Postgres, Redis, TestApp, inject, repo_file};
 use desafio3::store::REDIS_LEASE;
 
 /// What `Env` sets: every dependency call gives up after this long.
 const TIMEOUT: Duration = Duration::from_millis(500);
 /// Where other documents point instead of restating the table.
 const TABLE_LINK: &str = "README.md#what-web-answers";
-
-fn repo_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo_file(path)).unwrap_or_else(|e| panic!("{path}: {e}"))

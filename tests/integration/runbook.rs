@@ -3,41 +3,13 @@
 //! `pg_dump`/`psql` and the README's SQL. Neither may hand out a count twice.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, get_page,
+    DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, dev_secret, get_page,
     http_client, inject,
 };
-
-/// The development secrets the compose stack uses, as a fresh clone has them.
-fn dev_secret(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("secrets/dev")
-        .join(name)
-}
-
-/// Gives the test Redis the compose stack's users, from its ACL file: `web` (its keys and
-/// commands) and `default` (PING only). The harness's own helpers stop working afterwards.
-fn apply_dev_acl(redis: &Redis) {
-    let acl = std::fs::read_to_string(dev_secret("redis_users.acl")).expect("ACL file");
-    let mut conn = redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("connecting to redis");
-    // `default` last: it loses every command but PING.
-    let mut lines: Vec<&str> = acl.lines().filter(|l| l.starts_with("user ")).collect();
-    lines.sort_by_key(|l| l.starts_with("user default "));
-    for line in lines {
-        let mut cmd = redis::cmd("ACL");
-        cmd.arg("SETUSER");
-        for word in line.split_whitespace().skip(1) {
-            cmd.arg(word);
-        }
-        let () = cmd.query(&mut conn).expect("ACL SETUSER");
-    }
-}
 
 /// README's `redis-cli --user web --askpass ...` with the password on stdin.
 fn redis_cli_as_web(redis: &Redis, args: &[&str]) -> String {
@@ -82,7 +54,7 @@ fn assert_unique(counts: &[i64]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     let redis = Redis::start();
-    apply_dev_acl(&redis);
+    redis.apply_acl(&dev_secret("redis_users.acl"));
     let pg = Postgres::start();
     let env = Env::new(
         &format!("redis://web@127.0.0.1:{}/0", redis.port),

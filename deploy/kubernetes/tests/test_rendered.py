@@ -36,7 +36,7 @@ MONITORING = "ns kubernetes.io/metadata.name=monitoring pod *"
 # PersistentVolumeClaim), the compose file's probe
 COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[3] / "docker-compose.yml").read_text())["services"]
 STATEFULSETS = {
-    "cache": (COMPOSE["cache"]["image"], 6379, "/data", ["redis-cli", "ping"]),
+    "cache": (COMPOSE["cache"]["image"], 6379, "/data", COMPOSE["cache"]["healthcheck"]["test"][1:]),
     "db": (COMPOSE["db"]["image"], 5432, "/var/lib/postgresql/data", ["pg_isready", "-U", "admin", "-d", "desafio3"]),
 }
 
@@ -289,8 +289,10 @@ def test_dev_statefulset(dev, name):
     data = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == mount]
     assert data and data[0] in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}, \
         f"{mount} is not a PersistentVolumeClaim"
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for kind in ("startupProbe", "readinessProbe"):
         assert c[kind]["exec"]["command"] == probe, kind
+    # liveness asks for an answer only (cache: not its functions, which readiness loads)
+    assert c["livenessProbe"]["exec"]["command"] == (["redis-cli", "ping"] if name == "cache" else probe)
     assert matches(np["spec"]["podSelector"], labels)
     assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert not np["spec"].get("egress"), f"{name} must reach nothing"
@@ -298,12 +300,20 @@ def test_dev_statefulset(dev, name):
 
 
 def test_dev_cache_statefulset(dev):
-    c = container(one(dev.objs, "StatefulSet", "cache"))
+    sts = one(dev.objs, "StatefulSet", "cache")
+    c = container(sts)
     # compose's `command:` is the image's CMD, i.e. Kubernetes `args` (keeps the entrypoint)
     assert "command" not in c
     assert c["args"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
                          "--dir", "/data", "--aclfile", "/run/secrets/redis_acl"]
-    assert "env" not in c  # the passwords are in the ACL file only, mounted there (test_dev_secrets_agree)
+    # the passwords: hashed in the ACL file (test_dev_secrets_agree), admin's for the probes
+    assert c["env"] == [{"name": "REDIS_ADMIN_PASSWORD_FILE", "value": "/run/secrets/redis_admin_password"}]
+    assert mounted_secret_file(dev.objs, sts, c, c["env"][0]["value"])[1] == "redis_admin_password"
+    # the counting functions and their loader, the files compose mounts, where compose mounts them
+    functions = next(m for m in c["volumeMounts"] if m["mountPath"] == "/usr/local/lib/desafio3")
+    ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == functions["name"])
+    folder = SOURCE / "base/cache/functions"
+    assert one(dev.objs, "ConfigMap", ref["name"])["data"] == {f.name: f.read_text() for f in folder.iterdir()}
 
 
 def test_dev_db_statefulset(dev):
@@ -339,7 +349,9 @@ def test_dev_secrets_agree(dev):
     password = web("REDIS_PASSWORD_FILE").strip()
     assert re.search(rf"(?m)^user web on #{hashlib.sha256(password.encode()).hexdigest()} ", acl)
     assert re.search(r"(?m)^user default on nopass .*-@all \+ping$", acl)
-    assert password not in acl + " ".join(args)
+    admin = secret_text(dev.objs, cache, container(cache), "/run/secrets/redis_admin_password").strip()
+    assert re.search(rf"(?m)^user admin on #{hashlib.sha256(admin.encode()).hexdigest()} ", acl)
+    assert password not in acl + " ".join(args) and admin != password
 
 
 def test_managed_only_web():

@@ -81,6 +81,16 @@ fn harness_ports() -> (u16, u16) {
     (ephemeral_low - 16_384, ephemeral_low)
 }
 
+/// A file of this repository, by its path from the top.
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The development secrets the compose stack uses, as a fresh clone has them.
+pub fn dev_secret(name: &str) -> PathBuf {
+    repo_file("secrets/dev").join(name)
+}
+
 pub use rustix::process::Signal;
 
 fn euid() -> u32 {

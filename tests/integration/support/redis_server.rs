@@ -15,6 +15,9 @@ pub struct Redis {
 /// What a Redis server keeps on disk: its append-only files (and an RDB file, if any).
 const REDIS_DATA: [&str; 2] = ["appendonlydir", "dump.rdb"];
 
+/// The password of the harness's Redis user `admin`.
+pub const ADMIN_PASSWORD: &str = "admin-Xk4-test";
+
 /// A copy of a Redis server's data files as they were at one moment (see `Redis::snapshot`).
 pub struct RedisData(TempDir);
 
@@ -81,8 +84,20 @@ impl Redis {
     }
 
     fn launch(&mut self) {
+        std::fs::write(self.admin_password_file(), ADMIN_PASSWORD).expect("admin password file");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            // `default` keeps every right (the harness's own helpers use it); `admin` is the
+            // loader of the counting functions, as in the stack.
+            .args([
+                "--user",
+                "admin",
+                "on",
+                &format!(">{ADMIN_PASSWORD}"),
+                "~*",
+                "&*",
+                "+@all",
+            ])
             .args(["--save", "", "--protected-mode", "no"])
             .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
             .args(["--appendfsync", "everysec"])
@@ -112,6 +127,63 @@ impl Redis {
             }
             accepts_connections(self.port) && (self.tls || self.answers())
         });
+        self.load_functions();
+    }
+
+    /// Runs the stack's cache healthcheck against this server, which loads the counting
+    /// functions as `admin` when they are missing or out of date, as the stack's does within
+    /// one healthcheck interval. `launch` runs it (a stack's cache is not healthy without them).
+    pub fn load_functions(&self) {
+        let mut connection = vec!["-p".to_string(), self.port.to_string()];
+        if self.tls {
+            let ca = self.dir.path().join("ca.crt");
+            connection.extend(["--tls".into(), "--cacert".into(), ca.display().to_string()]);
+        }
+        let output = Command::new("sh")
+            .arg(repo_file(
+                "deploy/kubernetes/base/cache/functions/healthcheck.sh",
+            ))
+            .args(&connection)
+            .env("REDIS_ADMIN_PASSWORD_FILE", self.admin_password_file())
+            .output()
+            .expect("running the cache healthcheck");
+        assert!(
+            output.status.success(),
+            "the cache healthcheck failed on port {}: {}{}",
+            self.port,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Gives the server the users of an ACL file (`scripts/make-secrets`): `web` (its keys
+    /// and the counting functions), `admin`, and `default` (PING only), applied last, after
+    /// which the harness's own helpers stop working.
+    pub fn apply_acl(&self, acl_file: &Path) {
+        let acl = std::fs::read_to_string(acl_file).expect("ACL file");
+        let mut conn = self.client();
+        let mut lines: Vec<&str> = acl.lines().filter(|l| l.starts_with("user ")).collect();
+        lines.sort_by_key(|l| l.starts_with("user default "));
+        for line in lines {
+            let mut cmd = redis::cmd("ACL");
+            cmd.arg("SETUSER");
+            for word in line.split_whitespace().skip(1) {
+                cmd.arg(word);
+            }
+            let () = cmd.query(&mut conn).expect("ACL SETUSER");
+        }
+    }
+
+    /// Removes the counting functions, as a Redis whose data was replaced lacks them.
+    pub fn flush_functions(&self) {
+        let _: () = redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query(&mut self.client())
+            .expect("FUNCTION FLUSH");
+    }
+
+    fn admin_password_file(&self) -> PathBuf {
+        self.dir.path().join("admin_password")
     }
 
     fn log_file(&self) -> PathBuf {
