@@ -30,17 +30,8 @@ fn refused_to(conn: &mut redis::Connection, command: &[&str]) -> Option<redis::E
 /// Redis with the stack's users, PostgreSQL, and the app logged in to Redis as `web`.
 async fn app_as_web() -> (Redis, Postgres, TestApp) {
     let redis = Redis::start();
-    redis.apply_acl(&dev_secret("redis_users.acl"));
     let pg = Postgres::start();
-    let env = Env::new(
-        &format!("redis://web@127.0.0.1:{}/0", redis.port),
-        &pg.url(),
-    )
-    .set(
-        "REDIS_PASSWORD_FILE",
-        dev_secret("redis_password").to_str().expect("utf-8 path"),
-    );
-    let app = TestApp::spawn_ready(env).await;
+    let app = TestApp::spawn_ready(Env::as_web_user(&redis, &pg)).await;
     (redis, pg, app)
 }
 

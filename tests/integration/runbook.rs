@@ -54,17 +54,8 @@ fn assert_unique(counts: &[i64]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     let redis = Redis::start();
-    redis.apply_acl(&dev_secret("redis_users.acl"));
     let pg = Postgres::start();
-    let env = Env::new(
-        &format!("redis://web@127.0.0.1:{}/0", redis.port),
-        &pg.url(),
-    )
-    .set(
-        "REDIS_PASSWORD_FILE",
-        dev_secret("redis_password").to_str().expect("utf-8 path"),
-    );
-    let app = TestApp::spawn_ready(env).await;
+    let app = TestApp::spawn_ready(Env::as_web_user(&redis, &pg)).await;
     let mut before = Vec::new();
     for _ in 0..3 {
         let (status, page) = app.visit().await;

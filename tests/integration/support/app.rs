@@ -32,6 +32,21 @@ impl Env {
         Self::new(&redis.url(), &pg.url())
     }
 
+    /// Gives `redis` the stack's users (its ACL file, see `Redis::apply_acl`), and the app
+    /// logs in to it as `web`, with its password file, as in the compose stack.
+    pub fn as_web_user(redis: &Redis, pg: &Postgres) -> Self {
+        redis.apply_acl(&dev_secret("redis_users.acl"));
+        let password = dev_secret("redis_password");
+        Self::new(
+            &format!("redis://web@127.0.0.1:{}/0", redis.port),
+            &pg.url(),
+        )
+        .set(
+            "REDIS_PASSWORD_FILE",
+            password.to_str().expect("utf-8 path"),
+        )
+    }
+
     /// Dependencies that refuse every connection (closed loopback ports): for what never
     /// needs them, or must do without them.
     pub fn unreachable() -> Self {
