@@ -373,7 +373,7 @@ class TestUp:
     """The stack from the real-password recipe: the contract, 1-2-3, readiness, the seed's checks."""
 
     def test_up(self, stack):
-        assert set(stack) == {"db_password", "web_db_password", "redis_password"} and all(stack.values())
+        assert set(stack) == {"db_password", "web_db_password", "redis_password", "redis_admin_password"} and all(stack.values())
 
     def test_contract(self, first_page):
         r, hora = first_page, (first_page.json or {}).get("hora_db")
