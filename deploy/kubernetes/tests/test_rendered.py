@@ -241,6 +241,7 @@ def test_replicas_budget_and_autoscaling(web):
     assert (spec["scaleTargetRef"]["kind"], spec["scaleTargetRef"]["name"]) == ("Deployment", "web")
     assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
     assert "cpu" in [m.get("resource", {}).get("name") for m in spec["metrics"]], "no CPU metric"
+    assert "cpu" in web.c["resources"]["requests"], "CPU utilisation is a share of the request"
 
 
 def test_namespace_enforces_restricted(web):  # so every pod meets Pod Security "restricted" at admission
@@ -254,7 +255,7 @@ def test_every_container_read_only_with_limits(web):  # what "restricted" does n
     for w in find(web.objs, "Deployment") + find(web.objs, "StatefulSet"):
         for c in w["spec"]["template"]["spec"]["containers"]:
             assert effective_security(w, c).get("readOnlyRootFilesystem") is True, f"{w['metadata']['name']}/{c['name']}"
-            assert "limits" in c.get("resources", {}), f"{w['metadata']['name']}/{c['name']}"
+            assert {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})), f"{w['metadata']['name']}/{c['name']}"
 
 
 def test_dev_web_points_at_in_cluster_services(dev):
