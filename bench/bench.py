@@ -26,7 +26,7 @@ ROOT = os.path.dirname(HERE)
 REFERENCE = os.path.join(HERE, "reference")
 WEB = os.path.join(ROOT, "target", "release", "web")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from servers import free_port, http_get, proc_status, run, spawn, stop, throwaway, wait_for  # noqa: E402 - shared with tests/e2e
+from servers import Postgres, Redis, free_port, http_get, proc_status, run, spawn, stop, wait_for  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
            "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)", "nginx": "nginx return 200",
@@ -80,32 +80,42 @@ class Bench:
             f.write("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
         ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-        os.chmod(d, 0o755)
-        os.chmod(os.path.join(d, "server.key"), 0o600)  # PostgreSQL's rule; it runs as nobody when we are root
+        for path in (self.tmp, d):
+            os.chmod(path, 0o755)
+        os.chmod(os.path.join(d, "server.key"), 0o600)  # PostgreSQL's rule, for its user (postgres when we are root)
         if os.geteuid() == 0:
-            os.chown(os.path.join(d, "server.key"), pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+            os.chown(os.path.join(d, "server.key"), pwd.getpwnam("postgres").pw_uid, pwd.getpwnam("postgres").pw_gid)
         return d
 
     def start_deps(self):
-        tls, self.tls_port = self.make_certs(), free_port()
-        self.redis, self.pg = self.stack.enter_context(throwaway(
-            self.tmp, redis_args=["--maxclients", "10000", "--loglevel", "warning", "--tls-port", str(self.tls_port),
-                                  "--tls-cert-file", f"{tls}/server.pem", "--tls-key-file", f"{tls}/server.key",
-                                  "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no"],
-            pg_args=["-c", "max_connections=600", "-c", "fsync=off", "-c", "log_min_messages=warning",
-                     "-c", "TimeZone=UTC", "-c", "ssl=on", "-c", f"ssl_cert_file={tls}/server.pem",
-                     "-c", f"ssl_key_file={tls}/server.key"]))
+        """redis-server here; PostgreSQL is pg_virtualenv's (bench/run), which names it in PG* variables."""
+        tls, port, self.tls_port = self.make_certs(), free_port(), free_port()
+        redis = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                       "--dir", self.tmp, "--maxclients", "10000", "--loglevel", "warning", "--tls-port", str(self.tls_port),
+                       "--tls-cert-file", f"{tls}/server.pem", "--tls-key-file", f"{tls}/server.key",
+                       "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no"], os.path.join(self.tmp, "redis.log"))
+        self.stack.callback(stop, redis)
+        self.redis, self.pg = Redis(["redis-cli", "-p", str(port)]), Postgres(["psql", "--no-psqlrc"])
+        if not wait_for(lambda: self.redis.cmd("PING") == "PONG", proc=redis):
+            raise RuntimeError(f"redis-server did not start: see {redis.log_path}")
+        # TLS, with the certificate made above (ALTER SYSTEM runs outside a transaction: one per psql)
+        for setting in (f"ssl_cert_file = '{tls}/server.pem'", f"ssl_key_file = '{tls}/server.key'", "ssl = on"):
+            self.pg.value(f"ALTER SYSTEM SET {setting}")
+        self.pg.value("SELECT pg_reload_conf()")
+        if not wait_for(lambda: self.pg.value("SHOW ssl") == "on", 10):
+            raise RuntimeError("PostgreSQL did not turn TLS on: see pg_virtualenv's log")
+        pg_url = f"{os.environ['PGUSER']}@%s:{os.environ['PGPORT']}/{os.environ['PGDATABASE']}"
         self.tls_env = {"REDIS_URL": f"rediss://localhost:{self.tls_port}/0", "REDIS_CA_FILE": f"{tls}/ca.pem",
-                        "DATABASE_URL": f"postgres://admin@localhost:{self.pg.port}/desafio3"
-                                        f"?sslmode=verify-full&sslrootcert={tls}/ca.pem"}
-        self.pgbench = shutil.which("pgbench", path=self.pg.bindir) or shutil.which("pgbench")
+                        "DATABASE_URL": f"postgres://{pg_url % 'localhost'}?sslmode=verify-full&sslrootcert={tls}/ca.pem"}
         ver = int(self.pg.value("SHOW server_version_num"))
         self.meta["postgres_version"] = f"{ver // 10000}.{ver % 10000}"
         self.meta["redis_version"] = self.redis.cmd("INFO", "server").split("redis_version:")[1].split()[0]
-        self.env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
-                        DATABASE_URL=f"postgres://admin@127.0.0.1:{self.pg.port}/desafio3?sslmode=disable",
-                        DATABASE_PASSWORD_FILE=self.pg.password_file, RUST_LOG="warn", BIND_HOST="127.0.0.1")
-        log(f"redis on :{self.redis.port}, postgres on :{self.pg.port}")
+        with open(os.path.join(self.tmp, "db_password"), "w") as f:
+            f.write(os.environ["PGPASSWORD"])
+        self.env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{port}/0",
+                        DATABASE_URL=f"postgres://{pg_url % '127.0.0.1'}?sslmode=disable",
+                        DATABASE_PASSWORD_FILE=f.name, RUST_LOG="warn", BIND_HOST="127.0.0.1")
+        log(f"redis on :{port}, postgres on :{os.environ['PGPORT']}")
         self.own_commits = -self.pg_commits(idle=0)  # each read commits too (counted after it): measure how many
         self.own_commits += self.pg_commits(idle=0.5)
 
@@ -169,9 +179,8 @@ class Bench:
         script = os.path.join(self.tmp, "now.sql")
         with open(script, "w") as f:
             f.write("SELECT now();\n")
-        r = run([self.pgbench, "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs),
-                 "-f", script, "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "admin", "desafio3"],
-                secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password, PGSSLMODE="disable"), cwd=self.tmp)
+        r = run(["pgbench", "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs), "-f", script,
+                 "-h", "127.0.0.1"], secs + 60, env=dict(os.environ, PGSSLMODE="disable"), cwd=self.tmp)
         num = lambda pattern: (lambda g: g and float(g.group(1)))(re.search(pattern, r.stdout, re.M))  # noqa: E731
         tps = num(r"^tps = ([\d.]+) \(without initial connection time\)") or num(r"^tps = ([\d.]+)")
         if not tps:
