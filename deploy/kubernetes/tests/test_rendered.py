@@ -2,9 +2,9 @@
 ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to what
 deploy/kubernetes/README.md promises ("Offline checks", item 3): this project's own facts. What
 Pod Security "restricted" enforces on every pod (the namespace's label, asserted here: non-root,
-no privilege escalation, all capabilities dropped and none added, seccomp), what Kubernetes does
-anyway (Secret volumes are read-only) and the schemas (`kubernetes-validate --strict`, API
-versions included) are left to them. pytest plus PyYAML."""
+no privilege escalation, all capabilities dropped and none but NET_BIND_SERVICE added, seccomp),
+what Kubernetes does anyway (Secret volumes are read-only) and the schemas
+(`kubernetes-validate --strict`, API versions included) are left to them. pytest plus PyYAML."""
 
 import base64
 import hashlib
@@ -194,6 +194,7 @@ def test_probes_and_scrapes_on_the_admin_port(web):  # readiness never follows t
 def test_user_and_no_token(web):  # the image's user; no service account token
     sc = effective_security(web.dep, web.c)
     assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (WEB_UID, WEB_UID)
+    assert not sc.get("capabilities", {}).get("add"), "restricted allows NET_BIND_SERVICE; web needs none"
     assert web.dep["spec"]["template"]["spec"].get("automountServiceAccountToken") is False
 
 
