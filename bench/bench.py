@@ -55,10 +55,9 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def tree_pids(pid):
-    """pid and its descendants."""
-    kids = run(["ps", "-o", "pid=", "--ppid", str(pid)], 10).stdout.split()
-    return [pid] + [d for k in kids for d in tree_pids(int(k))]
+def group_pids(p):
+    """The processes of p's group (spawn makes one per server): gunicorn's or nginx's master and workers."""
+    return [int(pid) for pid in run(["pgrep", "-g", str(p.pid)], 10).stdout.split()]
 
 
 class Bench:
@@ -199,7 +198,7 @@ class Bench:
             log(f"  {label:28s} c={c:<4d} {res['rps']:>10.1f} req/s  p50 {fmt_ms(res.get('p50_ms'))}  "
                 f"p99 {fmt_ms(res.get('p99_ms'))}  errors {res.get('errors')}")
 
-    def http_series(self, key, procs, path, pids):
+    def http_series(self, key, procs, path):
         """procs: the servers (Popen with .port, .admin_port), loaded at once; for web's GET /
         also PostgreSQL's commits per counted batch over the measured run."""
         a, ports = self.args, [p.port for p in procs]
@@ -234,7 +233,7 @@ class Bench:
                 pg["commits_per_batch"] = round(pg["commits"] / pg["batches"], 3) if pg["batches"] else None
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
-            extra["peak_rss_kib"] = sum(int(proc_status(p).get("VmHWM", [0])[0]) for p in pids())
+            extra["peak_rss_kib"] = sum(int(proc_status(pid).get("VmHWM", [0])[0]) for p in procs for pid in group_pids(p))
             settle()
             self.record(key, c, res, extra)
 
@@ -261,19 +260,19 @@ class Bench:
         self.meta["web_rss_idle_kib"] = int(proc_status(p.pid)["VmRSS"][0])
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
-                self.http_series(key, [p], path, lambda: [p.pid])
+                self.http_series(key, [p], path)
         self.meta["web_peak_rss_kib"] = max(self.meta.get("web_peak_rss_kib", 0), int(proc_status(p.pid)["VmHWM"][0]))
         stop(p)
         if "web-3" in self.args.systems:  # replicas on the same Redis and PostgreSQL
             ps = [self.serve(f"web-3.{i}", [WEB]) for i in range(REPLICAS)]
-            self.http_series("web-3", ps, "/", lambda: [p.pid for p in ps])
+            self.http_series("web-3", ps, "/")
             for p in ps:
                 stop(p)
         # the same binary logging every request (non-blocking); and speaking TLS to both dependencies
         for key, env in (("web-info", {"RUST_LOG": "info"}), ("web-tls", self.tls_env)):
             if key in self.args.systems:
                 p = self.serve(key, [WEB], env=env)
-                self.http_series(key, [p], "/", lambda: [p.pid])
+                self.http_series(key, [p], "/")
                 stop(p)
 
     def run_reference(self, key):
@@ -282,7 +281,7 @@ class Bench:
                 "gunicorn": [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-w", str(os.cpu_count() or 1),
                              "-b", "127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning", "app:pooled"]}[key]
         p = self.serve(key, argv, cwd=REFERENCE)
-        self.http_series(key, [p], "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
+        self.http_series(key, [p], "/")
         stop(p)
 
     def run_nginx(self):
@@ -291,7 +290,7 @@ class Bench:
         sh = (f"sed 's/@PORT@/{{port}}/;s|@TMP@|{self.tmp}|' {HERE}/nginx.conf > {conf} && "
               f"exec nginx -c {conf} -p {self.tmp} -e stderr")
         p = self.serve("nginx", ["sh", "-c", sh])
-        self.http_series("nginx", [p], "/", lambda: tree_pids(p.pid))  # the master and its workers
+        self.http_series("nginx", [p], "/")
         stop(p)
 
     def run_pgbench(self):
