@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import pwd
+import secrets
 import re
 import shutil
 import signal
@@ -89,14 +90,22 @@ class Bench:
     def start_deps(self):
         """redis-server here; PostgreSQL is pg_virtualenv's (bench/run), which names it in PG* variables."""
         tls, port, self.tls_port = self.make_certs(), free_port(), free_port()
+        admin = secrets.token_hex(16)  # the stack's loader of the counting functions, as in the Rust harness
         redis = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                        "--dir", self.tmp, "--maxclients", "10000", "--loglevel", "warning", "--tls-port", str(self.tls_port),
                        "--tls-cert-file", f"{tls}/server.pem", "--tls-key-file", f"{tls}/server.key",
-                       "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no"], os.path.join(self.tmp, "redis.log"))
+                       "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no",
+                       "--user", "admin", "on", f">{admin}", "~*", "&*", "+@all"], os.path.join(self.tmp, "redis.log"))
         self.stack.callback(stop, redis)
         self.redis, self.pg = Redis(["redis-cli", "-p", str(port)]), Postgres(["psql", "--no-psqlrc"])
         if not wait_for(lambda: self.redis.cmd("PING") == "PONG", proc=redis):
             raise RuntimeError(f"redis-server did not start: see {redis.log_path}")
+        with open(os.path.join(self.tmp, "redis_admin_password"), "w") as f:
+            f.write(admin)
+        load = run(["sh", os.path.join(ROOT, "deploy/kubernetes/base/cache/functions/healthcheck.sh"), "-p", str(port)],
+                   60, env=dict(os.environ, REDIS_ADMIN_PASSWORD_FILE=f.name))
+        if load.returncode:
+            raise RuntimeError(f"the cache healthcheck did not load the counting functions: {load.stdout}{load.stderr}")
         # TLS, with the certificate made above (ALTER SYSTEM runs outside a transaction: one per psql)
         for setting in (f"ssl_cert_file = '{tls}/server.pem'", f"ssl_key_file = '{tls}/server.key'", "ssl = on"):
             self.pg.value(f"ALTER SYSTEM SET {setting}")
