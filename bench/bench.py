@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """desafio3 benchmark driver, run through bench/run (which installs what this needs); what it
-measures and writes (<out>/<date>.{json,md}, <out>/latest.md pointing at them): bench/README.md.
+measures and writes (<out>/<date>.{json,md,png}, <out>/latest.md pointing at them): bench/README.md.
 """
 
 import argparse
@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import pwd
+import secrets
 import re
 import shutil
 import signal
@@ -17,15 +18,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 REFERENCE = os.path.join(HERE, "reference")
-VENV_BIN = os.path.dirname(sys.executable)
+WEB = os.path.join(ROOT, "target", "release", "web")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from servers import free_port, http_get, proc_status, run, spawn, stop, throwaway, wait_for  # noqa: E402 - shared with tests/e2e
+from servers import Postgres, Redis, free_port, http_get, proc_status, run, spawn, stop, wait_for  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
            "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)", "nginx": "nginx return 200",
@@ -38,34 +40,25 @@ REPLICAS = 3  # the web-3 row
 PGSTAT_FLUSH_S = 10.5
 CONFIRMED = ("ahead", "after", "again")  # visit_counter_confirmations_total{sent=...}
 CPB_TARGET = {1: 1.2, REPLICAS: 1.3}  # commits per batch, shown beside the measure (not a pass/fail)
-
-# wrk's report as one line: WRKJSON [requests, duration_us, errors.{connect,read,write,status,timeout},
-# p50_us, p99_us, max_us, mean_us]
+WRK_ERRORS = ("connect", "read", "write", "status", "timeout")
+# wrk's report as one line of JSON (latencies in µs)
 WRK_LUA = r"""
 done = function(s, lat, requests)
   local e = s.errors
-  io.write(string.format("WRKJSON [%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%.1f]\n", s.requests, s.duration, e.connect,
-    e.read, e.write, e.status, e.timeout, lat:percentile(50), lat:percentile(99), lat.max, lat.mean))
+  io.write(string.format('WRKJSON {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,' ..
+    '"timeout":%d,"p50_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n', s.requests, s.duration, e.connect, e.read,
+    e.write, e.status, e.timeout, lat:percentile(50), lat:percentile(99), lat.max, lat.mean))
 end
 """
-WRK_FIELDS = ("requests", "duration_us", "connect", "read", "write", "status", "timeout", "p50_us", "p99_us",
-              "max_us", "mean_us")
 
 
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def settle(port, path):
-    """One request after a run: it queues behind whatever the run left in flight, so the next
-    run starts on an idle server (matters for the slow reference apps)."""
-    return http_get(f"http://127.0.0.1:{port}{path}", timeout=60)
-
-
-def tree_pids(pid):
-    """pid and its descendants."""
-    kids = run(["ps", "-o", "pid=", "--ppid", str(pid)], 10).stdout.split()
-    return [pid] + [d for k in kids for d in tree_pids(int(k))]
+def group_pids(p):
+    """The processes of p's group (spawn makes one per server): gunicorn's or nginx's master and workers."""
+    return [int(pid) for pid in run(["pgrep", "-g", str(p.pid)], 10).stdout.split()]
 
 
 class Bench:
@@ -73,11 +66,6 @@ class Bench:
         self.args, self.results, self.notes, self.meta, self.round = args, [], [], {}, 0
         self.tmp = tempfile.mkdtemp(prefix="desafio3-bench-")
         self.stack = ExitStack()
-
-    def start(self, name, argv, **kw):
-        p = spawn(argv, os.path.join(self.tmp, f"{name}.log"), **kw)
-        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
-        return p
 
     def make_certs(self):
         """A throwaway CA and a certificate for `localhost` (no IP), for GET / over TLS."""
@@ -92,32 +80,50 @@ class Bench:
             f.write("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
         ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-        os.chmod(d, 0o755)
-        os.chmod(os.path.join(d, "server.key"), 0o600)  # PostgreSQL's rule; it runs as nobody when we are root
+        for path in (self.tmp, d):
+            os.chmod(path, 0o755)
+        os.chmod(os.path.join(d, "server.key"), 0o600)  # PostgreSQL's rule, for its user (postgres when we are root)
         if os.geteuid() == 0:
-            os.chown(os.path.join(d, "server.key"), pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+            os.chown(os.path.join(d, "server.key"), pwd.getpwnam("postgres").pw_uid, pwd.getpwnam("postgres").pw_gid)
         return d
 
     def start_deps(self):
-        tls, self.tls_port = self.make_certs(), free_port()
-        self.redis, self.pg = self.stack.enter_context(throwaway(
-            self.tmp, redis_args=["--maxclients", "10000", "--loglevel", "warning", "--tls-port", str(self.tls_port),
-                                  "--tls-cert-file", f"{tls}/server.pem", "--tls-key-file", f"{tls}/server.key",
-                                  "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no"],
-            pg_args=["-c", "max_connections=600", "-c", "fsync=off", "-c", "log_min_messages=warning",
-                     "-c", "TimeZone=UTC", "-c", "ssl=on", "-c", f"ssl_cert_file={tls}/server.pem",
-                     "-c", f"ssl_key_file={tls}/server.key"]))
+        """redis-server here; PostgreSQL is pg_virtualenv's (bench/run), which names it in PG* variables."""
+        tls, port, self.tls_port = self.make_certs(), free_port(), free_port()
+        admin = secrets.token_hex(16)  # the stack's loader of the counting functions, as in the Rust harness
+        redis = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                       "--dir", self.tmp, "--maxclients", "10000", "--loglevel", "warning", "--tls-port", str(self.tls_port),
+                       "--tls-cert-file", f"{tls}/server.pem", "--tls-key-file", f"{tls}/server.key",
+                       "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no",
+                       "--user", "admin", "on", f">{admin}", "~*", "&*", "+@all"], os.path.join(self.tmp, "redis.log"))
+        self.stack.callback(stop, redis)
+        self.redis, self.pg = Redis(["redis-cli", "-p", str(port)]), Postgres(["psql", "--no-psqlrc"])
+        if not wait_for(lambda: self.redis.cmd("PING") == "PONG", proc=redis):
+            raise RuntimeError(f"redis-server did not start: see {redis.log_path}")
+        with open(os.path.join(self.tmp, "redis_admin_password"), "w") as f:
+            f.write(admin)
+        load = run(["sh", os.path.join(ROOT, "deploy/kubernetes/base/cache/functions/healthcheck.sh"), "-p", str(port)],
+                   60, env=dict(os.environ, REDIS_ADMIN_PASSWORD_FILE=f.name))
+        if load.returncode:
+            raise RuntimeError(f"the cache healthcheck did not load the counting functions: {load.stdout}{load.stderr}")
+        # TLS, with the certificate made above (ALTER SYSTEM runs outside a transaction: one per psql)
+        for setting in (f"ssl_cert_file = '{tls}/server.pem'", f"ssl_key_file = '{tls}/server.key'", "ssl = on"):
+            self.pg.value(f"ALTER SYSTEM SET {setting}")
+        self.pg.value("SELECT pg_reload_conf()")
+        if not wait_for(lambda: self.pg.value("SHOW ssl") == "on", 10):
+            raise RuntimeError("PostgreSQL did not turn TLS on: see pg_virtualenv's log")
+        pg_url = f"{os.environ['PGUSER']}@%s:{os.environ['PGPORT']}/{os.environ['PGDATABASE']}"
         self.tls_env = {"REDIS_URL": f"rediss://localhost:{self.tls_port}/0", "REDIS_CA_FILE": f"{tls}/ca.pem",
-                        "DATABASE_URL": f"postgres://admin@localhost:{self.pg.port}/desafio3"
-                                        f"?sslmode=verify-full&sslrootcert={tls}/ca.pem"}
-        self.pgbench = shutil.which("pgbench", path=self.pg.bindir) or shutil.which("pgbench")
+                        "DATABASE_URL": f"postgres://{pg_url % 'localhost'}?sslmode=verify-full&sslrootcert={tls}/ca.pem"}
         ver = int(self.pg.value("SHOW server_version_num"))
         self.meta["postgres_version"] = f"{ver // 10000}.{ver % 10000}"
         self.meta["redis_version"] = self.redis.cmd("INFO", "server").split("redis_version:")[1].split()[0]
-        self.env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
-                        DATABASE_URL=f"postgres://admin@127.0.0.1:{self.pg.port}/desafio3?sslmode=disable",
-                        DATABASE_PASSWORD_FILE=self.pg.password_file, RUST_LOG="warn", BIND_HOST="127.0.0.1")
-        log(f"redis on :{self.redis.port}, postgres on :{self.pg.port}")
+        with open(os.path.join(self.tmp, "db_password"), "w") as f:
+            f.write(os.environ["PGPASSWORD"])
+        self.env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{port}/0",
+                        DATABASE_URL=f"postgres://{pg_url % '127.0.0.1'}?sslmode=disable",
+                        DATABASE_PASSWORD_FILE=f.name, RUST_LOG="warn", BIND_HOST="127.0.0.1")
+        log(f"redis on :{port}, postgres on :{os.environ['PGPORT']}")
         self.own_commits = -self.pg_commits(idle=0)  # each read commits too (counted after it): measure how many
         self.own_commits += self.pg_commits(idle=0.5)
 
@@ -143,24 +149,21 @@ class Bench:
     # ---------------------------------------------------------------- measurement
     def wrk(self, port, path, c, secs, threads=None):
         script = os.path.join(self.tmp, "report.lua")
-        if not os.path.exists(script):
-            with open(script, "w") as f:
-                f.write(WRK_LUA)
+        with open(script, "w") as f:
+            f.write(WRK_LUA)
         r = run(["wrk", "-t", str(threads or min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
                  f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
         m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M)
         if not m:
             return {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
-        d = dict(zip(WRK_FIELDS, json.loads(m.group(1))))
-        dur, kinds = d["duration_us"] / 1e6, ("connect", "read", "write", "status", "timeout")
-        res = {"requests": d["requests"], "duration_s": round(dur, 3), "errors": sum(d[k] for k in kinds),
-               "error_detail": {k: d[k] for k in kinds if d[k]}}
+        d = json.loads(m.group(1))
+        dur = d["duration_us"] / 1e6
+        res = {"requests": d["requests"], "duration_s": round(dur, 3), "errors": sum(d[k] for k in WRK_ERRORS),
+               "error_detail": {k: d[k] for k in WRK_ERRORS if d[k]}}
         if d["requests"] == 0:
-            return {**res, "rps": 0.0, "ok_rps": 0.0, "p50_ms": None, "p99_ms": None,
-                    "note": f"no response completed within {secs} s"}
-        return {**res, "rps": round(d["requests"] / dur, 1), "ok_rps": round((d["requests"] - d["status"]) / dur, 1),
-                "p50_ms": d["p50_us"] / 1000, "p99_ms": d["p99_us"] / 1000, "mean_ms": round(d["mean_us"] / 1000, 3),
-                "max_ms": d["max_us"] / 1000}
+            return {**res, "rps": 0.0, "p50_ms": None, "p99_ms": None, "note": f"no response completed within {secs} s"}
+        return {**res, "rps": round(d["requests"] / dur, 1), "p50_ms": d["p50_us"] / 1000, "p99_ms": d["p99_us"] / 1000,
+                "mean_ms": round(d["mean_us"] / 1000, 3), "max_ms": d["max_us"] / 1000}
 
     def wrk_split(self, ports, path, c, secs):
         """One wrk per port, all at once, the c connections split (64: 22/21/21), one thread each:
@@ -172,25 +175,20 @@ class Bench:
             parts = list(pool.map(lambda pc: self.wrk(pc[0], path, pc[1], secs, threads=1), zip(ports, cs)))
         if any("error" in r for r in parts):
             return {"error": "; ".join(r["error"] for r in parts if "error" in r)}
-        add = lambda k: round(sum(r[k] for r in parts), 1)  # noqa: E731
+        n = sum(r["requests"] for r in parts)
         worst = lambda k: max((r[k] for r in parts if r.get(k) is not None), default=None)  # noqa: E731
-        n = add("requests")
-        return {"requests": n, "duration_s": worst("duration_s"), "errors": add("errors"),
-                "error_detail": {k: sum(r["error_detail"].get(k, 0) for r in parts)
-                                 for k in {k for r in parts for k in r["error_detail"]}},
-                "rps": add("rps"), "ok_rps": add("ok_rps"), "p50_ms": worst("p50_ms"), "p99_ms": worst("p99_ms"),
-                "max_ms": worst("max_ms"), "mean_ms": n and round(sum(r["mean_ms"] * r["requests"] for r in parts
-                                                                      if r["requests"]) / n, 3),
-                "per_replica": [{"connections": ci, "rps": r["rps"], "p99_ms": r.get("p99_ms")}
-                                for ci, r in zip(cs, parts)]}
+        return {"requests": n, "duration_s": worst("duration_s"), "errors": sum(r["errors"] for r in parts),
+                "error_detail": dict(sum((Counter(r["error_detail"]) for r in parts), Counter())),
+                "rps": round(sum(r["rps"] for r in parts), 1), "p50_ms": worst("p50_ms"), "p99_ms": worst("p99_ms"),
+                "max_ms": worst("max_ms"),
+                "mean_ms": n and round(sum(r["mean_ms"] * r["requests"] for r in parts if r["requests"]) / n, 3)}
 
     def pgbench_run(self, c, secs):
         script = os.path.join(self.tmp, "now.sql")
         with open(script, "w") as f:
             f.write("SELECT now();\n")
-        r = run([self.pgbench, "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs),
-                 "-f", script, "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "admin", "desafio3"],
-                secs + 60, env=dict(os.environ, PGPASSWORD=self.pg.password, PGSSLMODE="disable"), cwd=self.tmp)
+        r = run(["pgbench", "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs), "-f", script,
+                 "-h", "127.0.0.1"], secs + 60, env=dict(os.environ, PGSSLMODE="disable"), cwd=self.tmp)
         num = lambda pattern: (lambda g: g and float(g.group(1)))(re.search(pattern, r.stdout, re.M))  # noqa: E731
         tps = num(r"^tps = ([\d.]+) \(without initial connection time\)") or num(r"^tps = ([\d.]+)")
         if not tps:
@@ -209,18 +207,20 @@ class Bench:
             log(f"  {label:28s} c={c:<4d} {res['rps']:>10.1f} req/s  p50 {fmt_ms(res.get('p50_ms'))}  "
                 f"p99 {fmt_ms(res.get('p99_ms'))}  errors {res.get('errors')}")
 
-    def http_series(self, key, procs, path, pids):
+    def http_series(self, key, procs, path):
         """procs: the servers (Popen with .port, .admin_port), loaded at once; for web's GET /
         also PostgreSQL's commits per counted batch over the measured run."""
         a, ports = self.args, [p.port for p in procs]
+        # one request after each run queues behind whatever it left in flight, so the next run
+        # starts on an idle server (matters for the slow reference apps)
+        settle = lambda: [http_get(f"http://127.0.0.1:{port}{path}", timeout=60) for port in ports]  # noqa: E731
         confirm = key in ("web", "web-3")
         for c in a.concurrency:
             if c < len(ports):
                 continue
             if a.warmup:
                 self.wrk_split(ports, path, c, a.warmup)
-                for port in ports:
-                    settle(port, path)
+                settle()
             if confirm:
                 x0, b0 = self.pg_commits(), self.batches(procs)
             v0 = self.visits()
@@ -242,57 +242,55 @@ class Bench:
                 pg["commits_per_batch"] = round(pg["commits"] / pg["batches"], 3) if pg["batches"] else None
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
-            extra["peak_rss_kib"] = sum(int(proc_status(p).get("VmHWM", [0])[0]) for p in pids())
-            for port in ports:
-                settle(port, path)
+            extra["peak_rss_kib"] = sum(int(proc_status(pid).get("VmHWM", [0])[0]) for p in procs for pid in group_pids(p))
+            settle()
             self.record(key, c, res, extra)
 
     def serve(self, name, argv, env=None, **kw):
         """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
         port, admin = free_port(), free_port()
-        argv = [a.format(port=port) for a in argv]
-        p = self.start(name, argv, env=dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **(env or {})), **kw)
+        env = dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **(env or {}))
+        p = spawn([a.format(port=port) for a in argv], os.path.join(self.tmp, f"{name}.log"), env=env, **kw)
+        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
         p.port, p.admin_port = port, admin
         st = []
         if not wait_for(lambda: st.append(http_get(f"http://127.0.0.1:{port}/")) or (st[-1][0] == 200 and '"ok"' in st[-1][1]),
                         proc=p):
             stop(p)
             raise RuntimeError(f"{name} did not become ready: {st[-1]}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
-        return p, port
+        return p
 
     # ---------------------------------------------------------------- systems
     def run_web(self):
         if not self.args.skip_build:
             log("cargo build --release --bin web")
             subprocess.run(["cargo", "build", "--release", "--bin", "web"], cwd=ROOT, check=True)
-        p, port = self.serve("web", [os.path.join(ROOT, "target", "release", "web")])
+        p = self.serve("web", [WEB])
         self.meta["web_rss_idle_kib"] = int(proc_status(p.pid)["VmRSS"][0])
         for key, path in (("web", "/"), ("web-healthz", "/healthz")):
             if key in self.args.systems:
-                self.http_series(key, [p], path, lambda: [p.pid])
+                self.http_series(key, [p], path)
         self.meta["web_peak_rss_kib"] = max(self.meta.get("web_peak_rss_kib", 0), int(proc_status(p.pid)["VmHWM"][0]))
-        t0 = time.monotonic()
-        rc = stop(p, signal.SIGTERM)
-        self.meta["web_sigterm_exit"] = {"code": rc, "seconds": round(time.monotonic() - t0, 2)}
+        stop(p)
         if "web-3" in self.args.systems:  # replicas on the same Redis and PostgreSQL
-            ps = [self.serve(f"web-3.{i}", [os.path.join(ROOT, "target", "release", "web")])[0] for i in range(REPLICAS)]
-            self.http_series("web-3", ps, "/", lambda: [p.pid for p in ps])
+            ps = [self.serve(f"web-3.{i}", [WEB]) for i in range(REPLICAS)]
+            self.http_series("web-3", ps, "/")
             for p in ps:
-                stop(p, signal.SIGTERM)
+                stop(p)
         # the same binary logging every request (non-blocking); and speaking TLS to both dependencies
         for key, env in (("web-info", {"RUST_LOG": "info"}), ("web-tls", self.tls_env)):
             if key in self.args.systems:
-                p, port = self.serve(key, [os.path.join(ROOT, "target", "release", "web")], env=env)
-                self.http_series(key, [p], "/", lambda: [p.pid])
-                stop(p, signal.SIGTERM)
+                p = self.serve(key, [WEB], env=env)
+                self.http_series(key, [p], "/")
+                stop(p)
 
     def run_reference(self, key):
         """The seed's app under Flask's development server, or the pooled one under gunicorn."""
-        argv = {"flask-dev": [sys.executable, "seed_app.py"],
-                "gunicorn": [os.path.join(VENV_BIN, "gunicorn"), "-w", str(os.cpu_count() or 1), "-b", "127.0.0.1:{port}",
-                             "--backlog", "2048", "--log-level", "warning", "pooled_app:app"]}[key]
-        p, port = self.serve(key, argv, cwd=REFERENCE)
-        self.http_series(key, [p], "/", lambda: tree_pids(p.pid))  # gunicorn: the master and its workers
+        argv = {"flask-dev": [sys.executable, "app.py"],
+                "gunicorn": [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-w", str(os.cpu_count() or 1),
+                             "-b", "127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning", "app:pooled"]}[key]
+        p = self.serve(key, argv, cwd=REFERENCE)
+        self.http_series(key, [p], "/")
         stop(p)
 
     def run_nginx(self):
@@ -300,8 +298,8 @@ class Bench:
         conf = os.path.join(self.tmp, "nginx.conf")
         sh = (f"sed 's/@PORT@/{{port}}/;s|@TMP@|{self.tmp}|' {HERE}/nginx.conf > {conf} && "
               f"exec nginx -c {conf} -p {self.tmp} -e stderr")
-        p, port = self.serve("nginx", ["sh", "-c", sh])
-        self.http_series("nginx", [p], "/", lambda: tree_pids(p.pid))  # the master and its workers
+        p = self.serve("nginx", ["sh", "-c", sh])
+        self.http_series("nginx", [p], "/")
         stop(p)
 
     def run_pgbench(self):
@@ -338,117 +336,106 @@ def fmt_ms(v):
     return "—" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
-def fmt_rps(v):
-    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+def fmt_num(v):
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
 # -------------------------------------------------------------------- reporting
 def get(results, system, c, rnd=None):
     """The result of system at c: of round rnd, or with several rounds their medians (errors summed)."""
     rs = [r for r in results if r["system"] == system and r["concurrency"] == c and "error" not in r
-          and rnd in (None, r.get("round", 0))]
-    med = lambda k: statistics.median(r[k] for r in rs if r.get(k) is not None)  # noqa: E731
+          and rnd in (None, r["round"])]
     if len(rs) < 2:
         return rs[0] if rs else None
+    med = lambda k: statistics.median(r[k] for r in rs if r.get(k) is not None)  # noqa: E731
     return {**rs[0], "rps": med("rps"), "p99_ms": med("p99_ms"), "errors": sum(r["errors"] for r in rs)}
 
 
 def ratios(doc):
-    res, out = doc["results"], []
+    """Each measure against its target (bench/README.md "Targets"), at c=64 unless noted."""
+    res = doc["results"]
+    rps = lambda key, rnd=None, c=64: (get(res, key, c, rnd) or {}).get("rps")  # noqa: E731
 
-    def ratio(name, num, den, target, better="ge", fmt="{:.2f}×"):
-        val = None if (num is None or den in (None, 0)) else num / den
-        met = None if val is None else (val >= target if better == "ge" else val <= target)
-        out.append({"name": name, "value": val, "target": target, "cmp": better, "met": met,
-                    "shown": "—" if val is None else fmt.format(val)})
+    def rps_ratio(num, den):  # the median of the ratios within each round both ran in
+        each = [rps(num, i) / rps(den, i) for i in range(doc["config"]["rounds"]) if rps(num, i) and rps(den, i)]
+        return statistics.median(each) if each else None
 
-    w = get(res, "web", 64)
-    rps = lambda k, rnd=None: (get(res, k, 64, rnd) or {}).get("rps")  # noqa: E731
+    web, rss = get(res, "web", 64) or {}, doc["meta"].get("web_peak_rss_kib")
+    best = max((r["rps"] for r in res if r["system"] == "web" and "error" not in r), default=None)
+    measures = [  # (measure, value, "≥" or "≤", target)
+        ("web GET / ÷ flask-dev (seed), c=64", rps_ratio("web", "flask-dev"), "≥", 100),
+        ("web GET / ÷ gunicorn, c=64", rps_ratio("web", "gunicorn"), "≥", 5),
+        ("web GET / ÷ pgbench SELECT now(), c=64", rps_ratio("web", "pgbench"), "≥", 0.9),
+        ("web GET /healthz ÷ nginx return 200, c=64", rps_ratio("web-healthz", "nginx"), "≥", 0.85),
+        ("web GET / ÷ web GET /healthz, c=64", rps_ratio("web", "web-healthz"), "≥", 0.75),
+        ("web GET / RUST_LOG=info ÷ warn, c=64", rps_ratio("web-info", "web"), "≥", 0.9),
+        ("web GET / TLS to both ÷ plain TCP, c=64", rps_ratio("web-tls", "web"), "≥", 0.8),
+        ("web GET / p99 (ms), c=64", web.get("p99_ms"), "≤", 3),
+        ("web GET / errors, c=64", web.get("errors"), "≤", 0),
+        ("web peak RSS (MiB)", rss and rss / 1024, "≤", 12),
+        ("web GET / c=256 ÷ its best", rps("web", c=256) and best and rps("web", c=256) / best, "≥", 0.9),
+    ]
+    return [{"name": name, "value": v, "cmp": cmp, "target": target,
+             "met": None if v is None else v >= target if cmp == "≥" else v <= target}
+            for name, v, cmp, target in measures]
 
-    def ratio_rps(name, num, den, target):  # several rounds: the median of each round's ratio
-        rounds = sorted({r.get("round", 0) for r in res if r["system"] == num})
-        each = [rps(num, i) / rps(den, i) for i in rounds if rps(num, i) and rps(den, i)]
-        val = statistics.median(each) if each else None
-        out.append({"name": name, "value": val, "target": target, "cmp": "ge", "met": val and val >= target,
-                    "rounds": len(each), "shown": "—" if val is None else f"{val:.2f}×"})
 
-    ratio("web GET / ÷ flask-dev (seed), c=64", w and w["rps"], rps("flask-dev"), 100)
-    ratio("web GET / ÷ gunicorn, c=64", w and w["rps"], rps("gunicorn"), 5)
-    ratio("web GET / ÷ pgbench SELECT now(), c=64", w and w["rps"], rps("pgbench"), 0.9)
-    ratio_rps("web GET /healthz ÷ nginx return 200, c=64", "web-healthz", "nginx", 0.85)
-    ratio_rps("web GET / ÷ web GET /healthz, c=64", "web", "web-healthz", 0.75)
-    ratio_rps("web GET / RUST_LOG=info ÷ warn, c=64", "web-info", "web", 0.9)
-    ratio_rps("web GET / TLS to both ÷ plain TCP, c=64", "web-tls", "web", 0.8)
-    ratio("web GET / p99 (ms), c=64", w and w.get("p99_ms"), 1, 3, "le", "{:.2f}")
-    ratio("web GET / errors, c=64", w and w.get("errors"), 1, 0, "le", "{:.0f}")
-    rss = doc["meta"].get("web_peak_rss_kib")
-    ratio("web peak RSS (MiB)", rss and rss / 1024, 1, 12, "le", "{:.2f}")
-    webs = [r["rps"] for r in res if r["system"] == "web" and "error" not in r]
-    w256 = get(res, "web", 256)
-    ratio("web GET / c=256 ÷ its best", w256 and w256["rps"], max(webs) if webs else None, 0.9)
-    return out
+def table(head, rows):
+    """Markdown table lines; a column whose name starts with '>' is right-aligned."""
+    return [f"| {' | '.join(h.lstrip('>') for h in head)} |",
+            "|" + "|".join("---:" if h.startswith(">") else "---" for h in head) + "|",
+            *(f"| {' | '.join(map(str, row))} |" for row in rows)]
 
 
 def markdown(doc):
     res, m, cfg = doc["results"], doc["meta"], doc["config"]
+    rounds = cfg["rounds"]
     lines = [f"# desafio3 benchmark — {doc['date']}", "",
              f"Machine: {m.get('cpus')} CPUs, {m.get('cpu_model', '?')}, Linux {m.get('kernel')}; Redis "
              f"{m.get('redis_version')}, PostgreSQL {m.get('postgres_version')}; everything (load generator included) "
              f"on the same machine over loopback. Each point: {cfg['warmup_s']} s warm-up, then {cfg['duration_s']} s "
              f"measured; wrk threads = min(2, c) (with {REPLICAS} replicas: one `wrk -t1` per replica, c split), wrk timeout "
-             f"{cfg['http_timeout_s']} s.", "",
-             "| system | c | req/s | p50 ms | p99 ms | mean ms | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
-    rounds = cfg.get("rounds", 1)
-    for key in ORDER:
-        for r in (r for c in cfg["concurrency"] for r in res if r["system"] == key and r["concurrency"] == c):
-            c, label = r["concurrency"], r["label"] + (f" (round {r['round'] + 1})" if rounds > 1 else "")
-            if "error" in r:
-                lines.append(f"| {label} | {c} | failed | — | — | — | {r['error'][:60]} |")
-                continue
-            errs = str(r.get("errors", 0))
-            if r.get("error_detail"):
-                errs += " (" + ", ".join(f"{k} {v}" for k, v in r["error_detail"].items()) + ")"
-            lines.append(f"| {label} | {c} | {fmt_rps(r['rps'])} | {fmt_ms(r.get('p50_ms'))} | "
-                         f"{fmt_ms(r.get('p99_ms'))} | {fmt_ms(r.get('mean_ms'))} | {errs} |")
-    lines += ["", "pgbench reports only its mean latency (why: bench/README.md, step 4).", ""]
+             f"{cfg['http_timeout_s']} s. pgbench reports only its mean latency (why: bench/README.md, step 4).", ""]
+    rows = []
+    for r in sorted(res, key=lambda r: (ORDER.index(r["system"]), r["concurrency"], r["round"])):
+        label = r["label"] + (f" (round {r['round'] + 1})" if rounds > 1 else "")
+        if "error" in r:
+            rows.append([label, r["concurrency"], "failed", "—", "—", "—", r["error"][:60], "—"])
+            continue
+        errors = ", ".join([str(r["errors"])] + [f"{k} {v}" for k, v in r.get("error_detail", {}).items()])
+        rss = r.get("peak_rss_kib")
+        rows.append([label, r["concurrency"], fmt_num(r["rps"]), *(fmt_ms(r.get(k)) for k in ("p50_ms", "p99_ms", "mean_ms")),
+                     errors, "—" if not rss else f"{rss / 1024:.1f}"])
+    lines += table(["system", ">c", ">req/s", ">p50 ms", ">p99 ms", ">mean ms", ">errors", ">peak RSS MiB"], rows)
     pg = [r for r in res if r.get("postgres")]
     if pg:
-        lines += ["## PostgreSQL commits per counted batch (web GET /)", "",
+        lines += ["", "## PostgreSQL commits per counted batch (web GET /)", "",
                   f"Commits: `xact_commit` of the database over the measured run, minus the bench's own reads; "
                   f"batches and confirmations: summed over the replicas' `/metrics`. Targets: ≤ {CPB_TARGET[1]:g} "
-                  f"with 1 replica, ≤ {CPB_TARGET[REPLICAS]:g} with {REPLICAS}.", "",
-                  "| replicas | c | req/s | batches | commits | commits/batch | ÷ target | sent ahead | after | again |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in pg:
-            d, t = r["postgres"], CPB_TARGET.get(r["replicas"])
-            cpb = d["commits_per_batch"]
-            lines.append(f"| {r['replicas']} | {r['concurrency']} | {fmt_rps(r['rps'])} | {d['batches']:,} | "
-                         f"{d['commits']:,} | {'—' if cpb is None else f'{cpb:.3f}'} | "
-                         f"{'—' if cpb is None or not t else f'{cpb / t:.2f}×'} | "
-                         + " | ".join(f"{d[k]:,}" for k in CONFIRMED) + " |")
+                  f"with 1 replica, ≤ {CPB_TARGET[REPLICAS]:g} with {REPLICAS}.", ""]
+        lines += table([">replicas", ">c", ">req/s", ">batches", ">commits", ">commits/batch", ">÷ target",
+                        ">sent ahead", ">after", ">again"],
+                       [[r["replicas"], r["concurrency"], fmt_num(r["rps"]), f"{d['batches']:,}", f"{d['commits']:,}",
+                         "—" if cpb is None else f"{cpb:.3f}", "—" if cpb is None else f"{cpb / CPB_TARGET[r['replicas']]:.2f}×",
+                         *(f"{d[k]:,}" for k in CONFIRMED)]
+                        for r in pg for d in [r["postgres"]] for cpb in [d["commits_per_batch"]]])
         one, many = get(res, "web", 64), get(res, "web-3", 64)
-        lines += ["", f"GET / at c=64, {REPLICAS} replicas ÷ 1: {many['rps'] / one['rps']:.2f}× the requests per second."
-                  if one and many else "", ""]
-    lines += [
-              "## Targets (c=64 unless noted)", "",
-              "| measure | value | target | met |", "|---|---:|---:|:---:|"]
+        if one and many:
+            lines += ["", f"GET / at c=64, {REPLICAS} replicas ÷ 1: {many['rps'] / one['rps']:.2f}× the requests per second."]
+    lines += ["", "## Targets (c=64 unless noted)", ""]
     if rounds > 1:
-        lines[-2:-2] = [f"With {rounds} rounds (web and nginx in turn): each ratio of requests per second is the median of "
-                        "the rounds' ratios; other values are medians over the rounds (errors: summed).", ""]
-    for r in doc["ratios"]:
-        tgt = ("≥ " if r["cmp"] == "ge" else "≤ ") + f"{r['target']:g}"
-        lines.append(f"| {r['name']} | {r['shown']} | {tgt} | {({True: 'yes', False: '**no**'}).get(r['met'], '—')} |")
-    lines.append("")
-    extra = [f"web peak RSS (VmHWM) {m['web_peak_rss_kib'] / 1024:.1f} MiB (idle after start "
-             f"{(m.get('web_rss_idle_kib') or 0) / 1024:.1f} MiB)"] if m.get("web_peak_rss_kib") else []
-    for key, who in (("flask-dev", ""), ("gunicorn", " (master + workers)")):
-        rss = [r["peak_rss_kib"] for r in res if r["system"] == key and r.get("peak_rss_kib")]
-        extra += [f"{key} peak RSS {max(rss) / 1024:.1f} MiB{who}"] if rss else []
-    if m.get("web_sigterm_exit"):
-        extra.append("web SIGTERM after the run: exit {code} in {seconds} s".format(**m["web_sigterm_exit"]))
-    lines += [f"Also: {'; '.join(extra)}.", ""] if extra else []
-    lines += [f"Notes: {'; '.join(doc['notes'])}", ""] if doc.get("notes") else []
-    return "\n".join(lines)
+        lines += [f"With {rounds} rounds (web and nginx in turn): each ratio of requests per second is the median of "
+                  "the rounds' ratios; other values are medians over the rounds (errors: summed).", ""]
+    lines += table(["measure", ">value", ">target", "met"],
+                   [[r["name"], "—" if r["value"] is None else fmt_num(r["value"]) + ("×" if "÷" in r["name"] else ""),
+                     f"{r['cmp']} {r['target']:g}", {True: "yes", False: "**no**"}.get(r["met"], "—")]
+                    for r in doc["ratios"]])
+    if m.get("web_peak_rss_kib"):
+        lines += ["", f"web peak RSS (VmHWM) {m['web_peak_rss_kib'] / 1024:.1f} MiB (idle after start "
+                  f"{m['web_rss_idle_kib'] / 1024:.1f} MiB)."]
+    if doc["notes"]:
+        lines += ["", f"Notes: {'; '.join(doc['notes'])}"]
+    return "\n".join(lines) + "\n"
 
 
 def machine_meta():
@@ -457,8 +444,7 @@ def machine_meta():
         m["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     for name, argv in (("wrk", ["wrk", "-v"]), ("rustc", ["rustc", "--version"])):
         r = run(argv, 10)
-        if (r.stdout + r.stderr).strip():
-            m[name] = (r.stdout + r.stderr).strip().splitlines()[0]
+        m[name] = ((r.stdout + r.stderr).strip().splitlines() or ["?"])[0]
     return m
 
 
@@ -474,26 +460,14 @@ def plot(doc, path):
     for ax, key, title in ((axes[0], "rps", "requests per second"), (axes[1], "p99_ms", "p99 latency (ms)")):
         vals = [r.get(key) or 0 for _, r in rows]
         ax.barh([label for label, _ in rows], vals, color="tab:blue" if key == "rps" else "tab:orange")
-        ax.bar_label(ax.containers[0], labels=[fmt_rps(v) if key == "rps" else fmt_ms(v) for v in vals], padding=3)
-        ax.set_title(f"{title}, c=64"), ax.invert_yaxis(), ax.margins(x=0.25)
+        ax.bar_label(ax.containers[0], labels=[fmt_num(v) if key == "rps" else fmt_ms(v) for v in vals], padding=3)
+        ax.set_title(f"{title}, c=64")
+        ax.margins(x=0.25)
+    axes[0].invert_yaxis()  # the first system on top (the axis is shared: inverting each undid it)
     fig.suptitle(f"desafio3 benchmark {doc['date']}: one machine, {doc['meta'].get('cpus')} CPUs, loopback")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_outputs(doc, outdir, stamp):
-    os.makedirs(outdir, exist_ok=True)
-    base = os.path.join(outdir, stamp)
-    with open(base + ".json", "w") as f:
-        f.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    md = markdown(doc)
-    with open(base + ".md", "w") as f:
-        f.write(md + "\n")
-    plot(doc, base + ".png")
-    with open(os.path.join(outdir, "latest.md"), "w") as f:  # a pointer, not a second copy
-        f.write(f"Latest run: [{stamp}.md]({stamp}.md) (numbers: [{stamp}.json]({stamp}.json)).\n")
-    return md
 
 
 def main():
@@ -512,9 +486,8 @@ def main():
         {"concurrency": [1, 16, 64, 256], "duration": 10, "warmup": 2}
     for k, v in defaults.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
-    out = os.path.join(HERE, "results", "quick" if a.quick else "")
 
-    b, today = Bench(a), dt.date.today().isoformat()
+    b = Bench(a)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the servers as Ctrl-C does
     try:
         b.run()
@@ -523,16 +496,25 @@ def main():
         sys.exit(130)
     finally:
         b.close()
+    today, out = dt.date.today().isoformat(), os.path.join(HERE, "results", "quick" if a.quick else "")
     doc = {"date": today, "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "config": {"concurrency": a.concurrency, "duration_s": a.duration, "warmup_s": a.warmup,
                       "http_timeout_s": HTTP_TIMEOUT_S, "quick": a.quick, "systems": a.systems, "rounds": a.rounds},
            "meta": {**machine_meta(), **b.meta}, "results": b.results, "notes": b.notes}
     doc["ratios"] = ratios(doc)
-    print(write_outputs(doc, out, today))
-    log(f"wrote {os.path.join(out, today)}.{{json,md}} and latest.md in {doc['meta']['wall_seconds']} s")
-    failed = [r for r in b.results if "error" in r]
-    if b.notes or failed:
-        log(f"{len(b.notes)} system(s) failed to run, {len(failed)} point(s) failed")
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, today)
+    with open(base + ".json", "w") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(doc))
+    plot(doc, base + ".png")
+    with open(os.path.join(out, "latest.md"), "w") as f:  # a pointer, not a second copy
+        f.write(f"Latest run: [{today}.md]({today}.md) (numbers: [{today}.json]({today}.json)).\n")
+    print(markdown(doc))
+    log(f"wrote {base}.{{json,md,png}} and latest.md in {doc['meta']['wall_seconds']} s")
+    if b.notes or any("error" in r for r in b.results):
+        log(f"{len(b.notes)} note(s), {sum('error' in r for r in b.results)} point(s) failed")
 
 
 if __name__ == "__main__":

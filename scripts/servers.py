@@ -1,23 +1,20 @@
-"""Redis and PostgreSQL for the Python tools: throwaway servers (bench/) and the compose
-stack's containers (tests/e2e/), queried the same way. Standard library only.
+"""Redis, PostgreSQL and processes for the Python tools: the compose stack's containers
+(tests/e2e/) and the benchmark's throwaway servers (bench/), queried the same way. Standard
+library only.
 
-    with throwaway(workdir) as (redis, pg):           # free loopback ports, stopped at exit
-        redis.cmd("PING"); pg.value("SELECT now()")
     Redis.container("cache").cmd("GET", "visitas")    # `docker exec cache redis-cli ...`
     Postgres.container("db", "admin", "desafio3").value("SELECT 1")
+    Redis(["redis-cli", "-p", port]), Postgres(["psql"])  # a local server (psql: PG* variables)
     run(argv, timeout)                                # subprocess.run, bounded, never raising
     http_get(url), wait_for(lambda: ..., timeout)     # one GET; polling until something holds
+    spawn(argv, log), stop(p), free_port(), proc_status(pid)
 
 The one helper of the Python tools (bench/, tests/e2e/); the Rust tests have
 tests/integration/support/.
 """
 
 import contextlib
-import glob
 import os
-import pwd
-import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -69,8 +66,8 @@ def _output(argv, timeout):
 
 
 class Redis:
-    def __init__(self, cli, port=None):
-        self.cli, self.port = cli, port
+    def __init__(self, cli):
+        self.cli = cli
 
     @classmethod
     def container(cls, name, user=None, password=None):
@@ -84,8 +81,8 @@ class Redis:
 
 
 class Postgres:
-    def __init__(self, psql, port=None, password=None, password_file=None, bindir=None):
-        self.psql, self.port, self.password, self.password_file, self.bindir = psql, port, password, password_file, bindir
+    def __init__(self, psql):
+        self.psql = psql
 
     @classmethod
     def container(cls, name, user, db):
@@ -93,17 +90,6 @@ class Postgres:
 
     def value(self, sql, timeout=30):
         return _output([*self.psql, "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout)
-
-
-def pg_bindir():
-    """Directory of initdb/postgres: PATH first, then the newest /usr/lib/postgresql/*/bin."""
-    found = shutil.which("initdb")
-    if found and shutil.which("postgres"):
-        return os.path.dirname(os.path.realpath(found))
-    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    if not cands:
-        raise RuntimeError("PostgreSQL server binaries (initdb, postgres) not found")
-    return os.path.dirname(cands[-1])
 
 
 def free_port():
@@ -119,13 +105,6 @@ def proc_status(pid):
             return {k: v.split() for k, _, v in (line.partition(":") for line in f)}
     except OSError:
         return {}
-
-
-def unprivileged(argv):
-    """initdb and postgres refuse root: run them as `nobody` when we are root."""
-    pw = pwd.getpwnam("nobody")
-    return argv if os.geteuid() else ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-                                      "--", *argv]
 
 
 def spawn(argv, log_path, **kw):
@@ -150,48 +129,3 @@ def stop(p, sig=signal.SIGTERM, timeout=15):
         except subprocess.TimeoutExpired:
             pass
     return p.wait()
-
-
-@contextlib.contextmanager
-def throwaway(workdir, user="admin", db="desafio3", redis_args=(), pg_args=()):
-    """redis-server and PostgreSQL on free loopback ports, data in workdir (an empty directory,
-    given to `nobody` when run as root). PostgreSQL: superuser `user` with a random password
-    (also in workdir/db_password, mode 0644), scram-sha-256 over TCP, trust on its socket in
-    workdir, database `db`. Both are stopped when the block ends, also on errors."""
-    with contextlib.ExitStack() as stack:
-        if os.geteuid() == 0:
-            os.chown(workdir, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
-        os.chmod(workdir, 0o755)
-        password, pwfile = secrets.token_urlsafe(18), os.path.join(workdir, "db_password")
-        with open(pwfile, "w") as f:
-            f.write(password + "\n")
-        os.chmod(pwfile, 0o644)  # initdb reads it as nobody
-
-        def start(name, argv, sig=signal.SIGTERM):  # stopped when the block ends
-            p = spawn(argv, os.path.join(workdir, f"{name}.log"), cwd=workdir)
-            stack.callback(stop, p, sig)
-            return p
-
-        rport = free_port()
-        rproc = start("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", workdir, *redis_args])
-        redis = Redis(["redis-cli", "-p", str(rport)], port=rport)
-
-        bindir = pg_bindir()
-        subprocess.run(unprivileged([f"{bindir}/initdb", "-D", f"{workdir}/pgdata", "-U", user, "--pwfile", pwfile,
-                                     "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8",
-                                     "--locale=C", "--no-sync"]), check=True, stdout=subprocess.DEVNULL, cwd=workdir)
-        pport = free_port()
-        pproc = start("postgres", unprivileged([f"{bindir}/postgres", "-D", f"{workdir}/pgdata", "-p", str(pport),
-                                                "-c", "listen_addresses=127.0.0.1",
-                                                "-c", f"unix_socket_directories={workdir}", *pg_args]),
-                      signal.SIGINT)  # postgres' fast stop
-        psql = shutil.which("psql", path=bindir) or "psql"
-        socket_psql = [psql, "-h", workdir, "-p", str(pport), "-U", user, "--no-psqlrc"]
-        for name, proc, ready in (("redis", rproc, lambda: redis.cmd("PING") == "PONG"),
-                                  ("postgres", pproc, lambda: Postgres(socket_psql + ["-d", "postgres"]).value("SELECT 1"))):
-            if not wait_for(ready, proc=proc):
-                raise RuntimeError(f"{name} did not start (rc {proc.poll()}): see {workdir}/{name}.log")
-        Postgres(socket_psql + ["-d", "postgres"]).value(f'CREATE DATABASE "{db}"')
-        yield redis, Postgres(socket_psql + ["-d", db], port=pport, password=password, password_file=pwfile,
-                              bindir=bindir)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the stand-ins of the end-to-end suite locally, for an engine that cannot pull the
-# official images: desafio3-test/{redis,postgres,prometheus,rust}:latest, on one debootstrap root filesystem
+# official images: desafio3-test/{redis,postgres,prometheus,rust}:latest, on one mmdebstrap root filesystem
 # (cached in ~/.cache/desafio3) plus tests/e2e/standins/*. The web image itself is built from the
 # Dockerfile by `docker compose up --build`, as a user builds it. See tests/e2e/README.md.
 #   tests/e2e/images.sh [standins|rootfs]
@@ -38,45 +38,28 @@ host_mirror() {
 
 # ---------------------------------------------------------------------------------------------
 # The root filesystem. Its cache key is the hash of this function's text and its parameters.
+# mmdebstrap keeps daemons from starting, mounts /proc and cleans apt's lists and caches itself.
+# The hooks: no cluster (the entrypoint initialises $PGDATA, like the official one), no docs nor
+# PostgreSQL's optional LLVM JIT (~140 MB; without it JIT simply stays off); the data
+# directories of the official images, with their owners (prometheus: nobody).
 build_rootfs() {
-    local out="$1" mirror="$2" work
-    work="$(mktemp -d "$CACHE_DIR/rootfs-work.XXXXXX")"
-    local r="$work/root"
-    # shellcheck disable=SC2064
-    trap "as_root umount '$r/proc' 2>/dev/null || true; as_root rm -rf '$work'" EXIT
-    log "debootstrap $SUITE ($ARCH, minbase) ${mirror:-<debootstrap default mirror>} — a few minutes"
-    as_root debootstrap --variant=minbase --arch="$ARCH" "$SUITE" "$r" ${mirror:+"$mirror"} >"$work/log" 2>&1 ||
-        { tail -n 30 "$work/log" >&2; die "debootstrap failed (log above)"; }
-    printf '#!/bin/sh\nexit 101\n' | as_root install -m 755 /dev/stdin "$r/usr/sbin/policy-rc.d"  # no daemon starts
-    as_root mount -t proc proc "$r/proc"
-    local packages
-    read -ra packages <<<"$PACKAGES"
-    local apt=(env DEBIAN_FRONTEND=noninteractive LC_ALL=C chroot "$r" apt-get -q -y -o APT::Install-Recommends=false
-               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    log "installing: $PACKAGES"
-    # postgresql-common first, set to make no cluster: the entrypoint initialises $PGDATA, like the official one
-    { "${apt[@]}" update && "${apt[@]}" install postgresql-common &&
-        as_root sed -i -E 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' \
-            "$r/etc/postgresql-common/createcluster.conf" &&
-        "${apt[@]}" install "${packages[@]}" && "${apt[@]}" clean; } >>"$work/log" 2>&1 ||
-        { tail -n 30 "$work/log" >&2; die "apt-get in the chroot failed (log above)"; }
-    as_root umount "$r/proc"
-    as_root test -x "$r/usr/bin/setpriv" -a -d "$r/usr/lib/postgresql" || die "setpriv or postgres missing"
-    # docs, caches, and PostgreSQL's optional LLVM JIT (~140 MB; without it JIT simply stays off)
-    as_root rm -rf "$r/usr/sbin/policy-rc.d" "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin "$r"/var/log/*.log \
-        "$r"/var/log/apt/* "$r"/tmp/* "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/locale/* \
-        "$r"/usr/share/i18n "$r"/usr/lib/postgresql/*/lib/llvmjit* "$r"/usr/lib/postgresql/*/lib/bitcode \
-        "$r"/usr/lib/*-linux-gnu/libLLVM-*.so* "$r"/usr/lib/*-linux-gnu/libz3.so*
-    as_root mkdir -p "$r/data" "$r/var/lib/postgresql/data" "$r/docker-entrypoint-initdb.d" "$r/prometheus"
-    as_root chroot "$r" sh -c 'chown redis:redis /data && chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data'
-    as_root chroot "$r" chown nobody:nogroup /prometheus  # the official image's user and data directory
-    as_root chmod 700 "$r/var/lib/postgresql/data"
-    as_root tar --numeric-owner --xattrs -C "$r" -cf "$work/rootfs.tar" --exclude='./proc/*' --exclude='./sys/*' \
-        --exclude='./dev/*' .
-    as_root chown "$(id -u):$(id -g)" "$work/rootfs.tar"
-    mv "$work/rootfs.tar" "$out"
-    as_root rm -rf "$work"
-    trap - EXIT
+    local out="$1" mirror="$2"
+    log "mmdebstrap $SUITE ($ARCH, minbase) ${mirror:-<the default mirror>} — a few minutes"
+    # shellcheck disable=SC2016 # "$1" is the root filesystem, for mmdebstrap's hooks
+    as_root mmdebstrap --variant=minbase --format=tar --architectures="$ARCH" --include="${PACKAGES// /,}" \
+        --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/i18n/*' \
+        --customize-hook='test -x "$1/usr/bin/setpriv" -a -d "$1/usr/lib/postgresql"' \
+        --customize-hook='rm -rf "$1"/etc/postgresql/* "$1"/var/lib/postgresql/* "$1"/var/log/postgresql/* \
+            "$1"/usr/lib/postgresql/*/lib/llvmjit* "$1"/usr/lib/postgresql/*/lib/bitcode \
+            "$1"/usr/lib/*-linux-gnu/libLLVM-*.so* "$1"/usr/lib/*-linux-gnu/libz3.so* "$1"/var/log/*.log "$1"/var/log/apt/*' \
+        --customize-hook='mkdir -p "$1/data" "$1/var/lib/postgresql/data" "$1/docker-entrypoint-initdb.d" "$1/prometheus" &&
+            chmod 700 "$1/var/lib/postgresql/data" && chroot "$1" chown nobody:nogroup /prometheus &&
+            chroot "$1" sh -c "chown redis:redis /data && chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data"' \
+        "$SUITE" "$out.part" ${mirror:+"$mirror"} >"$CACHE_DIR/rootfs.log" 2>&1 </dev/null ||
+        { tail -n 30 "$CACHE_DIR/rootfs.log" >&2; die "mmdebstrap failed (log above)"; }
+    as_root chown "$(id -u):$(id -g)" "$out.part"
+    mv "$out.part" "$out"
 }
 
 rootfs_hash() {
@@ -90,8 +73,7 @@ ensure_rootfs() {
         log "root filesystem cached: $ROOTFS_TAR"
         return
     fi
-    command -v debootstrap >/dev/null || "$ROOT/scripts/ensure-packages" debootstrap \
-        || die "cannot install debootstrap"
+    "$ROOT/scripts/ensure-packages" mmdebstrap:mmdebstrap || die "cannot install mmdebstrap"
     local t0=$SECONDS
     build_rootfs "$ROOTFS_TAR" "$(host_mirror || true)"
     log "root filesystem built in $((SECONDS - t0)) s: $ROOTFS_TAR ($(du -m "$ROOTFS_TAR" | cut -f1) MB)"

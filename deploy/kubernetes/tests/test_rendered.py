@@ -1,8 +1,10 @@
 """Holds the rendered Kubernetes manifests (K8S_RENDERED_DIR/{base,dev,managed}.yaml, made by
 ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to what
 deploy/kubernetes/README.md promises ("Offline checks", item 3): this project's own facts. What
-Pod Security "restricted" enforces on every pod (the namespace's label, asserted here) and the
-schemas (`kubernetes-validate --strict`) are left to them. pytest plus PyYAML."""
+Pod Security "restricted" enforces on every pod (the namespace's label, asserted here: non-root,
+no privilege escalation, all capabilities dropped and none but NET_BIND_SERVICE added, seccomp),
+what Kubernetes does anyway (Secret volumes are read-only) and the schemas
+(`kubernetes-validate --strict`, API versions included) are left to them. pytest plus PyYAML."""
 
 import base64
 import hashlib
@@ -69,9 +71,7 @@ def container(workload):
 
 def effective_security(workload, c):
     """Container securityContext over the pod's (the container's fields win)."""
-    eff = dict(workload["spec"]["template"]["spec"].get("securityContext", {}))
-    eff.update(c.get("securityContext", {}))
-    return eff
+    return {**workload["spec"]["template"]["spec"].get("securityContext", {}), **c.get("securityContext", {})}
 
 
 def port_number(c, port):
@@ -79,35 +79,29 @@ def port_number(c, port):
     return port if isinstance(port, int) else names[port]
 
 
-def mounted_secrets(objs, workload, c):
-    """{file path in the container: (Secret, key)} for every Secret key its mounts show, from
+def secret_files(objs, workload):
+    """{file path in the container: (key, text)} for every Secret key its mounts show, from
     `secret` volumes and the Secret sources of `projected` ones."""
     volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
     files = {}
-    for m in c.get("volumeMounts", []):
+    for m in container(workload).get("volumeMounts", []):
         vol = volumes.get(m["name"], {})  # none: a volumeClaimTemplate
         sources = [vol["secret"]] if "secret" in vol else [
             src["secret"] for src in vol.get("projected", {}).get("sources", []) if "secret" in src]
         for src in sources:
-            assert m.get("readOnly") is True, f"secret mount {m['mountPath']} must be readOnly"
-            secret = one(objs, "Secret", src.get("secretName") or src.get("name"))
-            items = src.get("items") or [{"key": k, "path": k} for k in secret.get("data", {})]
-            files.update({m["mountPath"].rstrip("/") + "/" + i["path"]: (secret, i["key"]) for i in items})
+            data = one(objs, "Secret", src.get("secretName") or src.get("name")).get("data", {})
+            for i in src.get("items") or [{"key": k, "path": k} for k in data]:
+                assert i["key"] in data, f"{m['mountPath']}: the Secret has no key {i['key']}"
+                files[f"{m['mountPath'].rstrip('/')}/{i['path']}"] = (i["key"], base64.b64decode(data[i["key"]]).decode())
     return files
 
 
-def mounted_secret_file(objs, workload, c, path):
-    """(Secret object, key) of a file path inside the container, or fail."""
-    files = mounted_secrets(objs, workload, c)
-    assert path in files, f"{path} is not a mounted Secret key of {c['name']} ({sorted(files)})"
-    secret, key = files[path]
-    assert key in secret.get("data", {}), f"Secret {secret['metadata']['name']} has no key {key}"
-    return secret, key
-
-
-def secret_text(objs, workload, c, path):
-    secret, key = mounted_secret_file(objs, workload, c, path)
-    return base64.b64decode(secret["data"][key]).decode()
+def secret_file(objs, workload, path):
+    """(key, text) of the Secret mounted at a file path inside the container, or fail."""
+    files = secret_files(objs, workload)
+    paths = sorted(files)  # a failure shows these, never the passwords
+    assert path in paths, f"{path} is not a mounted Secret key"
+    return files[path]
 
 
 def flows(rules, side):
@@ -167,11 +161,9 @@ def test_prometheus_rules_configmap(web):  # README.md "Monitoring": the compose
     assert one(web.objs, "ConfigMap", "web-prometheus-rules")["data"] == {"web.rules.yml": rules}
 
 
-def test_image_ports_resources(web):
+def test_image_and_ports(web):
     assert re.search(r"(^|/)desafio3-web(:[\w.-]+)?$", web.c["image"])
     assert (port_number(web.c, "http"), port_number(web.c, "admin")) == (5000, 9090)
-    for part in ("requests", "limits"):
-        assert {"cpu", "memory"} <= set(web.c["resources"].get(part, {})), part
 
 
 def test_env_follows_the_contract(web):
@@ -184,10 +176,9 @@ def test_password_is_a_mounted_secret_file(web):
     for var in ("DATABASE_URL", "REDIS_URL"):  # web's own users; each password from its file
         url = urlsplit(web.env[var][1])
         assert (url.username, url.password) == ("web", None), var
-        mounted_secret_file(web.objs, web.dep, web.c, web.env[var.replace("URL", "PASSWORD_FILE")][1])
-    assert not any("PASSWORD" in n and not n.endswith("_FILE") for n in web.env)
+        secret_file(web.objs, web.dep, web.env[var.replace("URL", "PASSWORD_FILE")][1])
     # and no other secret: not the admin's database password, not the Redis ACL
-    assert {key for _, key in mounted_secrets(web.objs, web.dep, web.c).values()} == {"web_db_password", "redis_password"}
+    assert {key for key, _ in secret_files(web.objs, web.dep).values()} == {"web_db_password", "redis_password"}
 
 
 def test_probes_and_scrapes_on_the_admin_port(web):  # readiness never follows the shared /readyz
@@ -200,10 +191,10 @@ def test_probes_and_scrapes_on_the_admin_port(web):  # readiness never follows t
     assert (ann["prometheus.io/port"], ann["prometheus.io/path"]) == ("9090", "/metrics")
 
 
-def test_security_context(web):  # the image's user, nothing added, no service account token
+def test_user_and_no_token(web):  # the image's user; no service account token
     sc = effective_security(web.dep, web.c)
     assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (WEB_UID, WEB_UID)
-    assert not sc.get("capabilities", {}).get("add")
+    assert not sc.get("capabilities", {}).get("add"), "restricted allows NET_BIND_SERVICE; web needs none"
     assert web.dep["spec"]["template"]["spec"].get("automountServiceAccountToken") is False
 
 
@@ -247,11 +238,11 @@ def test_replicas_budget_and_autoscaling(web):
     replicas, pdb = web.dep["spec"]["replicas"], one(web.objs, "PodDisruptionBudget", "web")["spec"]
     assert replicas >= 2
     assert 1 <= int(pdb.get("maxUnavailable", pdb.get("minAvailable"))) < replicas
-    hpa = one(web.objs, "HorizontalPodAutoscaler", "web")
-    spec, ref = hpa["spec"], hpa["spec"]["scaleTargetRef"]
-    assert (hpa["apiVersion"], ref["kind"], ref["name"]) == ("autoscaling/v2", "Deployment", "web")
+    spec = one(web.objs, "HorizontalPodAutoscaler", "web")["spec"]
+    assert (spec["scaleTargetRef"]["kind"], spec["scaleTargetRef"]["name"]) == ("Deployment", "web")
     assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
     assert "cpu" in [m.get("resource", {}).get("name") for m in spec["metrics"]], "no CPU metric"
+    assert "cpu" in web.c["resources"]["requests"], "CPU utilisation is a share of the request"
 
 
 def test_namespace_enforces_restricted(web):  # so every pod meets Pod Security "restricted" at admission
@@ -265,7 +256,7 @@ def test_every_container_read_only_with_limits(web):  # what "restricted" does n
     for w in find(web.objs, "Deployment") + find(web.objs, "StatefulSet"):
         for c in w["spec"]["template"]["spec"]["containers"]:
             assert effective_security(w, c).get("readOnlyRootFilesystem") is True, f"{w['metadata']['name']}/{c['name']}"
-            assert "limits" in c.get("resources", {}), f"{w['metadata']['name']}/{c['name']}"
+            assert {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})), f"{w['metadata']['name']}/{c['name']}"
 
 
 def test_dev_web_points_at_in_cluster_services(dev):
@@ -308,7 +299,7 @@ def test_dev_cache_statefulset(dev):
                          "--dir", "/data", "--aclfile", "/run/secrets/redis_acl"]
     # the passwords: hashed in the ACL file (test_dev_secrets_agree), admin's for the probes
     assert c["env"] == [{"name": "REDIS_ADMIN_PASSWORD_FILE", "value": "/run/secrets/redis_admin_password"}]
-    assert mounted_secret_file(dev.objs, sts, c, c["env"][0]["value"])[1] == "redis_admin_password"
+    assert secret_file(dev.objs, sts, c["env"][0]["value"])[0] == "redis_admin_password"
     # the counting functions and their loader, the files compose mounts, where compose mounts them
     functions = next(m for m in c["volumeMounts"] if m["mountPath"] == "/usr/local/lib/desafio3")
     ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == functions["name"])
@@ -326,7 +317,7 @@ def test_dev_db_statefulset(dev):
     assert pgdata.startswith(mount + "/") and len(pgdata) > len(mount) + 1, pgdata
     # the admin's password, and role web's for the init script (run on an empty volume's first start)
     for var, key in (("POSTGRES_PASSWORD_FILE", "db_password"), ("WEB_DB_PASSWORD_FILE", "web_db_password")):
-        assert mounted_secret_file(dev.objs, sts, c, env[var]["value"])[1] == key
+        assert secret_file(dev.objs, sts, env[var]["value"])[0] == key
     init = [m for m in c["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d"]
     assert len(init) == 1, "no /docker-entrypoint-initdb.d"
     ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == init[0]["name"])
@@ -338,18 +329,18 @@ def test_dev_db_statefulset(dev):
 def test_dev_secrets_agree(dev):
     """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
     hashes, web's database password the one db gives role web, the admin's another."""
-    web = lambda var: secret_text(dev.objs, dev.dep, dev.c, dev.env[var][1])  # noqa: E731
+    web = lambda var: secret_file(dev.objs, dev.dep, dev.env[var][1])[1]  # noqa: E731
     db, cache = one(dev.objs, "StatefulSet", "db"), one(dev.objs, "StatefulSet", "cache")
     db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
-    in_db = lambda var: secret_text(dev.objs, db, container(db), db_env[var])  # noqa: E731
+    in_db = lambda var: secret_file(dev.objs, db, db_env[var])[1]  # noqa: E731
     assert in_db("WEB_DB_PASSWORD_FILE") == web("DATABASE_PASSWORD_FILE")
     assert in_db("POSTGRES_PASSWORD_FILE") != web("DATABASE_PASSWORD_FILE")
     args = container(cache)["args"]
-    acl = secret_text(dev.objs, cache, container(cache), args[args.index("--aclfile") + 1])
+    acl = secret_file(dev.objs, cache, args[args.index("--aclfile") + 1])[1]
     password = web("REDIS_PASSWORD_FILE").strip()
     assert re.search(rf"(?m)^user web on #{hashlib.sha256(password.encode()).hexdigest()} ", acl)
     assert re.search(r"(?m)^user default on nopass .*-@all \+ping$", acl)
-    admin = secret_text(dev.objs, cache, container(cache), "/run/secrets/redis_admin_password").strip()
+    admin = secret_file(dev.objs, cache, "/run/secrets/redis_admin_password")[1].strip()
     assert re.search(rf"(?m)^user admin on #{hashlib.sha256(admin.encode()).hexdigest()} ", acl)
     assert password not in acl + " ".join(args) and admin != password
 
