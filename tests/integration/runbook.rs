@@ -7,22 +7,30 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tempfile::TempDir;
+
 use crate::support::{
     DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, get_page,
     http_client, inject,
 };
 
-/// The development secrets the compose stack uses, as a fresh clone has them.
-fn dev_secret(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("secrets/dev")
-        .join(name)
+/// The compose stack's secrets as its first start writes them (`web secrets`, one directory
+/// per consumer), in a temporary directory.
+fn stack_secrets() -> TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    desafio3::secrets::write(dir.path()).expect("web secrets");
+    dir
+}
+
+/// A file of `stack_secrets`: `consumer/name`.
+fn secret(dir: &TempDir, path: &str) -> PathBuf {
+    dir.path().join(path)
 }
 
 /// Gives the test Redis the compose stack's users, from its ACL file: `web` (its keys and
-/// commands) and `default` (PING only). The harness's own helpers stop working afterwards.
-fn apply_dev_acl(redis: &Redis) {
-    let acl = std::fs::read_to_string(dev_secret("redis_users.acl")).expect("ACL file");
+/// commands), `admin` and `default` (PING only). The harness's own helpers stop working afterwards.
+fn apply_stack_acl(redis: &Redis, secrets: &TempDir) {
+    let acl = std::fs::read_to_string(secret(secrets, "cache/redis_users.acl")).expect("ACL file");
     let mut conn = redis::Client::open(redis.url())
         .and_then(|c| c.get_connection())
         .expect("connecting to redis");
@@ -40,11 +48,11 @@ fn apply_dev_acl(redis: &Redis) {
 }
 
 /// README's `redis-cli --user web --askpass ...` with the password on stdin.
-fn redis_cli_as_web(redis: &Redis, args: &[&str]) -> String {
+fn redis_cli_as_web(redis: &Redis, secrets: &TempDir, args: &[&str]) -> String {
     let output = Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "--user", "web", "--askpass"])
         .args(args)
-        .stdin(std::fs::File::open(dev_secret("redis_password")).expect("password"))
+        .stdin(std::fs::File::open(secret(secrets, "web/redis_password")).expect("password"))
         .stderr(Stdio::inherit())
         .output()
         .expect("running redis-cli");
@@ -82,7 +90,8 @@ fn assert_unique(counts: &[i64]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     let redis = Redis::start();
-    apply_dev_acl(&redis);
+    let secrets = stack_secrets();
+    apply_stack_acl(&redis, &secrets);
     let pg = Postgres::start();
     let env = Env::new(
         &format!("redis://web@127.0.0.1:{}/0", redis.port),
@@ -90,7 +99,9 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     )
     .set(
         "REDIS_PASSWORD_FILE",
-        dev_secret("redis_password").to_str().expect("utf-8 path"),
+        secret(&secrets, "web/redis_password")
+            .to_str()
+            .expect("utf-8 path"),
     );
     let app = TestApp::spawn_ready(env).await;
     let mut before = Vec::new();
@@ -105,7 +116,7 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     }
 
     // Only `web`'s user may write the key at all: the poison comes through it.
-    assert!(redis_cli_as_web(&redis, &["SET", "visitas", "not-a-count"]).contains("OK"));
+    assert!(redis_cli_as_web(&redis, &secrets, &["SET", "visitas", "not-a-count"]).contains("OK"));
     let (status, page) = app.visit().await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["status"], "degraded", "{page}");
@@ -121,7 +132,7 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     }
 
     // The repair: any plausible value below the count; web raises it from PostgreSQL.
-    assert!(redis_cli_as_web(&redis, &["SET", "visitas", "0"]).contains("OK"));
+    assert!(redis_cli_as_web(&redis, &secrets, &["SET", "visitas", "0"]).contains("OK"));
     let mut after = Vec::new();
     for _ in 0..5 {
         let (status, page) = app.visit().await;
@@ -140,7 +151,7 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     );
     let all: Vec<i64> = before.iter().chain(&after).copied().collect();
     assert_unique(&all);
-    let in_redis = redis_cli_as_web(&redis, &["GET", "visitas"]);
+    let in_redis = redis_cli_as_web(&redis, &secrets, &["GET", "visitas"]);
     assert!(
         in_redis.contains(&after.iter().max().expect("counts").to_string()),
         "Redis counts again: {in_redis}"
