@@ -4,6 +4,7 @@
 pub mod config;
 pub mod healthcheck;
 pub mod http;
+pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -1,12 +1,13 @@
 //! `web` serves the page; `web healthcheck [--ready]` probes a running `web` (for container
 //! healthchecks, and readiness where the admin port is not reachable); `web metrics` prints
-//! its `/metrics` from inside the container, where the admin port is reachable.
+//! its `/metrics` from inside the container, where the admin port is reachable; `web secrets
+//! DIR` writes the stack's passwords (src/secrets.rs), as the image has no shell to do it.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use desafio3::config::{self, Config};
-use desafio3::{Application, healthcheck, shutdown, telemetry};
+use desafio3::{Application, healthcheck, secrets, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -17,12 +18,13 @@ fn main() -> ExitCode {
             check_health(config::admin_port_from_env(), "/readyz")
         }
         (Some("metrics"), None) => print_metrics(config::admin_port_from_env()),
+        (Some("secrets"), Some(dir)) if args.next().is_none() => write_secrets(&dir),
         (Some("--version" | "-V"), None) => {
             println!("web {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: web [healthcheck [--ready] | metrics | --version]");
+            eprintln!("usage: web [healthcheck [--ready] | metrics | secrets DIR | --version]");
             ExitCode::from(2)
         }
     }
@@ -95,6 +97,16 @@ fn print_metrics(admin_port: Result<u16, config::ConfigError>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("metrics unavailable: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write_secrets(dir: &str) -> ExitCode {
+    match secrets::write(std::path::Path::new(dir)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("web secrets: {e:#}");
             ExitCode::FAILURE
         }
     }

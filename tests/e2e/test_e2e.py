@@ -6,6 +6,7 @@ stack they need is started for them whatever is left out."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import logging
@@ -229,9 +230,11 @@ def doc_block(doc: Path, key: str = "") -> str:
 
 
 def doc_env(home: Path) -> dict[str, str]:
-    """The environment a documented command runs in: this suite's project and files."""
+    """The environment a documented command runs in: this suite's project and files; the user's own
+    Docker configuration and Rust toolchain (scripts/make-secrets runs cargo), not the throwaway $HOME's."""
     return dict(COMPOSE_ENV, HOME=str(home), COMPOSE_PROJECT_NAME=PROJECT, COMPOSE_FILE=os.pathsep.join(map(str, FILES)),
-                DOCKER_CONFIG=os.environ.get("DOCKER_CONFIG", str(Path.home() / ".docker")))
+                **{v: os.environ.get(v, str(Path.home() / d)) for v, d in
+                   (("DOCKER_CONFIG", ".docker"), ("CARGO_HOME", ".cargo"), ("RUSTUP_HOME", ".rustup"))})
 
 
 def run_recipe(home: Path, key: str, doc: Path = README, then: str = "", cwd: Path = ROOT):
@@ -305,10 +308,23 @@ def engine(request):
         cleanup()
 
 
+def secrets_files(home: Path) -> dict[str, str]:
+    """The one-shot's files by volume ("db/db_password", ...), read by a container of db's image (web's
+    has no cat), and "documented": the output of secrets/README.md's commands that read passwords."""
+    vols = [a for c in ("db", "cache", "web") for a in ("-v", f"{PROJECT}_secrets-{c}:/v/{c}:ro")]
+    p = ok(run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "grep", *vols,
+                inspect("db")["db"]["Config"]["Image"], "-r", "", "/v"], 60))
+    files: dict[str, str] = {"documented": ok(run_recipe(home, "test_first_run", ROOT / "secrets/README.md")).stdout}
+    for path, _, line in (line.partition(":") for line in p.stdout.splitlines()):
+        files[path.removeprefix("/v/")] = files.get(path.removeprefix("/v/"), "") + line + "\n"
+    return files
+
+
 @pytest.fixture(scope="session")
 def first_run(engine, home):
-    """README's first command exactly as written, in the foreground as a newcomer runs it, then
-    Ctrl-C; its volumes are then removed: the password recipe needs fresh ones."""
+    """README's first command exactly as written, in the foreground as a newcomer runs it, its
+    passwords read; Ctrl-C; a second `up` (passwords kept); its volumes are then removed: the
+    password recipe needs fresh ones."""
     command = doc_block(README, "test_first_run").strip().splitlines()[0]
     info(f"running README.md's first command as written: $ {command}")
     log, t0 = (home / "first-run.log").open("w"), time.time()
@@ -318,6 +334,9 @@ def first_run(engine, home):
         wait_for(lambda: proc.poll() is not None or all(health(n) == "healthy" for n in NAMES), FIRST_RUN_TIMEOUT_S, 1)
         res = SimpleNamespace(command=command, dt=time.time() - t0, up=proc.poll() is None, page=get(),
                               image=inspect("web").get("web", {}).get("Image", ""))
+        res.secrets = secrets_files(home) if res.up else {}
+        res.whoami = run(["docker", "exec", "cache", "sh", "-c", "redis-cli --user admin --askpass ACL WHOAMI "
+                          "< /run/secrets/redis_admin_password"], 30).stdout.strip()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: compose stops the containers, then exits
@@ -326,6 +345,8 @@ def first_run(engine, home):
         log.close()
     res.rc, res.output = proc.returncode, last_lines((home / "first-run.log").read_text(), 8)
     res.running = [n for n, d in inspect(*NAMES).items() if d["State"]["Running"]]
+    again = compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
+    res.kept = secrets_files(home) if again.returncode == 0 and wait_healthy() else {"up": last_lines(again.stderr)}
     ok(compose("down", "-v", timeout=120))
     LEDGER.append({"values": [], "nocount": 0})
     return res
@@ -333,10 +354,10 @@ def first_run(engine, home):
 
 @pytest.fixture(scope="session")
 def stack(engine, home):
-    """The stack as secrets/README.md's real-password recipe starts it; returns its passwords by file."""
+    """The stack as secrets/README.md's bring-your-own recipe starts it; returns its passwords by file."""
     recipe = []
     then = 'echo "recipe-dir=$DESAFIO3_SECRETS"\n'
-    dt = stack_up(lambda: recipe.append(run_recipe(home, "", ROOT / "secrets/README.md", then)) or recipe[0])
+    dt = stack_up(lambda: recipe.append(run_recipe(home, "TestUp", ROOT / "secrets/README.md", then)) or recipe[0])
     secrets_dir = Path(re.search(r"^recipe-dir=(.+)$", recipe[0].stdout, re.M)[1])
     COMPOSE_ENV["DESAFIO3_SECRETS"] = str(secrets_dir)  # for the suite's later `up`s
     modes = {f.name: oct(f.stat().st_mode & 0o777) for f in sorted(secrets_dir.iterdir())}
@@ -368,12 +389,35 @@ class TestFirstRun:
         assert first_run.rc is not None, "compose still runs after Ctrl-C"
         assert first_run.running == [], "still running after Ctrl-C"
 
+    def test_passwords_generated_and_kept(self, first_run):
+        """No secrets directory: the one-shot wrote fresh passwords into the volumes, nowhere in git,
+        the ACL hashing them, secrets/README.md's commands reading them; a second `up` kept them."""
+        files = first_run.secrets
+        pw = {f: v.strip() for f, v in files.items() if f.endswith("password")}
+        assert sorted(pw) == ["cache/redis_admin_password", "db/db_password", "db/web_db_password",
+                              "web/redis_password", "web/web_db_password"], sorted(files)
+        assert all(re.fullmatch(r"[0-9a-f]{64}", v) for v in pw.values()) and len(set(pw.values())) == 4
+        assert pw["db/web_db_password"] == pw["web/web_db_password"]
+        assert files["documented"].split() == [pw["db/db_password"], pw["cache/redis_admin_password"]]
+        for user, f in (("web", "web/redis_password"), ("admin", "cache/redis_admin_password")):
+            assert f"\nuser {user} on #{hashlib.sha256(pw[f].encode()).hexdigest()} " in files["cache/redis_users.acl"]
+        assert first_run.whoami.endswith("admin"), first_run.whoami
+        assert run(["git", "grep", "-qF", *(a for v in pw.values() for a in ("-e", v)), "HEAD"], 60).returncode == 1
+        history = ok(run(["git", "log", "--all", "-p", "--", "secrets"], 60)).stdout
+        assert not [f for f, v in pw.items() if v in history], "a password from git's history"
+        assert first_run.kept == files, "a second `up` changed the passwords"
+
 
 class TestUp:
-    """The stack from the real-password recipe: the contract, 1-2-3, readiness, the seed's checks."""
+    """The stack from the bring-your-own recipe: the contract, 1-2-3, readiness, the seed's checks."""
 
-    def test_up(self, stack):
-        assert set(stack) == {"db_password", "web_db_password", "redis_password", "redis_admin_password"} and all(stack.values())
+    def test_up(self, stack, home):  # the passwords brought won over the fresh volumes' own
+        assert set(stack) == {"db_password", "web_db_password", "redis_password", "redis_admin_password"} \
+            and all(stack.values())
+        vols = {f: v.strip() for f, v in secrets_files(home).items()}
+        assert (vols["db/db_password"], vols["web/web_db_password"], vols["web/redis_password"],
+                vols["cache/redis_admin_password"]) == \
+            (stack["db_password"], stack["web_db_password"], stack["redis_password"], stack["redis_admin_password"])
 
     def test_contract(self, first_page):
         r, hora = first_page, (first_page.json or {}).get("hora_db")

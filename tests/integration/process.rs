@@ -397,7 +397,7 @@ fn an_unreadable_password_file_exits_2_naming_the_variable_and_the_permission_pr
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    // The line secrets/README.md quotes.
+    // The whole line, as an operator sees it: the variable, the path, the cause and the fix.
     let expected = format!(
         "invalid configuration: DATABASE_PASSWORD_FILE: cannot read {secret:?}: Permission denied (os error 13) \
          (the image runs web as uid 65532: the file must be readable by it)"

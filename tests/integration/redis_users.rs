@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, Postgres, Redis, TestApp, count_of, dev_secret, inject};
+use crate::support::{Env, Postgres, Redis, TestApp, count_of, inject, stack_secret};
 
 /// A connection to `redis` as one of the stack's users, with its password file.
 fn connect_as(redis: &Redis, user: &str, password_file: &str) -> redis::Connection {
-    let password = std::fs::read_to_string(dev_secret(password_file)).expect("password file");
+    let password = std::fs::read_to_string(stack_secret(password_file)).expect("password file");
     let url = format!(
         "redis://{user}:{}@127.0.0.1:{}/0",
         password.trim(),
@@ -50,7 +50,7 @@ async fn web_counts_through_the_functions_and_may_run_no_lua_of_its_own() {
     let (redis, _pg, app) = app_as_web().await;
     assert_eq!(visit_ok(&app).await + 1, visit_ok(&app).await);
 
-    let mut web = connect_as(&redis, "web", "redis_password");
+    let mut web = connect_as(&redis, "web", "web/redis_password");
     let no_perm = Some(redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm));
     for command in [
         &["EVAL", "while true do end", "0"][..],
@@ -80,7 +80,7 @@ async fn web_counts_through_the_functions_and_may_run_no_lua_of_its_own() {
 async fn a_runaway_script_is_stopped_by_admin_and_web_counts_again() {
     let (redis, _pg, app) = app_as_web().await;
     let before = visit_ok(&app).await;
-    let mut admin = connect_as(&redis, "admin", "redis_admin_password");
+    let mut admin = connect_as(&redis, "admin", "cache/redis_admin_password");
     // Redis answers BUSY to everyone else once a script has run this long (5 s by default).
     let () = redis::cmd("CONFIG")
         .arg("SET")
@@ -106,7 +106,7 @@ async fn a_runaway_script_is_stopped_by_admin_and_web_counts_again() {
         started.elapsed()
     );
 
-    let mut admin = connect_as(&redis, "admin", "redis_admin_password");
+    let mut admin = connect_as(&redis, "admin", "cache/redis_admin_password");
     let () = redis::cmd("SCRIPT")
         .arg("KILL")
         .query(&mut admin)

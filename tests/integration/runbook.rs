@@ -7,16 +7,21 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, dev_secret, get_page,
-    http_client, inject,
+    DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, get_page,
+    http_client, inject, stack_secret,
 };
 
-/// README's `redis-cli --user web --askpass ...` with the password on stdin.
-fn redis_cli_as_web(redis: &Redis, args: &[&str]) -> String {
+/// README's `redis-cli --user admin --askpass ...` with the password on stdin, or the same
+/// as `web` (with its password, from its own volume).
+fn redis_cli_as(redis: &Redis, user: &str, args: &[&str]) -> String {
+    let password = match user {
+        "admin" => "cache/redis_admin_password",
+        _ => "web/redis_password",
+    };
     let output = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "--user", "web", "--askpass"])
+        .args(["-p", &redis.port.to_string(), "--user", user, "--askpass"])
         .args(args)
-        .stdin(std::fs::File::open(dev_secret("redis_password")).expect("password"))
+        .stdin(std::fs::File::open(stack_secret(password)).expect("password"))
         .stderr(Stdio::inherit())
         .output()
         .expect("running redis-cli");
@@ -52,7 +57,7 @@ fn assert_unique(counts: &[i64]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
+async fn a_poisoned_counter_is_repaired_by_resetting_it_as_admin() {
     let redis = Redis::start();
     let pg = Postgres::start();
     let app = TestApp::spawn_ready(Env::as_web_user(&redis, &pg)).await;
@@ -67,8 +72,8 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
         before.extend(count_of(&page));
     }
 
-    // Only `web`'s user may write the key at all: the poison comes through it.
-    assert!(redis_cli_as_web(&redis, &["SET", "visitas", "not-a-count"]).contains("OK"));
+    // The poison comes through `web`'s user, the one that writes the key.
+    assert!(redis_cli_as(&redis, "web", &["SET", "visitas", "not-a-count"]).contains("OK"));
     let (status, page) = app.visit().await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["status"], "degraded", "{page}");
@@ -83,8 +88,9 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // The repair: any plausible value below the count; web raises it from PostgreSQL.
-    assert!(redis_cli_as_web(&redis, &["SET", "visitas", "0"]).contains("OK"));
+    // The repair, as README's admin: any plausible value below the count; web raises it from
+    // PostgreSQL.
+    assert!(redis_cli_as(&redis, "admin", &["SET", "visitas", "0"]).contains("OK"));
     let mut after = Vec::new();
     for _ in 0..5 {
         let (status, page) = app.visit().await;
@@ -103,7 +109,7 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_web() {
     );
     let all: Vec<i64> = before.iter().chain(&after).copied().collect();
     assert_unique(&all);
-    let in_redis = redis_cli_as_web(&redis, &["GET", "visitas"]);
+    let in_redis = redis_cli_as(&redis, "admin", &["GET", "visitas"]);
     assert!(
         in_redis.contains(&after.iter().max().expect("counts").to_string()),
         "Redis counts again: {in_redis}"

@@ -35,8 +35,8 @@ impl Env {
     /// Gives `redis` the stack's users (its ACL file, see `Redis::apply_acl`), and the app
     /// logs in to it as `web`, with its password file, as in the compose stack.
     pub fn as_web_user(redis: &Redis, pg: &Postgres) -> Self {
-        redis.apply_acl(&dev_secret("redis_users.acl"));
-        let password = dev_secret("redis_password");
+        redis.apply_acl(&stack_secret("cache/redis_users.acl"));
+        let password = stack_secret("web/redis_password");
         Self::new(
             &format!("redis://web@127.0.0.1:{}/0", redis.port),
             &pg.url(),

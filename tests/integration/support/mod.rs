@@ -86,9 +86,17 @@ pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// The development secrets the compose stack uses, as a fresh clone has them.
-pub fn dev_secret(name: &str) -> PathBuf {
-    repo_file("secrets/dev").join(name)
+/// A file of the compose stack's secrets as its first start writes them (`web secrets`, one
+/// directory per consumer: `"cache/redis_users.acl"`, `"web/redis_password"`, ...), made once
+/// per test run in a temporary directory.
+pub fn stack_secret(path: &str) -> PathBuf {
+    static SECRETS: OnceLock<TempDir> = OnceLock::new();
+    let dir = SECRETS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir for the secrets");
+        desafio3::secrets::write(dir.path()).expect("web secrets");
+        dir
+    });
+    dir.path().join(path)
 }
 
 pub use rustix::process::Signal;

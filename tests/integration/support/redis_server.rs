@@ -156,7 +156,7 @@ impl Redis {
         );
     }
 
-    /// Gives the server the users of an ACL file (`scripts/make-secrets`): `web` (its keys
+    /// Gives the server the users of an ACL file (`web secrets`): `web` (its keys
     /// and the counting functions), `admin`, and `default` (PING only), applied last, after
     /// which the harness's own helpers stop working.
     pub fn apply_acl(&self, acl_file: &Path) {
