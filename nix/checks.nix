@@ -15,6 +15,23 @@ let
     web
     sbom
     ;
+  # The tests, and clippy over them, also read files that are not Rust: the documents they hold
+  # to the code (*.md, the compose file and manifests, the monitoring rules and dashboard), and
+  # Redis's counting functions with the cache healthcheck that loads them (*.lua, *.sh).
+  testSrc = pkgs.lib.cleanSourceWith {
+    src = ../.;
+    filter =
+      path: type:
+      craneLib.filterCargoSources path type
+      || pkgs.lib.any (suffix: pkgs.lib.hasSuffix suffix path) [
+        ".md"
+        ".yaml"
+        ".yml"
+        ".json"
+        ".lua"
+        ".sh"
+      ];
+  };
 in
 {
   inherit web image sbom;
@@ -23,6 +40,7 @@ in
     commonArgs
     // {
       inherit cargoArtifacts;
+      src = testSrc;
       cargoClippyExtraArgs = "--all-targets -- --deny warnings";
     }
   );
@@ -30,23 +48,12 @@ in
   fmt = craneLib.cargoFmt { inherit src; };
 
   # `cargo test`: the integration tests start their own redis-server and
-  # PostgreSQL (initdb, postgres) from PATH, on free loopback ports. tests/integration/outage_table.rs
-  # also reads the documents (*.md, *.yaml) it holds to the code, and the harness loads Redis's
-  # counting functions with the cache healthcheck (*.lua, *.sh), so they stay in its source.
+  # PostgreSQL (initdb, postgres) from PATH, on free loopback ports.
   tests = craneLib.cargoTest (
     commonArgs
     // {
       inherit cargoArtifacts;
-      src = pkgs.lib.cleanSourceWith {
-        src = ../.;
-        filter =
-          path: type:
-          craneLib.filterCargoSources path type
-          || pkgs.lib.hasSuffix ".md" path
-          || pkgs.lib.hasSuffix ".yaml" path
-          || pkgs.lib.hasSuffix ".lua" path
-          || pkgs.lib.hasSuffix ".sh" path;
-      };
+      src = testSrc;
       nativeCheckInputs = [
         pkgs.redis
         pkgs.postgresql_17

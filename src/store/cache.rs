@@ -116,7 +116,7 @@ impl Cache {
                 Err(e) if e.code() == Some(IMPLAUSIBLE) => {
                     Ok(Err(DepError::Invalid(e.to_string())))
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(unless_functions_missing(e)),
             }
         };
         self.dependency.call(counted).await?
@@ -140,7 +140,7 @@ impl Cache {
                 Err(e) if e.code() == Some(IMPLAUSIBLE) => {
                     Ok(Err(DepError::Invalid(e.to_string())))
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(unless_functions_missing(e)),
             }
         };
         self.dependency.call(fenced).await?
@@ -192,22 +192,30 @@ fn counting(function: &str) -> redis::Cmd {
     call
 }
 
-/// Whether Redis holds the counting functions. An error reply (`ERR Function not found`) from
-/// a function that takes no argument and cannot fail means they are not loaded (yet, or any
-/// more: its data was replaced); typed, so that it reads "functions not loaded".
+/// Whether Redis holds the counting functions: the version function answers.
 async fn functions_loaded(conn: &mut ConnectionManager) -> anyhow::Result<()> {
-    use redis::{ErrorKind, ServerErrorKind};
-    let version = redis::cmd("FCALL_RO")
+    redis::cmd("FCALL_RO")
         .arg(LOADED)
         .arg(0)
         .query_async::<String>(conn)
-        .await;
-    match version {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
-            Err(FunctionsMissing(e).into())
-        }
-        Err(e) => Err(e.into()),
+        .await
+        .map(drop)
+        .map_err(unless_functions_missing)
+}
+
+/// A call's error, typed as [`FunctionsMissing`] when Redis answered that it has no such
+/// function (they are not loaded yet, or any more: its data was replaced), so that it reads
+/// "functions not loaded" from the first failed call on. Redis gives that answer no code of
+/// its own (`ERR Function not found`), so the plain error code is told apart by its text.
+fn unless_functions_missing(e: redis::RedisError) -> anyhow::Error {
+    use redis::{ErrorKind, ServerErrorKind};
+    let missing = e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+        && e.detail()
+            .is_some_and(|d| d.starts_with("Function not found"));
+    if missing {
+        FunctionsMissing(e).into()
+    } else {
+        e.into()
     }
 }
 

@@ -94,7 +94,13 @@ async fn a_runaway_script_is_stopped_by_admin_and_web_counts_again() {
             .arg(0)
             .query::<redis::Value>(&mut admin)
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Wait until Redis answers BUSY (the script started and ran past the threshold).
+    let mut web = connect_as(&redis, "web", "web/redis_password");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis::cmd("PING").query::<String>(&mut web).is_ok() {
+        assert!(Instant::now() < deadline, "Redis never got busy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Answered while Redis is wedged: degraded, promptly, with the count taken elsewhere.
     let started = Instant::now();
     let (status, page) = app.visit().await;
@@ -136,26 +142,37 @@ async fn a_redis_without_the_functions_is_not_ready_until_they_are_loaded_again(
     let app = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
     let mut counts = vec![visit_ok(&app).await];
 
-    // As after the data was replaced by a copy without them.
+    // As after the data was replaced by a copy without them. Every reason given, on the page
+    // and by /readyz, names it, from the first failed call on.
     inject(|| redis.flush_functions());
     let deadline = Instant::now() + Duration::from_secs(5);
-    let reason = loop {
+    let mut reasons = Vec::new();
+    while !reasons.iter().any(|r: &String| r.starts_with("ready:")) {
         let (status, page) = app.visit().await;
         assert_eq!(status, 200, "answered, degraded: {page}");
         counts.extend(count_of(&page));
+        reasons.extend(
+            page["erros"]["cache"]
+                .as_str()
+                .map(|r| format!("page: {r}")),
+        );
         let ready = app.get_admin("/readyz").await;
         let body: serde_json::Value = ready.json().await.expect("readyz JSON");
-        if let Some(reason) = body["erros"]["cache"].as_str() {
-            break reason.to_owned();
-        }
+        reasons.extend(
+            body["erros"]["cache"]
+                .as_str()
+                .map(|r| format!("ready: {r}")),
+        );
         assert!(
             Instant::now() < deadline,
             "still ready without the functions"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(reason.contains("functions not loaded"), "{reason}");
-
+    }
+    assert!(
+        reasons.iter().all(|r| r.contains("functions not loaded")),
+        "{reasons:?}"
+    );
     // The cache healthcheck loads them; web counts in Redis again, no count repeated.
     inject(|| redis.load_functions());
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -15,8 +15,9 @@ pub struct Redis {
 /// What a Redis server keeps on disk: its append-only files (and an RDB file, if any).
 const REDIS_DATA: [&str; 2] = ["appendonlydir", "dump.rdb"];
 
-/// The password of the harness's Redis user `admin`.
-pub const ADMIN_PASSWORD: &str = "admin-Xk4-test";
+/// The harness's Redis user that loads the counting functions, and its password.
+const LOADER: &str = "operator";
+const ADMIN_PASSWORD: &str = "operator-Xk4-test";
 
 /// A copy of a Redis server's data files as they were at one moment (see `Redis::snapshot`).
 pub struct RedisData(TempDir);
@@ -87,11 +88,12 @@ impl Redis {
         std::fs::write(self.admin_password_file(), ADMIN_PASSWORD).expect("admin password file");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            // `default` keeps every right (the harness's own helpers use it); `admin` is the
-            // loader of the counting functions, as in the stack.
+            // `default` keeps every right (the harness's own helpers use it); the loader of the
+            // counting functions is named otherwise than the stack's `admin`, as a managed
+            // Redis's administrator may be (REDIS_ADMIN_USER).
             .args([
                 "--user",
-                "admin",
+                LOADER,
                 "on",
                 &format!(">{ADMIN_PASSWORD}"),
                 "~*",
@@ -144,6 +146,7 @@ impl Redis {
                 "deploy/kubernetes/base/cache/functions/healthcheck.sh",
             ))
             .args(&connection)
+            .env("REDIS_ADMIN_USER", LOADER)
             .env("REDIS_ADMIN_PASSWORD_FILE", self.admin_password_file())
             .output()
             .expect("running the cache healthcheck");
