@@ -327,6 +327,8 @@ def first_run(engine, home):
     password recipe needs fresh ones."""
     command = doc_block(README, "test_first_run").strip().splitlines()[0]
     info(f"running README.md's first command as written: $ {command}")
+    # as on a fresh machine: no web image yet, which the one-shot `secrets` runs too (built, not pulled)
+    run(["docker", "rmi", "-f", "desafio3-web:latest"], 60)
     log, t0 = (home / "first-run.log").open("w"), time.time()
     proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=doc_env(home), stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
