@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, Postgres, Redis, TestApp, count_of, inject, stack_secret};
+use crate::support::{Env, Postgres, Redis, TestApp, count_of, inject, ok_count, stack_secret};
 
 /// A connection to `redis` as one of the stack's users, with its password file.
 fn connect_as(redis: &Redis, user: &str, password_file: &str) -> redis::Connection {
@@ -35,20 +35,13 @@ async fn app_as_web() -> (Redis, Postgres, TestApp) {
     (redis, pg, app)
 }
 
-async fn visit_ok(app: &TestApp) -> i64 {
-    let (status, page) = app.visit().await;
-    assert_eq!(
-        (status, page["status"].as_str()),
-        (200, Some("ok")),
-        "{page}"
-    );
-    count_of(&page).expect("a count")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn web_counts_through_the_functions_and_may_run_no_lua_of_its_own() {
     let (redis, _pg, app) = app_as_web().await;
-    assert_eq!(visit_ok(&app).await + 1, visit_ok(&app).await);
+    assert_eq!(
+        ok_count(&app.visit().await) + 1,
+        ok_count(&app.visit().await)
+    );
 
     let mut web = connect_as(&redis, "web", "web/redis_password");
     let no_perm = Some(redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm));
@@ -79,7 +72,7 @@ async fn web_counts_through_the_functions_and_may_run_no_lua_of_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runaway_script_is_stopped_by_admin_and_web_counts_again() {
     let (redis, _pg, app) = app_as_web().await;
-    let before = visit_ok(&app).await;
+    let before = ok_count(&app.visit().await);
     let mut admin = connect_as(&redis, "admin", "cache/redis_admin_password");
     // Redis answers BUSY to everyone else once a script has run this long (5 s by default).
     let () = redis::cmd("CONFIG")
@@ -140,7 +133,7 @@ async fn a_redis_without_the_functions_is_not_ready_until_they_are_loaded_again(
     let redis = Redis::start();
     let pg = Postgres::start();
     let app = TestApp::spawn_ready(Env::for_servers(&redis, &pg)).await;
-    let mut counts = vec![visit_ok(&app).await];
+    let mut counts = vec![ok_count(&app.visit().await)];
 
     // As after the data was replaced by a copy without them. Every reason given, on the page
     // and by /readyz, names it, from the first failed call on.

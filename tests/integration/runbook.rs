@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     DB_PASSWORD, Env, Postgres, Redis, Signal, TestApp, WebProcess, count_of, get_page,
-    http_client, inject, stack_secret,
+    http_client, inject, ok_count, stack_secret,
 };
 
 /// README's `redis-cli --user admin --askpass ...` with the password on stdin, or the same
@@ -63,13 +63,7 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_admin() {
     let app = TestApp::spawn_ready(Env::as_web_user(&redis, &pg)).await;
     let mut before = Vec::new();
     for _ in 0..3 {
-        let (status, page) = app.visit().await;
-        assert_eq!(
-            (status, page["status"].as_str()),
-            (200, Some("ok")),
-            "{page}"
-        );
-        before.extend(count_of(&page));
+        before.push(ok_count(&app.visit().await));
     }
 
     // The poison comes through `web`'s user, the one that writes the key.
@@ -93,13 +87,7 @@ async fn a_poisoned_counter_is_repaired_by_resetting_it_as_admin() {
     assert!(redis_cli_as(&redis, "admin", &["SET", "visitas", "0"]).contains("OK"));
     let mut after = Vec::new();
     for _ in 0..5 {
-        let (status, page) = app.visit().await;
-        assert_eq!(
-            (status, page["status"].as_str()),
-            (200, Some("ok")),
-            "{page}"
-        );
-        after.extend(count_of(&page));
+        after.push(ok_count(&app.visit().await));
     }
     assert_eq!(after.len(), 5, "every visit counted again: {after:?}");
     let highest_before = *before.iter().max().expect("counts");
@@ -191,13 +179,7 @@ async fn restoring_an_older_backup_as_documented_repeats_no_count() {
     web.wait_ready(Duration::from_secs(10)).await;
     let mut after = Vec::new();
     for _ in 0..5 {
-        let (status, page) = get_page(&client, &web.address()).await;
-        assert_eq!(
-            (status, page["status"].as_str()),
-            (200, Some("ok")),
-            "{page}"
-        );
-        after.extend(count_of(&page));
+        after.push(ok_count(&get_page(&client, &web.address()).await));
     }
     assert_eq!(after.len(), 5);
     assert!(after.iter().all(|c| *c > highest), "{answered:?} {after:?}");

@@ -201,6 +201,16 @@ pub fn count_of(page: &Value) -> Option<i64> {
         .map(|s| s.parse().expect("numeric count"))
 }
 
+/// The count of an answer that must be `200` and `ok`, which always carries one.
+pub fn ok_count((status, page): &(u16, Value)) -> i64 {
+    assert_eq!(
+        (*status, page["status"].as_str()),
+        (200, Some("ok")),
+        "{page}"
+    );
+    count_of(page).expect("an ok page carries a count")
+}
+
 /// Fresh Redis and PostgreSQL, and the app in-process, ready.
 pub async fn healthy_app() -> (Redis, Postgres, TestApp) {
     let redis = Redis::start();

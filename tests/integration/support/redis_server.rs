@@ -48,13 +48,15 @@ impl Redis {
     }
 
     fn configured(port: u16, tls: bool, persistent: bool) -> Self {
-        Self {
+        let redis = Self {
             port,
             dir: tempfile::tempdir().expect("temp dir for redis"),
             child: None,
             tls,
             persistent,
-        }
+        };
+        std::fs::write(redis.admin_password_file(), ADMIN_PASSWORD).expect("admin password file");
+        redis
     }
 
     fn launched(mut self) -> Self {
@@ -85,7 +87,6 @@ impl Redis {
     }
 
     fn launch(&mut self) {
-        std::fs::write(self.admin_password_file(), ADMIN_PASSWORD).expect("admin password file");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             // `default` keeps every right (the harness's own helpers use it); the loader of the
