@@ -247,16 +247,19 @@ class Bench:
     def run(self):
         started = time.time()
         self.start_deps()
-        steps = [({"web", "web-3", "web-healthz", "web-info"}, self.run_web), ({"nginx"}, self.run_nginx)]
+        steps = [("web", {"web", "web-3", "web-healthz", "web-info"}, self.run_web),
+                 ("nginx", {"nginx"}, self.run_nginx)]
         # --rounds N: web and nginx N times in turn, so that each ratio compares runs minutes apart
-        for self.round, (keys, fn) in [(i, step) for i in range(self.args.rounds) for step in steps]:
-            if keys & set(self.args.systems):
-                log(f"== {min(keys)}")
+        for self.round in range(self.args.rounds):
+            for name, keys, fn in steps:
+                if not keys & set(self.args.systems):
+                    continue
+                log(f"== {name}")
                 try:
                     fn()
                 except Exception as e:  # noqa: BLE001 - record and go on with the others
-                    self.notes.append(f"{min(keys)}: {e}")
-                    log(f"{min(keys)} failed: {e}")
+                    self.notes.append(f"{name}: {e}")
+                    log(f"{name} failed: {e}")
         self.meta["wall_seconds"] = round(time.time() - started, 1)
 
     def close(self):
