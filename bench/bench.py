@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import os
 import platform
-import pwd
 import secrets
 import re
 import shutil
@@ -24,14 +23,12 @@ from contextlib import ExitStack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-REFERENCE = os.path.join(HERE, "reference")
 WEB = os.path.join(ROOT, "target", "release", "web")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import Postgres, Redis, free_port, http_get, proc_status, run, spawn, stop, wait_for  # noqa: E402 - shared with tests/e2e
 
 SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
-           "web-info": "web GET / (RUST_LOG=info)", "web-tls": "web GET / (TLS to both)", "nginx": "nginx return 200",
-           "flask-dev": "flask-dev GET / (seed)", "gunicorn": "gunicorn GET /", "pgbench": "pgbench SELECT now()"}  # key: label
+           "web-info": "web GET / (RUST_LOG=info)", "nginx": "nginx return 200"}  # key: label
 ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
 REPLICAS = 3  # the web-3 row
@@ -57,7 +54,7 @@ def log(msg):
 
 
 def group_pids(p):
-    """The processes of p's group (spawn makes one per server): gunicorn's or nginx's master and workers."""
+    """The processes of p's group (spawn makes one per server): nginx's master and workers."""
     return [int(pid) for pid in run(["pgrep", "-g", str(p.pid)], 10).stdout.split()]
 
 
@@ -67,34 +64,12 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="desafio3-bench-")
         self.stack = ExitStack()
 
-    def make_certs(self):
-        """A throwaway CA and a certificate for `localhost` (no IP), for GET / over TLS."""
-        d = os.path.join(self.tmp, "tls")
-        os.makedirs(d)
-        ossl = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
-        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
-        ossl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=bench-ca",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-        ossl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-        with open(os.path.join(d, "ext.cnf"), "w") as f:
-            f.write("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
-        ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-        for path in (self.tmp, d):
-            os.chmod(path, 0o755)
-        os.chmod(os.path.join(d, "server.key"), 0o600)  # PostgreSQL's rule, for its user (postgres when we are root)
-        if os.geteuid() == 0:
-            os.chown(os.path.join(d, "server.key"), pwd.getpwnam("postgres").pw_uid, pwd.getpwnam("postgres").pw_gid)
-        return d
-
     def start_deps(self):
         """redis-server here; PostgreSQL is pg_virtualenv's (bench/run), which names it in PG* variables."""
-        tls, port, self.tls_port = self.make_certs(), free_port(), free_port()
+        port = free_port()
         admin = secrets.token_hex(16)  # the stack's loader of the counting functions, as in the Rust harness
         redis = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                       "--dir", self.tmp, "--maxclients", "10000", "--loglevel", "warning", "--tls-port", str(self.tls_port),
-                       "--tls-cert-file", f"{tls}/server.pem", "--tls-key-file", f"{tls}/server.key",
-                       "--tls-ca-cert-file", f"{tls}/ca.pem", "--tls-auth-clients", "no",
+                       "--dir", self.tmp, "--maxclients", "10000", "--loglevel", "warning",
                        "--user", "admin", "on", f">{admin}", "~*", "&*", "+@all"], os.path.join(self.tmp, "redis.log"))
         self.stack.callback(stop, redis)
         self.redis, self.pg = Redis(["redis-cli", "-p", str(port)]), Postgres(["psql", "--no-psqlrc"])
@@ -106,22 +81,14 @@ class Bench:
                    60, env=dict(os.environ, REDIS_ADMIN_PASSWORD_FILE=f.name))
         if load.returncode:
             raise RuntimeError(f"the cache healthcheck did not load the counting functions: {load.stdout}{load.stderr}")
-        # TLS, with the certificate made above (ALTER SYSTEM runs outside a transaction: one per psql)
-        for setting in (f"ssl_cert_file = '{tls}/server.pem'", f"ssl_key_file = '{tls}/server.key'", "ssl = on"):
-            self.pg.value(f"ALTER SYSTEM SET {setting}")
-        self.pg.value("SELECT pg_reload_conf()")
-        if not wait_for(lambda: self.pg.value("SHOW ssl") == "on", 10):
-            raise RuntimeError("PostgreSQL did not turn TLS on: see pg_virtualenv's log")
-        pg_url = f"{os.environ['PGUSER']}@%s:{os.environ['PGPORT']}/{os.environ['PGDATABASE']}"
-        self.tls_env = {"REDIS_URL": f"rediss://localhost:{self.tls_port}/0", "REDIS_CA_FILE": f"{tls}/ca.pem",
-                        "DATABASE_URL": f"postgres://{pg_url % 'localhost'}?sslmode=verify-full&sslrootcert={tls}/ca.pem"}
         ver = int(self.pg.value("SHOW server_version_num"))
         self.meta["postgres_version"] = f"{ver // 10000}.{ver % 10000}"
         self.meta["redis_version"] = self.redis.cmd("INFO", "server").split("redis_version:")[1].split()[0]
         with open(os.path.join(self.tmp, "db_password"), "w") as f:
             f.write(os.environ["PGPASSWORD"])
         self.env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{port}/0",
-                        DATABASE_URL=f"postgres://{pg_url % '127.0.0.1'}?sslmode=disable",
+                        DATABASE_URL=f"postgres://{os.environ['PGUSER']}@127.0.0.1:{os.environ['PGPORT']}/"
+                                     f"{os.environ['PGDATABASE']}?sslmode=disable",
                         DATABASE_PASSWORD_FILE=f.name, RUST_LOG="warn", BIND_HOST="127.0.0.1")
         log(f"redis on :{port}, postgres on :{os.environ['PGPORT']}")
         self.own_commits = -self.pg_commits(idle=0)  # each read commits too (counted after it): measure how many
@@ -183,21 +150,6 @@ class Bench:
                 "max_ms": worst("max_ms"),
                 "mean_ms": n and round(sum(r["mean_ms"] * r["requests"] for r in parts if r["requests"]) / n, 3)}
 
-    def pgbench_run(self, c, secs):
-        script = os.path.join(self.tmp, "now.sql")
-        with open(script, "w") as f:
-            f.write("SELECT now();\n")
-        r = run(["pgbench", "-n", "-M", "prepared", "-c", str(c), "-j", str(min(2, c)), "-T", str(secs), "-f", script,
-                 "-h", "127.0.0.1"], secs + 60, env=dict(os.environ, PGSSLMODE="disable"), cwd=self.tmp)
-        num = lambda pattern: (lambda g: g and float(g.group(1)))(re.search(pattern, r.stdout, re.M))  # noqa: E731
-        tps = num(r"^tps = ([\d.]+) \(without initial connection time\)") or num(r"^tps = ([\d.]+)")
-        if not tps:
-            return {"error": f"pgbench failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
-        n = num(r"number of transactions actually processed: (\d+)")
-        return {"rps": round(tps, 1), "requests": n and int(n), "duration_s": secs,
-                "errors": int(num(r"number of failed transactions: (\d+)") or 0),
-                "mean_ms": num(r"latency average = ([\d.]+) ms")}
-
     def record(self, key, c, res, extra=None):
         label = SYSTEMS[key]
         self.results.append({"system": key, "label": label, "concurrency": c, "round": self.round, **res, **(extra or {})})
@@ -212,7 +164,7 @@ class Bench:
         also PostgreSQL's commits per counted batch over the measured run."""
         a, ports = self.args, [p.port for p in procs]
         # one request after each run queues behind whatever it left in flight, so the next run
-        # starts on an idle server (matters for the slow reference apps)
+        # starts on an idle server
         settle = lambda: [http_get(f"http://127.0.0.1:{port}{path}", timeout=60) for port in ports]  # noqa: E731
         confirm = key in ("web", "web-3")
         for c in a.concurrency:
@@ -246,11 +198,11 @@ class Bench:
             settle()
             self.record(key, c, res, extra)
 
-    def serve(self, name, argv, env=None, **kw):
+    def serve(self, name, argv, env=None):
         """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
         port, admin = free_port(), free_port()
         env = dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **(env or {}))
-        p = spawn([a.format(port=port) for a in argv], os.path.join(self.tmp, f"{name}.log"), env=env, **kw)
+        p = spawn([a.format(port=port) for a in argv], os.path.join(self.tmp, f"{name}.log"), env=env)
         self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
         p.port, p.admin_port = port, admin
         st = []
@@ -277,21 +229,10 @@ class Bench:
             self.http_series("web-3", ps, "/")
             for p in ps:
                 stop(p)
-        # the same binary logging every request (non-blocking); and speaking TLS to both dependencies
-        for key, env in (("web-info", {"RUST_LOG": "info"}), ("web-tls", self.tls_env)):
-            if key in self.args.systems:
-                p = self.serve(key, [WEB], env=env)
-                self.http_series(key, [p], "/")
-                stop(p)
-
-    def run_reference(self, key):
-        """The seed's app under Flask's development server, or the pooled one under gunicorn."""
-        argv = {"flask-dev": [sys.executable, "app.py"],
-                "gunicorn": [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-w", str(os.cpu_count() or 1),
-                             "-b", "127.0.0.1:{port}", "--backlog", "2048", "--log-level", "warning", "app:pooled"]}[key]
-        p = self.serve(key, argv, cwd=REFERENCE)
-        self.http_series(key, [p], "/")
-        stop(p)
+        if "web-info" in self.args.systems:  # the same binary logging every request (non-blocking)
+            p = self.serve("web-info", [WEB], env={"RUST_LOG": "info"})
+            self.http_series("web-info", [p], "/")
+            stop(p)
 
     def run_nginx(self):
         """nginx answering every request with a fixed body of the page's size (bench/nginx.conf)."""
@@ -302,29 +243,23 @@ class Bench:
         self.http_series("nginx", [p], "/")
         stop(p)
 
-    def run_pgbench(self):
-        for c in self.args.concurrency:
-            if self.args.warmup:
-                self.pgbench_run(c, self.args.warmup)
-            self.record("pgbench", c, self.pgbench_run(c, self.args.duration))
-
     # ---------------------------------------------------------------- driver
     def run(self):
         started = time.time()
         self.start_deps()
-        web = [({"web", "web-3", "web-healthz", "web-info", "web-tls"}, self.run_web), ({"nginx"}, self.run_nginx)]
-        steps = [({"flask-dev"}, lambda: self.run_reference("flask-dev")),
-                 ({"gunicorn"}, lambda: self.run_reference("gunicorn")), ({"pgbench"}, self.run_pgbench)]
-        # --rounds N: web and nginx N times in turn (side by side), the slow references once
-        for self.round, (keys, fn) in [(i, st) for i in range(self.args.rounds) for st in web] + \
-                                      [(0, st) for st in steps]:
-            if keys & set(self.args.systems):
-                log(f"== {min(keys)}")
+        steps = [("web", {"web", "web-3", "web-healthz", "web-info"}, self.run_web),
+                 ("nginx", {"nginx"}, self.run_nginx)]
+        # --rounds N: web and nginx N times in turn, so that each ratio compares runs minutes apart
+        for self.round in range(self.args.rounds):
+            for name, keys, fn in steps:
+                if not keys & set(self.args.systems):
+                    continue
+                log(f"== {name}")
                 try:
                     fn()
                 except Exception as e:  # noqa: BLE001 - record and go on with the others
-                    self.notes.append(f"{min(keys)}: {e}")
-                    log(f"{min(keys)} failed: {e}")
+                    self.notes.append(f"{name}: {e}")
+                    log(f"{name} failed: {e}")
         self.meta["wall_seconds"] = round(time.time() - started, 1)
 
     def close(self):
@@ -363,13 +298,9 @@ def ratios(doc):
     web, rss = get(res, "web", 64) or {}, doc["meta"].get("web_peak_rss_kib")
     best = max((r["rps"] for r in res if r["system"] == "web" and "error" not in r), default=None)
     measures = [  # (measure, value, "≥" or "≤", target)
-        ("web GET / ÷ flask-dev (seed), c=64", rps_ratio("web", "flask-dev"), "≥", 100),
-        ("web GET / ÷ gunicorn, c=64", rps_ratio("web", "gunicorn"), "≥", 5),
-        ("web GET / ÷ pgbench SELECT now(), c=64", rps_ratio("web", "pgbench"), "≥", 0.9),
         ("web GET /healthz ÷ nginx return 200, c=64", rps_ratio("web-healthz", "nginx"), "≥", 0.85),
         ("web GET / ÷ web GET /healthz, c=64", rps_ratio("web", "web-healthz"), "≥", 0.75),
         ("web GET / RUST_LOG=info ÷ warn, c=64", rps_ratio("web-info", "web"), "≥", 0.9),
-        ("web GET / TLS to both ÷ plain TCP, c=64", rps_ratio("web-tls", "web"), "≥", 0.8),
         ("web GET / p99 (ms), c=64", web.get("p99_ms"), "≤", 3),
         ("web GET / errors, c=64", web.get("errors"), "≤", 0),
         ("web peak RSS (MiB)", rss and rss / 1024, "≤", 12),
@@ -395,7 +326,7 @@ def markdown(doc):
              f"{m.get('redis_version')}, PostgreSQL {m.get('postgres_version')}; everything (load generator included) "
              f"on the same machine over loopback. Each point: {cfg['warmup_s']} s warm-up, then {cfg['duration_s']} s "
              f"measured; wrk threads = min(2, c) (with {REPLICAS} replicas: one `wrk -t1` per replica, c split), wrk timeout "
-             f"{cfg['http_timeout_s']} s. pgbench reports only its mean latency (why: bench/README.md, step 4).", ""]
+             f"{cfg['http_timeout_s']} s.", ""]
     rows = []
     for r in sorted(res, key=lambda r: (ORDER.index(r["system"]), r["concurrency"], r["round"])):
         label = r["label"] + (f" (round {r['round'] + 1})" if rounds > 1 else "")
@@ -478,7 +409,7 @@ def main():
     ap.add_argument("--warmup", type=int, help="seconds of warm-up per point")
     ap.add_argument("--systems", type=lambda s: s.split(","), default=ORDER, help="comma list of: " + ",".join(ORDER))
     ap.add_argument("--skip-build", action="store_true", help="use target/release/web as is")
-    ap.add_argument("--rounds", type=int, default=1, help="run web's systems and nginx this many times in turn")
+    ap.add_argument("--rounds", type=int, default=1, help="run the systems this many times in turn")
     a = ap.parse_args()
     if set(a.systems) - set(ORDER):
         ap.error(f"unknown systems: {', '.join(sorted(set(a.systems) - set(ORDER)))}")
