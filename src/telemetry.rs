@@ -298,3 +298,69 @@ fn describe() {
         "Redis batches confirmed in PostgreSQL: sent=ahead with the count, sent=after once Redis answered, sent=again as a second write"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// What the log writer wrote, write by write, and how often it flushed.
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Recorded {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().0.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.lock().unwrap().1 += 1;
+            Ok(())
+        }
+    }
+
+    fn log(queue: &LogQueue, line: &str) {
+        queue.make_writer().write_all(line.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn lines_leave_in_order_in_batches_and_exit_writes_what_is_queued() {
+        let out = Recorded::default();
+        let (queue, guard) = LogQueue::start(Box::new(out.clone()));
+        let lines: Vec<String> = (0..1000).map(|i| format!("line {i}\n")).collect();
+        for line in &lines {
+            log(&queue, line);
+        }
+        drop(guard);
+        let (written, flushes) = out.0.lock().unwrap().clone();
+        assert_eq!(String::from_utf8(written).unwrap(), lines.concat());
+        assert!(flushes < 100, "{flushes} flushes for 1000 lines");
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_lines_instead_of_waiting() {
+        /// A stdout that never takes a byte, as a pipe nobody reads.
+        struct Stuck(std::sync::mpsc::Receiver<()>);
+        impl Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.recv();
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (unstick, stuck) = std::sync::mpsc::channel();
+        let (queue, guard) = LogQueue::start(Box::new(Stuck(stuck)));
+        // One line held by the stuck writer, the queue's worth waiting, the rest dropped.
+        for i in 0..LOG_QUEUE_LINES + 100 {
+            log(&queue, &format!("line {i}\n"));
+        }
+        let dropped = queue.dropped.load(Ordering::Relaxed);
+        assert!((99..=100).contains(&dropped), "{dropped} dropped");
+        drop(unstick);
+        drop(guard);
+    }
+}
