@@ -46,7 +46,12 @@ fn serve() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread for the accept loops, the batching task and the dependencies' clients;
+    // connections run on one worker thread per core (`server::Workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
