@@ -425,7 +425,7 @@ class TestLeastPrivilege:
         ("desafio3", "SET temp_file_limit = -1", "permission denied"),  # it cannot raise its limit
         ("postgres", "SELECT 1", "CONNECT privilege"),  # web stays in its own database
         ("template1", "SELECT 1", "CONNECT privilege")],
-        ids=["copy-to-program", "temp-table", "raise-temp-file-limit", "connect-postgres", "connect-template1"])
+        ids=["copy-to-program", "temp-table", "temp-file-limit", "connect-postgres", "connect-template1"])
     def test_db_refused(self, stack, db, sql, refused):
         p = web_sql(sql, db)
         assert p.returncode != 0 and refused in p.stderr, last_lines(p.stderr, 2)
