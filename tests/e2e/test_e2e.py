@@ -150,7 +150,7 @@ class Load:
     def stop(self):
         self.stop_ev.set()
         for t in self.threads:
-            t.join(timeout=7)
+            t.join(timeout=7)  # a request's 5 s timeout, and slack
 
     def snapshot(self) -> list[Resp]:
         return list(self.records)
