@@ -1,16 +1,7 @@
-"""Redis, PostgreSQL and processes for the Python tools: the compose stack's containers
-(tests/e2e/) and the benchmark's throwaway servers (bench/), queried the same way. Standard
-library only.
-
-    Redis.container("cache").cmd("GET", "visitas")    # `docker exec cache redis-cli ...`
-    Postgres.container("db", "admin", "desafio3").value("SELECT 1")
-    Redis(["redis-cli", "-p", port]), Postgres(["psql"])  # a local server (psql: PG* variables)
-    run(argv, timeout)                                # subprocess.run, bounded, never raising
-    http_get(url), wait_for(lambda: ..., timeout)     # one GET; polling until something holds
-    spawn(argv, log), stop(p), free_port(), proc_status(pid)
-
-The one helper of the Python tools (bench/, tests/e2e/); the Rust tests have
-tests/integration/support/.
+"""Redis, PostgreSQL and processes for the Python tools, standard library only: the compose
+stack's containers (tests/e2e/) and the benchmark's throwaway servers (bench/), queried the same
+way, e.g. Redis.container("cache").cmd("GET", "visitas") or Redis(["redis-cli", "-p", port]).
+The Rust tests have their own, tests/integration/support/.
 """
 
 import contextlib

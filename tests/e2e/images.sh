@@ -3,7 +3,6 @@
 # official images: desafio3-test/{redis,postgres,prometheus,rust}:latest, on one mmdebstrap root filesystem
 # (cached in ~/.cache/desafio3) plus tests/e2e/standins/*. The web image itself is built from the
 # Dockerfile by `docker compose up --build`, as a user builds it. See tests/e2e/README.md.
-#   tests/e2e/images.sh [standins|rootfs]
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -155,8 +154,4 @@ build_rust() (  # a subshell: its EXIT trap removes the context
     log "desafio3-test/rust:latest: $("$sysroot/bin/rustc" --version)"
 )
 
-case "${1:-standins}" in
-    rootfs)   ensure_rootfs ;;
-    standins) build_standins ;;
-    *) die "usage: $0 [standins|rootfs]" ;;
-esac
+build_standins
