@@ -31,15 +31,13 @@ use crate::store::Store;
 use crate::visits::Visits;
 
 /// A bound, not yet serving, instance of the service. It owns every task it starts: the
-/// batching task, the dependency watchers and the metrics upkeep, and the worker threads its
-/// connections run on (`server::Workers`).
+/// batching task, the dependency watchers and the metrics upkeep.
 pub struct Application {
     listener: TcpListener,
     router: Router,
     admin_listener: TcpListener,
     admin_router: Router,
     limits: server::Limits,
-    workers: server::Workers,
     budget: ShutdownBudget,
     tasks: Tasks,
 }
@@ -100,7 +98,6 @@ impl Application {
             router: http::public_router(state.clone()),
             admin_listener,
             admin_router: http::admin_router(state),
-            workers: server::Workers::per_core()?,
             limits: server::Limits {
                 max_connections: config.max_connections,
                 max_per_address: config.max_connections_per_address,
@@ -140,7 +137,6 @@ impl Application {
             admin_listener,
             admin_router,
             limits,
-            workers,
             budget,
             tasks,
         } = self;
@@ -159,7 +155,6 @@ impl Application {
             server::serve(
                 listener,
                 router,
-                &workers,
                 limits,
                 stop_serving.cancelled(),
                 budget.drain
@@ -167,7 +162,6 @@ impl Application {
             server::serve(
                 admin_listener,
                 admin_router,
-                &workers,
                 limits,
                 stop_serving.cancelled(),
                 budget.drain
@@ -183,7 +177,6 @@ impl Application {
             tracing::warn!("the last batch did not finish in time");
         }
 
-        workers.stop();
         tasks.stop_background.cancel();
         tasks.background.close();
         tasks.background.wait().await;

@@ -46,12 +46,7 @@ fn serve() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // One thread for the accept loops, the batching task and the dependencies' clients;
-    // connections run on one worker thread per core (`server::Workers`).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

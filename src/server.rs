@@ -10,27 +10,18 @@
 //! that stopped reading) is closed, and every connection is closed after `max_age`, once its
 //! request in flight is answered. Without these, one address holding idle or non-reading
 //! sockets could take every slot.
-//!
-//! Where connections run: on [`Workers`], one single-threaded runtime per core, each
-//! connection from its first byte to its close on one of them. The accept loop, the batching
-//! task and the dependencies' clients stay on the caller's runtime.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
-
-use anyhow::Context;
 
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
@@ -67,88 +58,11 @@ pub const LISTEN_BACKLOG: u32 = 1024;
 /// Pause after a failed `accept` (out of file descriptors, most likely) before the next try.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// The threads connections are served on: one single-threaded tokio runtime each, dealt
-/// connections in turn. A connection's reads, handler and writes then stay on one thread, as
-/// in nginx's workers: tokio's multi-threaded runtime, where any worker may run any task,
-/// woke its idle workers to look for work several times per request (futex calls and task
-/// switches were a fifth of the server's time under load; measured side by side in
-/// bench/README.md). Connections are spread by count, not by load; wrk-like clients hold
-/// theirs open, browsers and probes open new ones.
-///
-/// Dropping it (or [`Workers::stop`]) ends each runtime and joins its thread; a connection
-/// still open on one is closed. `serve` drains its connections before returning, so after it
-/// there are none.
-pub struct Workers {
-    runtimes: Vec<Handle>,
-    next: AtomicUsize,
-    stop: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Workers {
-    /// Starts `count` worker threads (at least one), named `web-worker-N`.
-    pub fn start(count: usize) -> anyhow::Result<Self> {
-        let stop = CancellationToken::new();
-        let mut workers = Self {
-            runtimes: Vec::new(),
-            next: AtomicUsize::new(0),
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
-        for n in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting a worker runtime")?;
-            workers.runtimes.push(runtime.handle().clone());
-            let stop = stop.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("web-worker-{n}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))
-                .context("starting a worker thread")?;
-            workers.threads.push(thread);
-        }
-        Ok(workers)
-    }
-
-    /// One core's worth: the CPUs this process may use (its cgroup's quota included).
-    pub fn per_core() -> anyhow::Result<Self> {
-        Self::start(std::thread::available_parallelism().map_or(1, usize::from))
-    }
-
-    /// The runtime the next connection goes to.
-    fn next(&self) -> &Handle {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.runtimes[n % self.runtimes.len()]
-    }
-
-    /// Ends every worker runtime and waits for its thread.
-    pub fn stop(mut self) {
-        self.join();
-    }
-
-    fn join(&mut self) {
-        self.stop.cancel();
-        for thread in self.threads.drain(..) {
-            // A worker thread only waits for `stop`; tasks' panics stay in their tasks.
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.join();
-    }
-}
-
 /// Serves `router` on `listener` until `shutdown` completes, then drains: connections get
-/// `drain_timeout` to finish the request they are serving, and are closed after that. Each
-/// connection runs on one of `workers`.
+/// `drain_timeout` to finish the request they are serving, and are closed after that.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    workers: &Workers,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
@@ -186,23 +100,12 @@ pub async fn serve(
                 }
             },
         };
-        // Moved to the worker's own I/O driver: the task registers it there.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::debug!(reason = %e, "accepted connection lost before it was served");
-                continue;
-            }
-        };
-        let (router, drain, abort) = (router.clone(), drain.clone(), abort.clone());
-        let connection = async move {
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve_connection(stream, router, limits, drain, abort).await,
-                Err(e) => tracing::warn!(reason = %e, "cannot serve an accepted connection"),
-            }
+        let connection =
+            serve_connection(stream, router.clone(), limits, drain.clone(), abort.clone());
+        connections.spawn(async move {
+            connection.await;
             drop((own, slot));
-        };
-        connections.spawn_on(connection, workers.next());
+        });
     }
     drop(listener);
     tracing::info!(
