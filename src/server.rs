@@ -212,44 +212,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connections_are_dealt_to_every_worker_in_turn_and_stop_ends_them() {
-        let workers = Workers::start(2).expect("workers");
-        let threads: Vec<String> = (0..4)
-            .map(|_| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                workers.next().spawn(async move {
-                    let name = std::thread::current().name().map(str::to_owned);
-                    let _ = tx.send(name);
-                });
-                rx.recv().expect("the task ran").expect("a named thread")
-            })
-            .collect();
-        assert_eq!(
-            threads,
-            [
-                "web-worker-0",
-                "web-worker-1",
-                "web-worker-0",
-                "web-worker-1"
-            ]
-        );
-        let held = Arc::new(());
-        for _ in 0..2 {
-            let held = Arc::clone(&held);
-            workers.next().spawn(async move {
-                let _held = held;
-                std::future::pending::<()>().await;
-            });
-        }
-        workers.stop();
-        assert_eq!(
-            Arc::strong_count(&held),
-            1,
-            "each worker's runtime ended with its tasks"
-        );
-    }
-
-    #[test]
     fn an_address_gets_its_cap_and_its_slots_back() {
         let per_address = PerAddress::default();
         let (a, b): (IpAddr, IpAddr) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
