@@ -3,7 +3,7 @@
 use std::io::{BufWriter, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -114,29 +114,18 @@ impl LogQueue {
 fn write_lines(queued: &Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>, stopping: &AtomicBool) {
     // A write error (stdout closed) loses those lines; there is nowhere else to say so.
     while let Ok(first) = queued.recv() {
-        let _ = out.write_all(&first);
-        loop {
-            let more = loop {
-                match queued.try_recv() {
-                    Ok(line) => {
-                        let _ = out.write_all(&line);
-                    }
-                    Err(TryRecvError::Empty) => break true,
-                    Err(TryRecvError::Disconnected) => break false,
-                }
-            };
+        let mut gathered = Some(first);
+        while let Some(first) = gathered {
+            for line in std::iter::once(first).chain(queued.try_iter()) {
+                let _ = out.write_all(&line);
+            }
             let _ = out.flush();
-            if !more || stopping.load(Ordering::Acquire) {
+            if stopping.load(Ordering::Acquire) {
                 return;
             }
             std::thread::sleep(LOG_GATHER);
-            match queued.try_recv() {
-                Ok(line) => {
-                    let _ = out.write_all(&line);
-                }
-                // Nothing came during the pause: wait on the queue again.
-                Err(_) => break,
-            }
+            // Nothing came during the pause: wait on the queue again.
+            gathered = queued.try_recv().ok();
         }
     }
 }
