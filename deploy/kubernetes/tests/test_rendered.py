@@ -198,31 +198,26 @@ def test_user_and_no_token(web):  # the image's user; no service account token
     assert web.dep["spec"]["template"]["spec"].get("automountServiceAccountToken") is False
 
 
-def test_selectors_pick_the_web_pods(web):
+def test_service_and_selectors(web):  # the Service: the public port only, never the admin port
+    service = one(web.objs, "Service", "web")["spec"]
+    for p in service["ports"]:
+        assert port_number(web.c, p["targetPort"]) == 5000 and p["port"] != 9090
     spread = web.dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert "kubernetes.io/hostname" in {t["topologyKey"] for t in spread}
-    selectors = [("Service", {"matchLabels": one(web.objs, "Service", "web")["spec"]["selector"]}),
+    selectors = [("Service", {"matchLabels": service["selector"]}),
                  ("PodDisruptionBudget", one(web.objs, "PodDisruptionBudget", "web")["spec"]["selector"]),
                  ("NetworkPolicy", one(web.objs, "NetworkPolicy", "web")["spec"]["podSelector"])]
     for what, selector in selectors + [(t["topologyKey"], t["labelSelector"]) for t in spread]:
         assert matches(selector, web.pod_labels), what
 
 
-def test_service(web):  # the public port only, never the admin port
-    for p in one(web.objs, "Service", "web")["spec"]["ports"]:
-        assert port_number(web.c, p["targetPort"]) == 5000 and p["port"] != 9090
-
-
-def test_default_deny(web):
+def test_network_policies(web):  # the default-deny (one policy, every pod, no rule), then web's
     deny = [np for np in find(web.objs, "NetworkPolicy") if np["spec"]["podSelector"] == {}]
     assert len(deny) == 1, "one NetworkPolicy selecting every pod"
-    assert sorted(deny[0]["spec"]["policyTypes"]) == ["Egress", "Ingress"]
     assert not (deny[0]["spec"].get("ingress") or deny[0]["spec"].get("egress"))
-
-
-def test_web_network_policy(web):
     np = one(web.objs, "NetworkPolicy", "web")
-    assert sorted(np["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    for policy in (deny[0], np):
+        assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"], policy["metadata"]["name"]
     assert flows(np["spec"]["ingress"], "from") == {("any", 5000, "TCP"), (MONITORING, 9090, "TCP")}
     egress = flows(np["spec"]["egress"], "to")
     assert DNS <= egress
