@@ -254,9 +254,18 @@ def test_every_container_read_only_with_limits(web):  # what "restricted" does n
             assert {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})), f"{w['metadata']['name']}/{c['name']}"
 
 
-def test_dev_web_points_at_in_cluster_services(dev):
-    assert dev.env["REDIS_URL"] == ("ConfigMap", "redis://web@cache:6379/0")
-    assert dev.env["DATABASE_URL"] == ("ConfigMap", "postgres://web@db:5432/desafio3")
+def test_dependencies(web):  # dev: cache and db in the cluster; managed: web only, their addresses in a Secret
+    if web.name == "dev":
+        assert web.env["REDIS_URL"] == ("ConfigMap", "redis://web@cache:6379/0")
+        assert web.env["DATABASE_URL"] == ("ConfigMap", "postgres://web@db:5432/desafio3")
+        return
+    assert find(web.objs, "StatefulSet") == []
+    assert find(web.objs, "Service", "cache") + find(web.objs, "Service", "db") == []
+    assert {d["metadata"]["name"] for d in find(web.objs, "Deployment")} == {"web"}
+    for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
+        assert web.env[var][0] == "Secret", var
+        assert re.match(scheme, web.env[var][1])
+        assert [cm for cm in find(web.objs, "ConfigMap") if var in cm.get("data", {})] == []
 
 
 @pytest.mark.parametrize("name", STATEFULSETS)
@@ -338,21 +347,6 @@ def test_dev_secrets_agree(dev):
     admin = secret_file(dev.objs, cache, "/run/secrets/redis_admin_password")[1].strip()
     assert re.search(rf"(?m)^user admin on #{hashlib.sha256(admin.encode()).hexdigest()} ", acl)
     assert password not in acl + " ".join(args) and admin != password
-
-
-def test_managed_only_web():
-    objs = load("managed")
-    assert find(objs, "StatefulSet") == []
-    assert find(objs, "Service", "cache") + find(objs, "Service", "db") == []
-    assert {d["metadata"]["name"] for d in find(objs, "Deployment")} == {"web"}
-
-
-def test_managed_dependencies_come_from_a_secret():
-    managed = overlay("managed")
-    for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
-        assert managed.env[var][0] == "Secret", var
-        assert re.match(scheme, managed.env[var][1])
-        assert [cm for cm in find(managed.objs, "ConfigMap") if var in cm.get("data", {})] == []
 
 
 # No plaintext secret values in the files that are committed (git's view of SOURCE).
