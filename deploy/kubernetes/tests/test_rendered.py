@@ -355,11 +355,8 @@ def git(*args):
     return subprocess.run(["git", "-C", str(SOURCE), *args], capture_output=True, text=True)
 
 
-def test_base_renders_no_secret():
+def test_no_secret_objects_with_values_in_sources():  # nor any Secret in base
     assert find(load("base"), "Secret") == []
-
-
-def test_no_secret_objects_with_values_in_sources():
     for rel in git("ls-files", "*.yaml", "*.yml").stdout.split():
         for doc in yaml.safe_load_all((SOURCE / rel).read_text()):
             if isinstance(doc, dict) and doc.get("kind") == "Secret":
@@ -372,12 +369,9 @@ def test_no_secret_objects_with_values_in_sources():
                         assert git("check-ignore", "-q", src).returncode == 0, f"{rel}: a Secret from committed {src}"
 
 
-def test_real_secret_files_are_git_ignored():  # check-ignore also fails for a tracked file
+def test_real_secret_files_git_ignored_examples_placeholders():  # check-ignore also fails for a tracked file
     for rel in MADE_SECRETS + EXAMPLES:
         assert git("check-ignore", "-q", rel).returncode == 0, f"git does not ignore {rel} (or tracks it)"
-
-
-def test_examples_hold_placeholders_only():
     for rel in EXAMPLES:
         text = (SOURCE / (rel + ".example")).read_text()
         lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
