@@ -44,8 +44,7 @@ STATEFULSETS = {
 
 
 def load(name):
-    with open(RENDERED / f"{name}.yaml", encoding="utf-8") as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+    return [d for d in yaml.safe_load_all((RENDERED / f"{name}.yaml").read_text(encoding="utf-8")) if d]
 
 
 def find(objs, kind, name=None):
@@ -99,8 +98,7 @@ def secret_files(objs, workload):
 def secret_file(objs, workload, path):
     """(key, text) of the Secret mounted at a file path inside the container, or fail."""
     files = secret_files(objs, workload)
-    paths = sorted(files)  # a failure shows these, never the passwords
-    assert path in paths, f"{path} is not a mounted Secret key"
+    assert path in sorted(files), f"{path} is not a mounted Secret key"  # a failure shows paths, not passwords
     return files[path]
 
 
