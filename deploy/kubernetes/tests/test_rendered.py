@@ -299,9 +299,17 @@ def test_dev_cache_statefulset(dev):
     assert "command" not in c
     assert c["args"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
                          "--dir", "/data", "--aclfile", "/run/secrets/redis_acl"]
-    # the passwords: hashed in the ACL file (test_dev_secrets_agree), admin's for the probes
+    # the passwords: admin's for the probes; web's (from the same make-secrets run) and admin's hashed
+    # in the ACL file, which holds no password, nor do the arguments
     assert c["env"] == [{"name": "REDIS_ADMIN_PASSWORD_FILE", "value": "/run/secrets/redis_admin_password"}]
-    assert secret_file(dev.objs, sts, c["env"][0]["value"])[0] == "redis_admin_password"
+    key, admin = secret_file(dev.objs, sts, c["env"][0]["value"])
+    assert key == "redis_admin_password"
+    acl = secret_file(dev.objs, sts, "/run/secrets/redis_acl")[1]
+    password = secret_file(dev.objs, dev.dep, dev.env["REDIS_PASSWORD_FILE"][1])[1].strip()
+    for user, pw in (("web", password), ("admin", admin.strip())):
+        assert re.search(rf"(?m)^user {user} on #{hashlib.sha256(pw.encode()).hexdigest()} ", acl), user
+    assert re.search(r"(?m)^user default on nopass .*-@all \+ping$", acl)
+    assert password not in acl + " ".join(c["args"]) and admin.strip() != password
     # the counting functions and their loader, the files compose mounts, where compose mounts them
     functions = next(m for m in c["volumeMounts"] if m["mountPath"] == "/usr/local/lib/desafio3")
     ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == functions["name"])
@@ -317,34 +325,19 @@ def test_dev_db_statefulset(dev):
     assert "POSTGRES_PASSWORD" not in env
     pgdata = env["PGDATA"]["value"]
     assert pgdata.startswith(mount + "/") and len(pgdata) > len(mount) + 1, pgdata
-    # the admin's password, and role web's for the init script (run on an empty volume's first start)
-    for var, key in (("POSTGRES_PASSWORD_FILE", "db_password"), ("WEB_DB_PASSWORD_FILE", "web_db_password")):
-        assert secret_file(dev.objs, sts, env[var]["value"])[0] == key
+    # the admin's password, and role web's for the init script (run on an empty volume's first start),
+    # which is web's own, from the same make-secrets run; the admin's is another
+    admin, role_web = (secret_file(dev.objs, sts, env[var]["value"])
+                       for var in ("POSTGRES_PASSWORD_FILE", "WEB_DB_PASSWORD_FILE"))
+    assert (admin[0], role_web[0]) == ("db_password", "web_db_password")
+    web = secret_file(dev.objs, dev.dep, dev.env["DATABASE_PASSWORD_FILE"][1])[1]
+    assert role_web[1] == web != admin[1]
     init = [m for m in c["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d"]
     assert len(init) == 1, "no /docker-entrypoint-initdb.d"
     ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == init[0]["name"])
     assert ref["defaultMode"] & 0o111, "not executable: the entrypoint would source it, not run it"
     script = (SOURCE / "base/db/initdb/10-web-role.sh").read_text()
     assert one(dev.objs, "ConfigMap", ref["name"])["data"] == {"10-web-role.sh": script}
-
-
-def test_dev_secrets_agree(dev):
-    """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
-    hashes, web's database password the one db gives role web, the admin's another."""
-    web = lambda var: secret_file(dev.objs, dev.dep, dev.env[var][1])[1]  # noqa: E731
-    db, cache = one(dev.objs, "StatefulSet", "db"), one(dev.objs, "StatefulSet", "cache")
-    db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
-    in_db = lambda var: secret_file(dev.objs, db, db_env[var])[1]  # noqa: E731
-    assert in_db("WEB_DB_PASSWORD_FILE") == web("DATABASE_PASSWORD_FILE")
-    assert in_db("POSTGRES_PASSWORD_FILE") != web("DATABASE_PASSWORD_FILE")
-    args = container(cache)["args"]
-    acl = secret_file(dev.objs, cache, args[args.index("--aclfile") + 1])[1]
-    password = web("REDIS_PASSWORD_FILE").strip()
-    assert re.search(rf"(?m)^user web on #{hashlib.sha256(password.encode()).hexdigest()} ", acl)
-    assert re.search(r"(?m)^user default on nopass .*-@all \+ping$", acl)
-    admin = secret_file(dev.objs, cache, "/run/secrets/redis_admin_password")[1].strip()
-    assert re.search(rf"(?m)^user admin on #{hashlib.sha256(admin.encode()).hexdigest()} ", acl)
-    assert password not in acl + " ".join(args) and admin != password
 
 
 # No plaintext secret values in the files that are committed (git's view of SOURCE).
