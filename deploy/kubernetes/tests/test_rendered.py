@@ -1,10 +1,8 @@
 """Holds the rendered Kubernetes manifests (K8S_RENDERED_DIR/{base,dev,managed}.yaml, made by
 ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to what
-deploy/kubernetes/README.md promises ("Offline checks", item 3): this project's own facts. What
-Pod Security "restricted" enforces on every pod (the namespace's label, asserted here: non-root,
-no privilege escalation, all capabilities dropped and none but NET_BIND_SERVICE added, seccomp),
-what Kubernetes does anyway (Secret volumes are read-only) and the schemas
-(`kubernetes-validate --strict`, API versions included) are left to them. pytest plus PyYAML."""
+deploy/kubernetes/README.md promises ("Offline checks", item 3). Left to them: what Kubernetes
+does anyway (Secret volumes are read-only) and the schemas (`kubernetes-validate --strict`, API
+versions included). pytest plus PyYAML."""
 
 import base64
 import hashlib
@@ -245,11 +243,20 @@ def test_namespace_enforces_restricted(web):  # so every pod meets Pod Security 
             and o["metadata"].get("namespace") != "desafio3"] == []
 
 
-def test_every_container_read_only_with_limits(web):  # what "restricted" does not ask
+def test_every_container_meets_restricted_read_only_with_limits(web):
+    """What "restricted" asks (no cluster admits these pods here: checked as it would) and what it
+    does not: a read-only root, CPU and memory limits."""
     for w in find(web.objs, "Deployment") + find(web.objs, "StatefulSet"):
-        for c in w["spec"]["template"]["spec"]["containers"]:
-            assert effective_security(w, c).get("readOnlyRootFilesystem") is True, f"{w['metadata']['name']}/{c['name']}"
-            assert {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})), f"{w['metadata']['name']}/{c['name']}"
+        pod = w["spec"]["template"]["spec"]
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            sc, who = effective_security(w, c), f"{w['metadata']['name']}/{c['name']}"
+            assert sc.get("runAsNonRoot") is True and sc.get("runAsUser") != 0, who
+            assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"), who
+            caps = sc.get("capabilities", {})
+            assert "ALL" in caps.get("drop", []) and set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, who
+            assert sc.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), who
+            assert sc.get("readOnlyRootFilesystem") is True, who
+            assert {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})), who
 
 
 def test_dependencies(web):  # dev: cache and db in the cluster; managed: web only, their addresses in a Secret
