@@ -22,7 +22,6 @@ SOURCE = Path(os.environ.get("K8S_SOURCE_DIR", Path(__file__).resolve().parent.p
 # The service's variables the manifests set (README); the connection limits keep their defaults.
 CONTRACT_ENV = {"PORT", "ADMIN_PORT", "REDIS_URL", "REDIS_PASSWORD_FILE", "DATABASE_URL",
                 "DATABASE_PASSWORD_FILE", "DB_TIMEZONE", "DEPENDENCY_TIMEOUT_MS", "RUST_LOG"}
-WEB_UID = 65532
 # git-ignored secret material: what scripts/make-secrets writes into an overlay's secrets/, and
 # files copied from the committed <file>.example beside them
 MADE_SECRETS = [f"overlays/{o}/secrets/{f}" for o in ("dev", "managed")
@@ -157,12 +156,9 @@ def test_prometheus_rules_configmap(web):  # README.md "Monitoring": the compose
     assert one(web.objs, "ConfigMap", "web-prometheus-rules")["data"] == {"web.rules.yml": rules}
 
 
-def test_image_and_ports(web):
+def test_image_ports_and_env(web):  # the same two ports in the container and in its env
     assert re.search(r"(^|/)desafio3-web(:[\w.-]+)?$", web.c["image"])
     assert (port_number(web.c, "http"), port_number(web.c, "admin")) == (5000, 9090)
-
-
-def test_env_follows_the_contract(web):
     assert set(web.env) == CONTRACT_ENV, "env names must be exactly the service's contract"
     assert (web.env["PORT"][1], web.env["ADMIN_PORT"][1]) == ("5000", "9090")
     assert [n for n, (kind, _) in web.env.items() if kind == "env"] == [], "set inline, expected from ConfigMap/Secret"
@@ -189,7 +185,7 @@ def test_probes_and_scrapes_on_the_admin_port(web):  # readiness never follows t
 
 def test_user_and_no_token(web):  # the image's user; no service account token
     sc = effective_security(web.dep, web.c)
-    assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (WEB_UID, WEB_UID)
+    assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (65532, 65532)
     assert not sc.get("capabilities", {}).get("add"), "restricted allows NET_BIND_SERVICE; web needs none"
     assert web.dep["spec"]["template"]["spec"].get("automountServiceAccountToken") is False
 
