@@ -1,10 +1,8 @@
 """Holds the rendered Kubernetes manifests (K8S_RENDERED_DIR/{base,dev,managed}.yaml, made by
 ci/check-kubernetes) and the committed deploy/kubernetes/ (K8S_SOURCE_DIR) to what
-deploy/kubernetes/README.md promises ("Offline checks", item 3): this project's own facts. What
-Pod Security "restricted" enforces on every pod (the namespace's label, asserted here: non-root,
-no privilege escalation, all capabilities dropped and none but NET_BIND_SERVICE added, seccomp),
-what Kubernetes does anyway (Secret volumes are read-only) and the schemas
-(`kubernetes-validate --strict`, API versions included) are left to them. pytest plus PyYAML."""
+deploy/kubernetes/README.md promises ("Offline checks", item 3). Left to them: what Kubernetes
+does anyway (Secret volumes are read-only) and the schemas (`kubernetes-validate --strict`, API
+versions included). pytest plus PyYAML."""
 
 import base64
 import hashlib
@@ -24,7 +22,6 @@ SOURCE = Path(os.environ.get("K8S_SOURCE_DIR", Path(__file__).resolve().parent.p
 # The service's variables the manifests set (README); the connection limits keep their defaults.
 CONTRACT_ENV = {"PORT", "ADMIN_PORT", "REDIS_URL", "REDIS_PASSWORD_FILE", "DATABASE_URL",
                 "DATABASE_PASSWORD_FILE", "DB_TIMEZONE", "DEPENDENCY_TIMEOUT_MS", "RUST_LOG"}
-WEB_UID = 65532
 # git-ignored secret material: what scripts/make-secrets writes into an overlay's secrets/, and
 # files copied from the committed <file>.example beside them
 MADE_SECRETS = [f"overlays/{o}/secrets/{f}" for o in ("dev", "managed")
@@ -44,8 +41,7 @@ STATEFULSETS = {
 
 
 def load(name):
-    with open(RENDERED / f"{name}.yaml", encoding="utf-8") as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+    return [d for d in yaml.safe_load_all((RENDERED / f"{name}.yaml").read_text(encoding="utf-8")) if d]
 
 
 def find(objs, kind, name=None):
@@ -99,8 +95,7 @@ def secret_files(objs, workload):
 def secret_file(objs, workload, path):
     """(key, text) of the Secret mounted at a file path inside the container, or fail."""
     files = secret_files(objs, workload)
-    paths = sorted(files)  # a failure shows these, never the passwords
-    assert path in paths, f"{path} is not a mounted Secret key"
+    assert path in sorted(files), f"{path} is not a mounted Secret key"  # a failure shows paths, not passwords
     return files[path]
 
 
@@ -161,12 +156,9 @@ def test_prometheus_rules_configmap(web):  # README.md "Monitoring": the compose
     assert one(web.objs, "ConfigMap", "web-prometheus-rules")["data"] == {"web.rules.yml": rules}
 
 
-def test_image_and_ports(web):
+def test_image_ports_and_env(web):  # the same two ports in the container and in its env
     assert re.search(r"(^|/)desafio3-web(:[\w.-]+)?$", web.c["image"])
     assert (port_number(web.c, "http"), port_number(web.c, "admin")) == (5000, 9090)
-
-
-def test_env_follows_the_contract(web):
     assert set(web.env) == CONTRACT_ENV, "env names must be exactly the service's contract"
     assert (web.env["PORT"][1], web.env["ADMIN_PORT"][1]) == ("5000", "9090")
     assert [n for n, (kind, _) in web.env.items() if kind == "env"] == [], "set inline, expected from ConfigMap/Secret"
@@ -193,36 +185,31 @@ def test_probes_and_scrapes_on_the_admin_port(web):  # readiness never follows t
 
 def test_user_and_no_token(web):  # the image's user; no service account token
     sc = effective_security(web.dep, web.c)
-    assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (WEB_UID, WEB_UID)
+    assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (65532, 65532)
     assert not sc.get("capabilities", {}).get("add"), "restricted allows NET_BIND_SERVICE; web needs none"
     assert web.dep["spec"]["template"]["spec"].get("automountServiceAccountToken") is False
 
 
-def test_selectors_pick_the_web_pods(web):
+def test_service_and_selectors(web):  # the Service: the public port only, never the admin port
+    service = one(web.objs, "Service", "web")["spec"]
+    for p in service["ports"]:
+        assert port_number(web.c, p["targetPort"]) == 5000 and p["port"] != 9090
     spread = web.dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert "kubernetes.io/hostname" in {t["topologyKey"] for t in spread}
-    selectors = [("Service", {"matchLabels": one(web.objs, "Service", "web")["spec"]["selector"]}),
+    selectors = [("Service", {"matchLabels": service["selector"]}),
                  ("PodDisruptionBudget", one(web.objs, "PodDisruptionBudget", "web")["spec"]["selector"]),
                  ("NetworkPolicy", one(web.objs, "NetworkPolicy", "web")["spec"]["podSelector"])]
     for what, selector in selectors + [(t["topologyKey"], t["labelSelector"]) for t in spread]:
         assert matches(selector, web.pod_labels), what
 
 
-def test_service(web):  # the public port only, never the admin port
-    for p in one(web.objs, "Service", "web")["spec"]["ports"]:
-        assert port_number(web.c, p["targetPort"]) == 5000 and p["port"] != 9090
-
-
-def test_default_deny(web):
+def test_network_policies(web):  # the default-deny (one policy, every pod, no rule), then web's
     deny = [np for np in find(web.objs, "NetworkPolicy") if np["spec"]["podSelector"] == {}]
     assert len(deny) == 1, "one NetworkPolicy selecting every pod"
-    assert sorted(deny[0]["spec"]["policyTypes"]) == ["Egress", "Ingress"]
     assert not (deny[0]["spec"].get("ingress") or deny[0]["spec"].get("egress"))
-
-
-def test_web_network_policy(web):
     np = one(web.objs, "NetworkPolicy", "web")
-    assert sorted(np["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    for policy in (deny[0], np):
+        assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"], policy["metadata"]["name"]
     assert flows(np["spec"]["ingress"], "from") == {("any", 5000, "TCP"), (MONITORING, 9090, "TCP")}
     egress = flows(np["spec"]["egress"], "to")
     assert DNS <= egress
@@ -252,16 +239,34 @@ def test_namespace_enforces_restricted(web):  # so every pod meets Pod Security 
             and o["metadata"].get("namespace") != "desafio3"] == []
 
 
-def test_every_container_read_only_with_limits(web):  # what "restricted" does not ask
+def test_every_container_meets_restricted_read_only_with_limits(web):
+    """What "restricted" asks (no cluster admits these pods here: checked as it would) and what it
+    does not: a read-only root, CPU and memory limits."""
     for w in find(web.objs, "Deployment") + find(web.objs, "StatefulSet"):
-        for c in w["spec"]["template"]["spec"]["containers"]:
-            assert effective_security(w, c).get("readOnlyRootFilesystem") is True, f"{w['metadata']['name']}/{c['name']}"
-            assert {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})), f"{w['metadata']['name']}/{c['name']}"
+        pod = w["spec"]["template"]["spec"]
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            sc, who = effective_security(w, c), f"{w['metadata']['name']}/{c['name']}"
+            assert sc.get("runAsNonRoot") is True and sc.get("runAsUser") != 0, who
+            assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"), who
+            caps = sc.get("capabilities", {})
+            assert "ALL" in caps.get("drop", []) and set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, who
+            assert sc.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), who
+            assert sc.get("readOnlyRootFilesystem") is True, who
+            assert {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})), who
 
 
-def test_dev_web_points_at_in_cluster_services(dev):
-    assert dev.env["REDIS_URL"] == ("ConfigMap", "redis://web@cache:6379/0")
-    assert dev.env["DATABASE_URL"] == ("ConfigMap", "postgres://web@db:5432/desafio3")
+def test_dependencies(web):  # dev: cache and db in the cluster; managed: web only, their addresses in a Secret
+    if web.name == "dev":
+        assert web.env["REDIS_URL"] == ("ConfigMap", "redis://web@cache:6379/0")
+        assert web.env["DATABASE_URL"] == ("ConfigMap", "postgres://web@db:5432/desafio3")
+        return
+    assert find(web.objs, "StatefulSet") == []
+    assert find(web.objs, "Service", "cache") + find(web.objs, "Service", "db") == []
+    assert {d["metadata"]["name"] for d in find(web.objs, "Deployment")} == {"web"}
+    for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
+        assert web.env[var][0] == "Secret", var
+        assert re.match(scheme, web.env[var][1])
+        assert [cm for cm in find(web.objs, "ConfigMap") if var in cm.get("data", {})] == []
 
 
 @pytest.mark.parametrize("name", STATEFULSETS)
@@ -297,9 +302,17 @@ def test_dev_cache_statefulset(dev):
     assert "command" not in c
     assert c["args"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
                          "--dir", "/data", "--aclfile", "/run/secrets/redis_acl"]
-    # the passwords: hashed in the ACL file (test_dev_secrets_agree), admin's for the probes
+    # the passwords: admin's for the probes; web's (from the same make-secrets run) and admin's hashed
+    # in the ACL file, which holds no password, nor do the arguments
     assert c["env"] == [{"name": "REDIS_ADMIN_PASSWORD_FILE", "value": "/run/secrets/redis_admin_password"}]
-    assert secret_file(dev.objs, sts, c["env"][0]["value"])[0] == "redis_admin_password"
+    key, admin = secret_file(dev.objs, sts, c["env"][0]["value"])
+    assert key == "redis_admin_password"
+    acl = secret_file(dev.objs, sts, "/run/secrets/redis_acl")[1]
+    password = secret_file(dev.objs, dev.dep, dev.env["REDIS_PASSWORD_FILE"][1])[1].strip()
+    for user, pw in (("web", password), ("admin", admin.strip())):
+        assert re.search(rf"(?m)^user {user} on #{hashlib.sha256(pw.encode()).hexdigest()} ", acl), user
+    assert re.search(r"(?m)^user default on nopass .*-@all \+ping$", acl)
+    assert password not in acl + " ".join(c["args"]) and admin.strip() != password
     # the counting functions and their loader, the files compose mounts, where compose mounts them
     functions = next(m for m in c["volumeMounts"] if m["mountPath"] == "/usr/local/lib/desafio3")
     ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == functions["name"])
@@ -315,9 +328,13 @@ def test_dev_db_statefulset(dev):
     assert "POSTGRES_PASSWORD" not in env
     pgdata = env["PGDATA"]["value"]
     assert pgdata.startswith(mount + "/") and len(pgdata) > len(mount) + 1, pgdata
-    # the admin's password, and role web's for the init script (run on an empty volume's first start)
-    for var, key in (("POSTGRES_PASSWORD_FILE", "db_password"), ("WEB_DB_PASSWORD_FILE", "web_db_password")):
-        assert secret_file(dev.objs, sts, env[var]["value"])[0] == key
+    # the admin's password, and role web's for the init script (run on an empty volume's first start),
+    # which is web's own, from the same make-secrets run; the admin's is another
+    admin, role_web = (secret_file(dev.objs, sts, env[var]["value"])
+                       for var in ("POSTGRES_PASSWORD_FILE", "WEB_DB_PASSWORD_FILE"))
+    assert (admin[0], role_web[0]) == ("db_password", "web_db_password")
+    web = secret_file(dev.objs, dev.dep, dev.env["DATABASE_PASSWORD_FILE"][1])[1]
+    assert role_web[1] == web != admin[1]
     init = [m for m in c["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d"]
     assert len(init) == 1, "no /docker-entrypoint-initdb.d"
     ref = next(v["configMap"] for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == init[0]["name"])
@@ -326,51 +343,14 @@ def test_dev_db_statefulset(dev):
     assert one(dev.objs, "ConfigMap", ref["name"])["data"] == {"10-web-role.sh": script}
 
 
-def test_dev_secrets_agree(dev):
-    """One scripts/make-secrets run feeds all three: web's Redis password is the one the ACL
-    hashes, web's database password the one db gives role web, the admin's another."""
-    web = lambda var: secret_file(dev.objs, dev.dep, dev.env[var][1])[1]  # noqa: E731
-    db, cache = one(dev.objs, "StatefulSet", "db"), one(dev.objs, "StatefulSet", "cache")
-    db_env = {e["name"]: e.get("value") for e in container(db)["env"]}
-    in_db = lambda var: secret_file(dev.objs, db, db_env[var])[1]  # noqa: E731
-    assert in_db("WEB_DB_PASSWORD_FILE") == web("DATABASE_PASSWORD_FILE")
-    assert in_db("POSTGRES_PASSWORD_FILE") != web("DATABASE_PASSWORD_FILE")
-    args = container(cache)["args"]
-    acl = secret_file(dev.objs, cache, args[args.index("--aclfile") + 1])[1]
-    password = web("REDIS_PASSWORD_FILE").strip()
-    assert re.search(rf"(?m)^user web on #{hashlib.sha256(password.encode()).hexdigest()} ", acl)
-    assert re.search(r"(?m)^user default on nopass .*-@all \+ping$", acl)
-    admin = secret_file(dev.objs, cache, "/run/secrets/redis_admin_password")[1].strip()
-    assert re.search(rf"(?m)^user admin on #{hashlib.sha256(admin.encode()).hexdigest()} ", acl)
-    assert password not in acl + " ".join(args) and admin != password
-
-
-def test_managed_only_web():
-    objs = load("managed")
-    assert find(objs, "StatefulSet") == []
-    assert find(objs, "Service", "cache") + find(objs, "Service", "db") == []
-    assert {d["metadata"]["name"] for d in find(objs, "Deployment")} == {"web"}
-
-
-def test_managed_dependencies_come_from_a_secret():
-    managed = overlay("managed")
-    for var, scheme in (("REDIS_URL", r"^rediss?://"), ("DATABASE_URL", r"^postgres(ql)?://")):
-        assert managed.env[var][0] == "Secret", var
-        assert re.match(scheme, managed.env[var][1])
-        assert [cm for cm in find(managed.objs, "ConfigMap") if var in cm.get("data", {})] == []
-
-
 # No plaintext secret values in the files that are committed (git's view of SOURCE).
 
 def git(*args):
     return subprocess.run(["git", "-C", str(SOURCE), *args], capture_output=True, text=True)
 
 
-def test_base_renders_no_secret():
+def test_no_secret_objects_with_values_in_sources():  # nor any Secret in base
     assert find(load("base"), "Secret") == []
-
-
-def test_no_secret_objects_with_values_in_sources():
     for rel in git("ls-files", "*.yaml", "*.yml").stdout.split():
         for doc in yaml.safe_load_all((SOURCE / rel).read_text()):
             if isinstance(doc, dict) and doc.get("kind") == "Secret":
@@ -383,12 +363,9 @@ def test_no_secret_objects_with_values_in_sources():
                         assert git("check-ignore", "-q", src).returncode == 0, f"{rel}: a Secret from committed {src}"
 
 
-def test_real_secret_files_are_git_ignored():  # check-ignore also fails for a tracked file
+def test_real_secret_files_git_ignored_examples_placeholders():  # check-ignore also fails for a tracked file
     for rel in MADE_SECRETS + EXAMPLES:
         assert git("check-ignore", "-q", rel).returncode == 0, f"git does not ignore {rel} (or tracks it)"
-
-
-def test_examples_hold_placeholders_only():
     for rel in EXAMPLES:
         text = (SOURCE / (rel + ".example")).read_text()
         lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
