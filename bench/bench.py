@@ -103,8 +103,7 @@ class Bench:
         return int(self.pg.value("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
 
     def batches(self, procs):
-        """visit_batch_size_count and visit_counter_confirmations_total by `sent`, summed over the
-        replicas' /metrics (admin port)."""
+        """visit_batch_size_count and visit_counter_confirmations_total{sent}, summed over the replicas' /metrics."""
         tot = dict.fromkeys(("batches", *CONFIRMED), 0)
         for p in procs:
             body = http_get(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=10)[1]
@@ -158,8 +157,7 @@ class Bench:
         """procs: the servers (Popen with .port, .admin_port), loaded at once; for web's GET /
         also PostgreSQL's commits per counted batch over the measured run."""
         a, ports, (label, path, _, _) = self.args, [p.port for p in procs], SYSTEMS[key]
-        # one request after each run queues behind whatever it left in flight, so the next run
-        # starts on an idle server
+        # a request after each run waits behind what that run left in flight: the next starts on an idle server
         settle = lambda: [http_get(f"http://127.0.0.1:{port}{path}", timeout=60) for port in ports]  # noqa: E731
         confirm = key in ("web", "web-3")
         for c in a.concurrency:
@@ -314,11 +312,10 @@ def markdown(doc):
         label = r["label"] + (f" (round {r['round'] + 1})" if rounds > 1 else "")
         if "error" in r:
             rows.append([label, r["concurrency"], "failed", "—", "—", "—", r["error"][:60], "—"])
-            continue
-        errors = ", ".join([str(r["errors"])] + [f"{k} {v}" for k, v in r.get("error_detail", {}).items()])
-        rss = r.get("peak_rss_kib")
-        rows.append([label, r["concurrency"], fmt_num(r["rps"]), *(fmt_ms(r.get(k)) for k in ("p50_ms", "p99_ms", "mean_ms")),
-                     errors, "—" if not rss else f"{rss / 1024:.1f}"])
+        else:
+            errors = ", ".join([str(r["errors"]), *(f"{k} {v}" for k, v in r["error_detail"].items())])
+            rows.append([label, r["concurrency"], fmt_num(r["rps"]), *(fmt_ms(r.get(k)) for k in ("p50_ms", "p99_ms", "mean_ms")),
+                         errors, f"{r['peak_rss_kib'] / 1024:.1f}"])
     lines += table(["system", ">c", ">req/s", ">p50 ms", ">p99 ms", ">mean ms", ">errors", ">peak RSS MiB"], rows)
     pg = [r for r in res if r.get("postgres")]
     if pg:
@@ -396,10 +393,9 @@ def main():
     a = ap.parse_args()
     if set(a.systems) - set(SYSTEMS):
         ap.error(f"unknown systems: {', '.join(sorted(set(a.systems) - set(SYSTEMS)))}")
-    defaults = {"concurrency": [64], "duration": 3, "warmup": 1} if a.quick else \
-        {"concurrency": [1, 16, 64, 256], "duration": 10, "warmup": 2}
-    for k, v in defaults.items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    for k, full, quick in (("concurrency", [1, 16, 64, 256], [64]), ("duration", 10, 3), ("warmup", 2, 1)):
+        if getattr(a, k) is None:
+            setattr(a, k, quick if a.quick else full)
 
     b = Bench(a)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the servers as Ctrl-C does
@@ -417,18 +413,15 @@ def main():
            "meta": {**machine_meta(), **b.meta}, "results": b.results, "notes": b.notes}
     doc["ratios"] = ratios(doc)
     os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, today)
-    with open(base + ".json", "w") as f:
-        json.dump(doc, f, indent=2, ensure_ascii=False)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(doc))
-    plot(doc, base + ".png")
-    with open(os.path.join(out, "latest.md"), "w") as f:  # a pointer, not a second copy
-        f.write(f"Latest run: [{today}.md]({today}.md) (numbers: [{today}.json]({today}.json)).\n")
-    print(markdown(doc))
-    log(f"wrote {base}.{{json,md,png}} and latest.md in {doc['meta']['wall_seconds']} s")
-    if b.notes or any("error" in r for r in b.results):
-        log(f"{len(b.notes)} note(s), {sum('error' in r for r in b.results)} point(s) failed")
+    md = markdown(doc)
+    files = {f"{today}.json": json.dumps(doc, indent=2, ensure_ascii=False), f"{today}.md": md,  # latest.md: a pointer
+             "latest.md": f"Latest run: [{today}.md]({today}.md) (numbers: [{today}.json]({today}.json)).\n"}
+    for name, text in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    plot(doc, os.path.join(out, f"{today}.png"))
+    print(md)
+    log(f"wrote {today}.{{json,md,png}} and latest.md in {out} ({b.meta['wall_seconds']} s, {len(b.notes)} notes)")
 
 
 if __name__ == "__main__":
