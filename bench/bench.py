@@ -68,6 +68,9 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="desafio3-bench-")
         self.stack = ExitStack()  # closed last: the servers stopped, then the directory removed
         self.stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.lua = os.path.join(self.tmp, "report.lua")  # written once: web-3 runs its wrks at once
+        with open(self.lua, "w") as f:
+            f.write(WRK_LUA)
 
     def start_deps(self):
         """redis-server here; PostgreSQL is pg_virtualenv's (bench/run), which names it in PG* variables."""
@@ -118,11 +121,8 @@ class Bench:
 
     # ---------------------------------------------------------------- measurement
     def wrk(self, port, path, c, secs, threads=None):
-        script = os.path.join(self.tmp, "report.lua")
-        with open(script, "w") as f:
-            f.write(WRK_LUA)
         r = run(["wrk", "-t", str(threads or min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
-                 f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
+                 f"{HTTP_TIMEOUT_S}s", "-s", self.lua, f"http://127.0.0.1:{port}{path}"], secs + 30)
         m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M)
         if not m:
             return {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
@@ -311,7 +311,7 @@ def markdown(doc):
     for r in sorted(res, key=lambda r: (list(SYSTEMS).index(r["system"]), r["concurrency"], r["round"])):
         label = r["label"] + (f" (round {r['round'] + 1})" if rounds > 1 else "")
         if "error" in r:
-            rows.append([label, r["concurrency"], "failed", "—", "—", "—", r["error"][:60], "—"])
+            rows.append([label, r["concurrency"], "failed", "—", "—", "—", " ".join(r["error"].split())[:60], "—"])
         else:
             errors = ", ".join([str(r["errors"]), *(f"{k} {v}" for k, v in r["error_detail"].items())])
             rows.append([label, r["concurrency"], fmt_num(r["rps"]), *(fmt_ms(r.get(k)) for k in ("p50_ms", "p99_ms", "mean_ms")),
