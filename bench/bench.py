@@ -153,10 +153,33 @@ class Bench:
                 "max_ms": worst("max_ms"),
                 "mean_ms": n and round(sum(r["mean_ms"] * r["requests"] for r in parts if r["requests"]) / n, 3)}
 
-    def http_series(self, key, procs):
-        """procs: the servers (Popen with .port, .admin_port), loaded at once; for web's GET /
-        also PostgreSQL's commits per counted batch over the measured run."""
-        a, ports, (label, path, _, _) = self.args, [p.port for p in procs], SYSTEMS[key]
+    def serve(self, name, argv, env):
+        """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
+        port, admin = free_port(), free_port()
+        p = spawn([a.format(port=port) for a in argv], os.path.join(self.tmp, f"{name}.log"),
+                  env=dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **env))
+        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
+        p.port, p.admin_port = port, admin
+        st = []
+        if not wait_for(lambda: st.append(http_get(f"http://127.0.0.1:{port}/")) or (st[-1][0] == 200 and '"ok"' in st[-1][1]),
+                        proc=p):
+            stop(p)
+            raise RuntimeError(f"{name} did not become ready: {st[-1]}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
+        return p
+
+    def run_system(self, key):
+        """Starts the system's servers (Popen with .port, .admin_port), loads them at once at every
+        concurrency, stops them; for web's GET /, also PostgreSQL's commits per counted batch."""
+        a, (label, path, n, env), argv = self.args, SYSTEMS[key], [WEB]
+        if key == "nginx":  # every request answered with a fixed body of the page's size
+            conf = os.path.join(self.tmp, "nginx.conf")
+            argv = ["sh", "-c", f"sed 's/@PORT@/{{port}}/;s|@TMP@|{self.tmp}|' {HERE}/nginx.conf > {conf} && "
+                                f"exec nginx -c {conf} -p {self.tmp} -e stderr"]
+        procs = [self.serve(f"{key}.{i}", argv, env) for i in range(n)]
+        ports = [p.port for p in procs]
+        product = key in ("web", "web-healthz")  # web's RSS: the higher of these processes' (one each)
+        if product:
+            self.meta.setdefault("web_rss_idle_kib", int(proc_status(procs[0].pid)["VmRSS"][0]))
         # a request after each run waits behind what that run left in flight: the next starts on an idle server
         settle = lambda: [http_get(f"http://127.0.0.1:{port}{path}", timeout=60) for port in ports]  # noqa: E731
         confirm = key in ("web", "web-3")
@@ -195,37 +218,10 @@ class Bench:
             else:
                 log(f"  {label:28s} c={c:<4d} {res['rps']:>10.1f} req/s  p50 {fmt_ms(res.get('p50_ms'))}  "
                     f"p99 {fmt_ms(res.get('p99_ms'))}  errors {res.get('errors')}")
-
-    def serve(self, name, argv, env):
-        """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
-        port, admin = free_port(), free_port()
-        p = spawn([a.format(port=port) for a in argv], os.path.join(self.tmp, f"{name}.log"),
-                  env=dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **env))
-        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
-        p.port, p.admin_port = port, admin
-        st = []
-        if not wait_for(lambda: st.append(http_get(f"http://127.0.0.1:{port}/")) or (st[-1][0] == 200 and '"ok"' in st[-1][1]),
-                        proc=p):
-            stop(p)
-            raise RuntimeError(f"{name} did not become ready: {st[-1]}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
-        return p
-
-    def run_system(self, key):
-        """Starts the system's servers, measures them at every concurrency, stops them."""
-        argv = [WEB]
-        if key == "nginx":  # every request answered with a fixed body of the page's size
-            conf = os.path.join(self.tmp, "nginx.conf")
-            argv = ["sh", "-c", f"sed 's/@PORT@/{{port}}/;s|@TMP@|{self.tmp}|' {HERE}/nginx.conf > {conf} && "
-                                f"exec nginx -c {conf} -p {self.tmp} -e stderr"]
-        ps = [self.serve(f"{key}.{i}", argv, SYSTEMS[key][3]) for i in range(SYSTEMS[key][2])]
-        product = key in ("web", "web-healthz")  # web's RSS: the higher of these processes' (one each)
         if product:
-            self.meta.setdefault("web_rss_idle_kib", int(proc_status(ps[0].pid)["VmRSS"][0]))
-        self.http_series(key, ps)
-        if product:
-            hwm = int(proc_status(ps[0].pid)["VmHWM"][0])
+            hwm = int(proc_status(procs[0].pid)["VmHWM"][0])
             self.meta["web_peak_rss_kib"] = max(self.meta.get("web_peak_rss_kib", 0), hwm)
-        for p in ps:
+        for p in procs:
             stop(p)
 
     # ---------------------------------------------------------------- driver
