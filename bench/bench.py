@@ -57,11 +57,6 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def group_pids(p):
-    """The processes of p's group (spawn makes one per server): nginx's master and workers."""
-    return [int(pid) for pid in run(["pgrep", "-g", str(p.pid)], 10).stdout.split()]
-
-
 class Bench:
     def __init__(self, args):
         self.args, self.results, self.notes, self.meta, self.round = args, [], [], {}, 0
@@ -210,7 +205,9 @@ class Bench:
                 pg["commits_per_batch"] = round(pg["commits"] / pg["batches"], 3) if pg["batches"] else None
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
-            extra["peak_rss_kib"] = sum(int(proc_status(pid).get("VmHWM", [0])[0]) for p in procs for pid in group_pids(p))
+            # every process of each server's group (spawn makes one per server): nginx's workers too
+            pids = [pid for p in procs for pid in run(["pgrep", "-g", str(p.pid)], 10).stdout.split()]
+            extra["peak_rss_kib"] = sum(int(proc_status(pid).get("VmHWM", [0])[0]) for pid in pids)
             settle()
             self.results.append({"system": key, "label": label, "concurrency": c, "round": self.round, **res, **extra})
             if "error" in res:
