@@ -27,11 +27,15 @@ WEB = os.path.join(ROOT, "target", "release", "web")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from servers import Postgres, Redis, free_port, http_get, proc_status, run, spawn, stop, wait_for  # noqa: E402 - shared with tests/e2e
 
-SYSTEMS = {"web": "web GET /", "web-3": "web GET / (3 replicas)", "web-healthz": "web GET /healthz",
-           "web-info": "web GET / (RUST_LOG=info)", "nginx": "nginx return 200"}  # key: label
-ORDER = list(SYSTEMS)
 HTTP_TIMEOUT_S = 5  # wrk --timeout
 REPLICAS = 3  # the web-3 row
+SYSTEMS = {  # key: (label, path, processes loaded at once, their environment); nginx: bench/nginx.conf
+    "web": ("web GET /", "/", 1, {}),
+    "web-3": ("web GET / (3 replicas)", "/", REPLICAS, {}),  # on the same Redis and PostgreSQL
+    "web-healthz": ("web GET /healthz", "/healthz", 1, {}),
+    "web-info": ("web GET / (RUST_LOG=info)", "/", 1, {"RUST_LOG": "info"}),  # a log line per request
+    "nginx": ("nginx return 200", "/", 1, {}),
+}
 # PostgreSQL (15+) publishes a backend's counters in pg_stat_database when it goes idle at most
 # once a second, and otherwise after 10 s idle: read xact_commit only after that long without load
 PGSTAT_FLUSH_S = 10.5
@@ -53,16 +57,15 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def group_pids(p):
-    """The processes of p's group (spawn makes one per server): nginx's master and workers."""
-    return [int(pid) for pid in run(["pgrep", "-g", str(p.pid)], 10).stdout.split()]
-
-
 class Bench:
     def __init__(self, args):
         self.args, self.results, self.notes, self.meta, self.round = args, [], [], {}, 0
         self.tmp = tempfile.mkdtemp(prefix="desafio3-bench-")
-        self.stack = ExitStack()
+        self.stack = ExitStack()  # closed last: the servers stopped, then the directory removed
+        self.stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.lua = os.path.join(self.tmp, "report.lua")  # written once: web-3 runs its wrks at once
+        with open(self.lua, "w") as f:
+            f.write(WRK_LUA)
 
     def start_deps(self):
         """redis-server here; PostgreSQL is pg_virtualenv's (bench/run), which names it in PG* variables."""
@@ -81,8 +84,7 @@ class Bench:
                    60, env=dict(os.environ, REDIS_ADMIN_PASSWORD_FILE=f.name))
         if load.returncode:
             raise RuntimeError(f"the cache healthcheck did not load the counting functions: {load.stdout}{load.stderr}")
-        ver = int(self.pg.value("SHOW server_version_num"))
-        self.meta["postgres_version"] = f"{ver // 10000}.{ver % 10000}"
+        self.meta["postgres_version"] = self.pg.value("SHOW server_version").split()[0]
         self.meta["redis_version"] = self.redis.cmd("INFO", "server").split("redis_version:")[1].split()[0]
         with open(os.path.join(self.tmp, "db_password"), "w") as f:
             f.write(os.environ["PGPASSWORD"])
@@ -91,16 +93,15 @@ class Bench:
                                      f"{os.environ['PGDATABASE']}?sslmode=disable",
                         DATABASE_PASSWORD_FILE=f.name, RUST_LOG="warn", BIND_HOST="127.0.0.1")
         log(f"redis on :{port}, postgres on :{os.environ['PGPORT']}")
-        self.own_commits = -self.pg_commits(idle=0)  # each read commits too (counted after it): measure how many
-        self.own_commits += self.pg_commits(idle=0.5)
+        before = self.pg_commits(idle=0)  # each read commits too (counted after it): measure how many
+        self.own_commits = self.pg_commits(idle=0.5) - before
 
     def pg_commits(self, idle=PGSTAT_FLUSH_S):
         time.sleep(idle)
         return int(self.pg.value("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
 
     def batches(self, procs):
-        """visit_batch_size_count and visit_counter_confirmations_total by `sent`, summed over the
-        replicas' /metrics (admin port)."""
+        """visit_batch_size_count and visit_counter_confirmations_total{sent}, summed over the replicas' /metrics."""
         tot = dict.fromkeys(("batches", *CONFIRMED), 0)
         for p in procs:
             body = http_get(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=10)[1]
@@ -115,21 +116,18 @@ class Bench:
 
     # ---------------------------------------------------------------- measurement
     def wrk(self, port, path, c, secs, threads=None):
-        script = os.path.join(self.tmp, "report.lua")
-        with open(script, "w") as f:
-            f.write(WRK_LUA)
         r = run(["wrk", "-t", str(threads or min(2, c)), "-c", str(c), "-d", f"{secs}s", "--timeout",
-                 f"{HTTP_TIMEOUT_S}s", "-s", script, f"http://127.0.0.1:{port}{path}"], secs + 30)
+                 f"{HTTP_TIMEOUT_S}s", "-s", self.lua, f"http://127.0.0.1:{port}{path}"], secs + 30)
         m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M)
         if not m:
             return {"error": f"wrk failed: {r.stdout[-300:]} {r.stderr[-300:]}"}
         d = json.loads(m.group(1))
-        dur = d["duration_us"] / 1e6
-        res = {"requests": d["requests"], "duration_s": round(dur, 3), "errors": sum(d[k] for k in WRK_ERRORS),
-               "error_detail": {k: d[k] for k in WRK_ERRORS if d[k]}}
-        if d["requests"] == 0:
-            return {**res, "rps": 0.0, "p50_ms": None, "p99_ms": None, "note": f"no response completed within {secs} s"}
-        return {**res, "rps": round(d["requests"] / dur, 1), "p50_ms": d["p50_us"] / 1000, "p99_ms": d["p99_us"] / 1000,
+        n, dur = d["requests"], d["duration_us"] / 1e6
+        res = {"requests": n, "duration_s": round(dur, 3), "errors": sum(d[k] for k in WRK_ERRORS),
+               "error_detail": {k: d[k] for k in WRK_ERRORS if d[k]}, "rps": round(n / dur, 1)}
+        if n == 0:
+            return {**res, "p50_ms": None, "p99_ms": None, "note": f"no response completed within {secs} s"}
+        return {**res, "p50_ms": d["p50_us"] / 1000, "p99_ms": d["p99_us"] / 1000,
                 "mean_ms": round(d["mean_us"] / 1000, 3), "max_ms": d["max_us"] / 1000}
 
     def wrk_split(self, ports, path, c, secs):
@@ -150,21 +148,34 @@ class Bench:
                 "max_ms": worst("max_ms"),
                 "mean_ms": n and round(sum(r["mean_ms"] * r["requests"] for r in parts if r["requests"]) / n, 3)}
 
-    def record(self, key, c, res, extra=None):
-        label = SYSTEMS[key]
-        self.results.append({"system": key, "label": label, "concurrency": c, "round": self.round, **res, **(extra or {})})
-        if "error" in res:
-            log(f"  {label:28s} c={c:<4d} FAILED: {res['error']}")
-        else:
-            log(f"  {label:28s} c={c:<4d} {res['rps']:>10.1f} req/s  p50 {fmt_ms(res.get('p50_ms'))}  "
-                f"p99 {fmt_ms(res.get('p99_ms'))}  errors {res.get('errors')}")
+    def serve(self, name, argv, env):
+        """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
+        port, admin = free_port(), free_port()
+        p = spawn([a.format(port=port) for a in argv], os.path.join(self.tmp, f"{name}.log"),
+                  env=dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **env))
+        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
+        p.port, p.admin_port = port, admin
+        st = []
+        if not wait_for(lambda: st.append(http_get(f"http://127.0.0.1:{port}/")) or (st[-1][0] == 200 and '"ok"' in st[-1][1]),
+                        proc=p):
+            stop(p)
+            raise RuntimeError(f"{name} did not become ready: {st[-1]}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
+        return p
 
-    def http_series(self, key, procs, path):
-        """procs: the servers (Popen with .port, .admin_port), loaded at once; for web's GET /
-        also PostgreSQL's commits per counted batch over the measured run."""
-        a, ports = self.args, [p.port for p in procs]
-        # one request after each run queues behind whatever it left in flight, so the next run
-        # starts on an idle server
+    def run_system(self, key):
+        """Starts the system's servers (Popen with .port, .admin_port), loads them at once at every
+        concurrency, stops them; for web's GET /, also PostgreSQL's commits per counted batch."""
+        a, (label, path, n, env), argv = self.args, SYSTEMS[key], [WEB]
+        if key == "nginx":  # every request answered with a fixed body of the page's size
+            conf = os.path.join(self.tmp, "nginx.conf")
+            argv = ["sh", "-c", f"sed 's/@PORT@/{{port}}/;s|@TMP@|{self.tmp}|' {HERE}/nginx.conf > {conf} && "
+                                f"exec nginx -c {conf} -p {self.tmp} -e stderr"]
+        procs = [self.serve(f"{key}.{i}", argv, env) for i in range(n)]
+        ports = [p.port for p in procs]
+        product = key in ("web", "web-healthz")  # web's RSS: the higher of these processes' (one each)
+        if product:
+            self.meta.setdefault("web_rss_idle_kib", int(proc_status(procs[0].pid)["VmRSS"][0]))
+        # a request after each run waits behind what that run left in flight: the next starts on an idle server
         settle = lambda: [http_get(f"http://127.0.0.1:{port}{path}", timeout=60) for port in ports]  # noqa: E731
         confirm = key in ("web", "web-3")
         for c in a.concurrency:
@@ -194,77 +205,39 @@ class Bench:
                 pg["commits_per_batch"] = round(pg["commits"] / pg["batches"], 3) if pg["batches"] else None
             if res.get("note"):
                 self.notes.append(f"{key} c={c}: {res['note']}")
-            extra["peak_rss_kib"] = sum(int(proc_status(pid).get("VmHWM", [0])[0]) for p in procs for pid in group_pids(p))
+            # every process of each server's group (spawn makes one per server): nginx's workers too
+            pids = [pid for p in procs for pid in run(["pgrep", "-g", str(p.pid)], 10).stdout.split()]
+            extra["peak_rss_kib"] = sum(int(proc_status(pid).get("VmHWM", [0])[0]) for pid in pids)
             settle()
-            self.record(key, c, res, extra)
-
-    def serve(self, name, argv, env=None):
-        """Starts an HTTP server on a free port with the stack's environment; waits for an ok page."""
-        port, admin = free_port(), free_port()
-        env = dict(self.env, PORT=str(port), ADMIN_PORT=str(admin), **(env or {}))
-        p = spawn([a.format(port=port) for a in argv], os.path.join(self.tmp, f"{name}.log"), env=env)
-        self.stack.callback(stop, p)  # at the end, also after an error (stopping twice is harmless)
-        p.port, p.admin_port = port, admin
-        st = []
-        if not wait_for(lambda: st.append(http_get(f"http://127.0.0.1:{port}/")) or (st[-1][0] == 200 and '"ok"' in st[-1][1]),
-                        proc=p):
+            self.results.append({"system": key, "label": label, "concurrency": c, "round": self.round, **res, **extra})
+            if "error" in res:
+                log(f"  {label:28s} c={c:<4d} FAILED: {res['error']}")
+            else:
+                log(f"  {label:28s} c={c:<4d} {res['rps']:>10.1f} req/s  p50 {fmt_ms(res.get('p50_ms'))}  "
+                    f"p99 {fmt_ms(res.get('p99_ms'))}  errors {res.get('errors')}")
+        if product:
+            hwm = int(proc_status(procs[0].pid)["VmHWM"][0])
+            self.meta["web_peak_rss_kib"] = max(self.meta.get("web_peak_rss_kib", 0), hwm)
+        for p in procs:
             stop(p)
-            raise RuntimeError(f"{name} did not become ready: {st[-1]}; log tail:\n{''.join(open(p.log_path).readlines()[-20:])}")
-        return p
-
-    # ---------------------------------------------------------------- systems
-    def run_web(self):
-        if not self.args.skip_build:
-            log("cargo build --release --bin web")
-            subprocess.run(["cargo", "build", "--release", "--bin", "web"], cwd=ROOT, check=True)
-        p = self.serve("web", [WEB])
-        self.meta["web_rss_idle_kib"] = int(proc_status(p.pid)["VmRSS"][0])
-        for key, path in (("web", "/"), ("web-healthz", "/healthz")):
-            if key in self.args.systems:
-                self.http_series(key, [p], path)
-        self.meta["web_peak_rss_kib"] = max(self.meta.get("web_peak_rss_kib", 0), int(proc_status(p.pid)["VmHWM"][0]))
-        stop(p)
-        if "web-3" in self.args.systems:  # replicas on the same Redis and PostgreSQL
-            ps = [self.serve(f"web-3.{i}", [WEB]) for i in range(REPLICAS)]
-            self.http_series("web-3", ps, "/")
-            for p in ps:
-                stop(p)
-        if "web-info" in self.args.systems:  # the same binary logging every request (non-blocking)
-            p = self.serve("web-info", [WEB], env={"RUST_LOG": "info"})
-            self.http_series("web-info", [p], "/")
-            stop(p)
-
-    def run_nginx(self):
-        """nginx answering every request with a fixed body of the page's size (bench/nginx.conf)."""
-        conf = os.path.join(self.tmp, "nginx.conf")
-        sh = (f"sed 's/@PORT@/{{port}}/;s|@TMP@|{self.tmp}|' {HERE}/nginx.conf > {conf} && "
-              f"exec nginx -c {conf} -p {self.tmp} -e stderr")
-        p = self.serve("nginx", ["sh", "-c", sh])
-        self.http_series("nginx", [p], "/")
-        stop(p)
 
     # ---------------------------------------------------------------- driver
     def run(self):
         started = time.time()
+        if not self.args.skip_build and any(k.startswith("web") for k in self.args.systems):
+            log("cargo build --release --bin web")
+            subprocess.run(["cargo", "build", "--release", "--bin", "web"], cwd=ROOT, check=True)
         self.start_deps()
-        steps = [("web", {"web", "web-3", "web-healthz", "web-info"}, self.run_web),
-                 ("nginx", {"nginx"}, self.run_nginx)]
-        # --rounds N: web and nginx N times in turn, so that each ratio compares runs minutes apart
+        # --rounds N: the systems N times in turn, so that each ratio compares runs minutes apart
         for self.round in range(self.args.rounds):
-            for name, keys, fn in steps:
-                if not keys & set(self.args.systems):
-                    continue
-                log(f"== {name}")
+            for key in (k for k in SYSTEMS if k in self.args.systems):
+                log(f"== {key}")
                 try:
-                    fn()
+                    self.run_system(key)
                 except Exception as e:  # noqa: BLE001 - record and go on with the others
-                    self.notes.append(f"{name}: {e}")
-                    log(f"{name} failed: {e}")
+                    self.notes.append(f"{key}: {e}")
+                    log(f"{key} failed: {e}")
         self.meta["wall_seconds"] = round(time.time() - started, 1)
-
-    def close(self):
-        self.stack.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def fmt_ms(v):
@@ -328,15 +301,14 @@ def markdown(doc):
              f"measured; wrk threads = min(2, c) (with {REPLICAS} replicas: one `wrk -t1` per replica, c split), wrk timeout "
              f"{cfg['http_timeout_s']} s.", ""]
     rows = []
-    for r in sorted(res, key=lambda r: (ORDER.index(r["system"]), r["concurrency"], r["round"])):
+    for r in sorted(res, key=lambda r: (list(SYSTEMS).index(r["system"]), r["concurrency"], r["round"])):
         label = r["label"] + (f" (round {r['round'] + 1})" if rounds > 1 else "")
         if "error" in r:
-            rows.append([label, r["concurrency"], "failed", "—", "—", "—", r["error"][:60], "—"])
-            continue
-        errors = ", ".join([str(r["errors"])] + [f"{k} {v}" for k, v in r.get("error_detail", {}).items()])
-        rss = r.get("peak_rss_kib")
-        rows.append([label, r["concurrency"], fmt_num(r["rps"]), *(fmt_ms(r.get(k)) for k in ("p50_ms", "p99_ms", "mean_ms")),
-                     errors, "—" if not rss else f"{rss / 1024:.1f}"])
+            rows.append([label, r["concurrency"], "failed", "—", "—", "—", " ".join(r["error"].split())[:60], "—"])
+        else:
+            errors = ", ".join([str(r["errors"]), *(f"{k} {v}" for k, v in r["error_detail"].items())])
+            rows.append([label, r["concurrency"], fmt_num(r["rps"]), *(fmt_ms(r.get(k)) for k in ("p50_ms", "p99_ms", "mean_ms")),
+                         errors, f"{r['peak_rss_kib'] / 1024:.1f}"])
     lines += table(["system", ">c", ">req/s", ">p50 ms", ">p99 ms", ">mean ms", ">errors", ">peak RSS MiB"], rows)
     pg = [r for r in res if r.get("postgres")]
     if pg:
@@ -384,7 +356,7 @@ def plot(doc, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [(SYSTEMS[k], r) for k in ORDER if (r := get(doc["results"], k, 64))]
+    rows = [(SYSTEMS[k][0], r) for k in SYSTEMS if (r := get(doc["results"], k, 64))]
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.5), sharey=True)
@@ -407,16 +379,16 @@ def main():
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], help="comma list (default 1,16,64,256)")
     ap.add_argument("--duration", type=int, help="seconds measured per point")
     ap.add_argument("--warmup", type=int, help="seconds of warm-up per point")
-    ap.add_argument("--systems", type=lambda s: s.split(","), default=ORDER, help="comma list of: " + ",".join(ORDER))
+    ap.add_argument("--systems", type=lambda s: s.split(","), default=list(SYSTEMS),
+                    help="comma list of: " + ",".join(SYSTEMS))
     ap.add_argument("--skip-build", action="store_true", help="use target/release/web as is")
     ap.add_argument("--rounds", type=int, default=1, help="run the systems this many times in turn")
     a = ap.parse_args()
-    if set(a.systems) - set(ORDER):
-        ap.error(f"unknown systems: {', '.join(sorted(set(a.systems) - set(ORDER)))}")
-    defaults = {"concurrency": [64], "duration": 3, "warmup": 1} if a.quick else \
-        {"concurrency": [1, 16, 64, 256], "duration": 10, "warmup": 2}
-    for k, v in defaults.items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    if set(a.systems) - set(SYSTEMS):
+        ap.error(f"unknown systems: {', '.join(sorted(set(a.systems) - set(SYSTEMS)))}")
+    for k, full, quick in (("concurrency", [1, 16, 64, 256], [64]), ("duration", 10, 3), ("warmup", 2, 1)):
+        if getattr(a, k) is None:
+            setattr(a, k, quick if a.quick else full)
 
     b = Bench(a)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the servers as Ctrl-C does
@@ -426,7 +398,7 @@ def main():
         log("interrupted: stopping the servers")
         sys.exit(130)
     finally:
-        b.close()
+        b.stack.close()
     today, out = dt.date.today().isoformat(), os.path.join(HERE, "results", "quick" if a.quick else "")
     doc = {"date": today, "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "config": {"concurrency": a.concurrency, "duration_s": a.duration, "warmup_s": a.warmup,
@@ -434,18 +406,15 @@ def main():
            "meta": {**machine_meta(), **b.meta}, "results": b.results, "notes": b.notes}
     doc["ratios"] = ratios(doc)
     os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, today)
-    with open(base + ".json", "w") as f:
-        json.dump(doc, f, indent=2, ensure_ascii=False)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(doc))
-    plot(doc, base + ".png")
-    with open(os.path.join(out, "latest.md"), "w") as f:  # a pointer, not a second copy
-        f.write(f"Latest run: [{today}.md]({today}.md) (numbers: [{today}.json]({today}.json)).\n")
-    print(markdown(doc))
-    log(f"wrote {base}.{{json,md,png}} and latest.md in {doc['meta']['wall_seconds']} s")
-    if b.notes or any("error" in r for r in b.results):
-        log(f"{len(b.notes)} note(s), {sum('error' in r for r in b.results)} point(s) failed")
+    md = markdown(doc)
+    files = {f"{today}.json": json.dumps(doc, indent=2, ensure_ascii=False), f"{today}.md": md,  # latest.md: a pointer
+             "latest.md": f"Latest run: [{today}.md]({today}.md) (numbers: [{today}.json]({today}.json)).\n"}
+    for name, text in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    plot(doc, os.path.join(out, f"{today}.png"))
+    print(md)
+    log(f"wrote {today}.{{json,md,png}} and latest.md in {out} ({b.meta['wall_seconds']} s, {len(b.notes)} notes)")
 
 
 if __name__ == "__main__":
