@@ -1,8 +1,6 @@
-"""Redis, PostgreSQL and processes for the Python tools, standard library only: the compose
-stack's containers (tests/e2e/) and the benchmark's throwaway servers (bench/), queried the same
-way, e.g. Redis.container("cache").cmd("GET", "visitas") or Redis(["redis-cli", "-p", port]).
-The Rust tests have their own, tests/integration/support/.
-"""
+"""Redis, PostgreSQL and processes for the Python tools (standard library only): the compose stack's
+containers (tests/e2e/) and bench/'s throwaway servers, queried alike (Redis.container("cache").cmd(...)
+or Redis(["redis-cli", "-p", port]).cmd(...)). The Rust tests have their own, tests/integration/support/."""
 
 import contextlib
 import os
@@ -15,8 +13,8 @@ import urllib.request
 
 
 def run(argv, timeout=120, **kw):
-    """subprocess.run with output captured as text and a deadline: past it, the process is
-    killed and the result has returncode 124 and says so on stderr (never an exception)."""
+    """subprocess.run, output captured as text; past the deadline the process is killed and the
+    result has returncode 124 and says so on stderr (never an exception)."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     except subprocess.TimeoutExpired as e:

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Builds the stand-ins of the end-to-end suite locally, for an engine that cannot pull the
-# official images: desafio3-test/{redis,postgres,prometheus,rust}:latest, on one mmdebstrap root filesystem
-# (cached in ~/.cache/desafio3) plus tests/e2e/standins/*. The web image itself is built from the
-# Dockerfile by `docker compose up --build`, as a user builds it. See tests/e2e/README.md.
+# The e2e suite's stand-ins for an engine that cannot pull the official images (tests/e2e/README.md):
+# desafio3-test/{redis,postgres,prometheus,rust}:latest, one mmdebstrap root filesystem (cached in
+# ~/.cache/desafio3) plus tests/e2e/standins/*. The web image is built by `docker compose up --build`.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,9 +13,8 @@ LABEL=org.desafio3.e2e.standin
 # shellcheck source=/dev/null
 SUITE="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
 ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
-# Packages of the stand-ins, on top of the minbase variant (which already has bash, dash and
-# util-linux's setpriv, used instead of gosu); prometheus for the monitoring profile; the last
-# four are the Rust builder's C toolchain.
+# On top of minbase (which has bash, dash and util-linux's setpriv, used for gosu); prometheus for the
+# monitoring profile; the last four are the Rust builder's C toolchain.
 PACKAGES="redis-server redis-tools postgresql postgresql-client prometheus procps tzdata gcc libc6-dev binutils ca-certificates"
 
 log() { printf 'images: %s\n' "$*" >&2; }
@@ -36,11 +34,9 @@ host_mirror() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The root filesystem. Its cache key is the hash of this function's text and its parameters.
-# mmdebstrap keeps daemons from starting, mounts /proc and cleans apt's lists and caches itself.
-# The hooks: no cluster (the entrypoint initialises $PGDATA, like the official one), no docs nor
-# PostgreSQL's optional LLVM JIT (~140 MB; without it JIT simply stays off); the data
-# directories of the official images, with their owners (prometheus: nobody).
+# The root filesystem, cached by the hash of this function's text and parameters. The hooks: no
+# cluster (the entrypoint initialises $PGDATA, like the official one), no docs nor PostgreSQL's optional
+# LLVM JIT (~140 MB; JIT then stays off); the official images' data directories and owners.
 build_rootfs() {
     local out="$1" mirror="$2"
     log "mmdebstrap $SUITE ($ARCH, minbase) ${mirror:-<the default mirror>} — a few minutes"
@@ -79,8 +75,7 @@ ensure_rootfs() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The stand-in images: one layer (rootfs + tests/e2e/standins/*.sh), stored once; they differ
-# only in their configuration.
+# The stand-in images: one layer (rootfs + standins/*.sh), stored once; only their configuration differs.
 PG_BIN_DIR=""
 changes_redis() {
     printf '%s\n' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'ENV LANG=C.UTF-8' \
@@ -107,9 +102,8 @@ build_standins() {
     pgver="$(tar -tf "$ROOTFS_TAR" | sed -nE 's#^\./usr/lib/postgresql/([0-9]+)/bin/postgres$#\1#p' | head -n1)"
     [ -n "$pgver" ] || die "no postgres in $ROOTFS_TAR"
     PG_BIN_DIR="/usr/lib/postgresql/$pgver/bin"
-    # One base image, the root filesystem as it is; each stand-in adds the entrypoints and its
-    # configuration with a legacy `docker build` (docker import cannot set STOPSIGNAL), whose
-    # cache makes the build instant when nothing changed.
+    # A base image, the root filesystem as it is; each stand-in adds the entrypoints and its configuration
+    # by a legacy `docker build` (docker import cannot set STOPSIGNAL), instant from its cache when unchanged.
     base="desafio3-test/base:$(basename "$ROOTFS_TAR" .tar)"
     if ! docker image inspect "$base" >/dev/null 2>&1; then
         log "docker import $base"
@@ -143,12 +137,10 @@ build_rust() (  # a subshell: its EXIT trap removes the context
     cp -a "$sysroot/bin" "$ctx/rust/"
     cp -a "$sysroot"/lib/*.so* "$sysroot/lib/rustlib" "$ctx/rust/lib/"
     cp "$STANDINS/apk" /etc/ssl/certs/ca-certificates.crt "$ctx/"
-    { echo "FROM $base"
-      echo "COPY rust /usr/local/rust"
-      echo "COPY apk /sbin/apk"
-      echo "COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt"
-      echo "ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-      echo "LABEL $LABEL=1"; } > "$ctx/Dockerfile"
+    printf '%s\n' "FROM $base" 'COPY rust /usr/local/rust' 'COPY apk /sbin/apk' \
+        'COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt' "LABEL $LABEL=1" \
+        'ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        >"$ctx/Dockerfile"
     DOCKER_BUILDKIT=0 docker build -q -t desafio3-test/rust:latest "$ctx" >/dev/null 2>"$CACHE_DIR/build.err" ||
         { grep -v -e DEPRECATED -e BuildKit -e 'legacy builder' "$CACHE_DIR/build.err" >&2; die "docker build failed"; }
     log "desafio3-test/rust:latest: $("$sysroot/bin/rustc" --version)"

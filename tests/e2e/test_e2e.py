@@ -1,7 +1,6 @@
 """desafio3 end-to-end suite (pytest, run by tests/e2e/run; what it proves: tests/e2e/README.md).
-The tests run in file order on one stack, started once for the session and removed at its end,
-also on failure; each test leaves the stack up and healthy for the next. `-k` selects tests: the
-stack they need is started for them whatever is left out."""
+The tests run in file order on one stack, started once and removed at the end (also on failure);
+each leaves it up and healthy for the next. `-k` selects tests; the stack they need still starts."""
 
 import contextlib
 import hashlib
@@ -53,7 +52,6 @@ def last_lines(text: str, n: int = 3) -> str:
 
 
 def ok(p):
-    """p, asserted to have exited 0."""
     assert p.returncode == 0, f"{' '.join(p.args)} → rc {p.returncode}: {last_lines(p.stderr or p.stdout)}"
     return p
 
@@ -81,9 +79,8 @@ def have_image(image: str) -> bool:
 
 
 def assert_recorded(top: int | None):
-    """PostgreSQL's counter of record ≥ the highest count answered: each count is confirmed there
-    before it is answered, and a batch confirmed after its requests timed out raises it further
-    (docs/counting.md), so ≥, not =."""
+    """PostgreSQL's counter of record ≥ the highest count answered: ≥, as a batch confirmed after
+    its requests timed out raises it further (docs/counting.md)."""
     v = DB.value("SELECT value FROM web.visit_counter WHERE id = 1;")  # in role web's schema
     assert top is not None and int(v) >= top, f"visit_counter.value={v}, the highest count answered {top}"
 
@@ -134,7 +131,7 @@ def wait_ok() -> Resp:
 
 class Load:
     """Bounded loopback load: 3 threads doing GET / (5 s timeout) with a 50 ms pause, until stopped
-    or 30000 requests. snapshot(): the requests answered so far (list.append is atomic)."""
+    or 30000 requests. records: the requests answered so far (list.append is atomic; copy to iterate)."""
 
     def __init__(self):
         self.stop_ev, self.records = threading.Event(), []
@@ -152,9 +149,6 @@ class Load:
         for t in self.threads:
             t.join(timeout=7)  # a request's 5 s timeout, and slack
 
-    def snapshot(self) -> list[Resp]:
-        return list(self.records)
-
 
 # ------------------------------------------------------------------------------------------
 # the stack
@@ -169,9 +163,8 @@ def wait_healthy(timeout: float = HEALTHY_TIMEOUT_S) -> bool:
 
 
 def stack_up(up=None) -> float:
-    """compose up -d (or up(), which must start the stack); returns the seconds from `up` to all
-    healthy. Failing that, this test and every later one fail. That web starts only once cache and
-    db are healthy is the compose file's depends_on, asserted by ci/check-compose."""
+    """compose up -d (or up()); the seconds from `up` to all healthy, failing which this test and every
+    later one fail. (web waiting for healthy cache and db is depends_on, asserted by ci/check-compose.)"""
     usable()
     t0 = time.time()
     p = up() if up else compose("up", "-d", "--no-build", "--pull", "never", timeout=HEALTHY_TIMEOUT_S + 60)
@@ -230,9 +223,8 @@ def cleanup():
 
 
 def use_images():
-    """The official images (redis, postgres, the monitoring profile's prometheus, and the Dockerfile's
-    Rust builder) when the engine has them or can pull them, else the stand-ins. desafio3-web:latest
-    is built by the first run."""
+    """The official redis, postgres, prometheus and the Dockerfile's Rust builder when the engine has or
+    can pull them, else the stand-ins. desafio3-web:latest is built by the first run."""
     t0, cfg = time.time(), compose_config()
     images = [cfg["services"][n]["image"] for n in ("cache", "db", "prometheus")]
     images.append(re.search(r"^ARG RUST_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)[1])
@@ -294,9 +286,8 @@ def secrets_files(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def first_run(engine, home):
-    """README's first command exactly as written, in the foreground as a newcomer runs it, its
-    passwords read; Ctrl-C; a second `up` (passwords kept); its volumes are then removed: the
-    password recipe needs fresh ones."""
+    """README's first command as written, in the foreground as a newcomer runs it, its passwords read;
+    Ctrl-C; a second `up` (passwords kept); its volumes then removed: the password recipe needs fresh ones."""
     command = doc_block(README, "test_first_run").strip().splitlines()[0]
     info(f"running README.md's first command as written: $ {command}")
     # as on a fresh machine: no web image yet, which the one-shot `secrets` runs too (built, not pulled)
@@ -391,12 +382,12 @@ class TestUp:
         skew = abs(datetime.strptime(hora[:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp() - r.t_send)
         assert skew <= 120, f"hora_db {hora} is {skew:.0f} s from now (UTC)"
 
-    def test_seed_redis_cli_ping(self, stack):
-        assert ok(run(["docker", "exec", "cache", "redis-cli", "ping"], 30)).stdout.strip() == "PONG"
-
-    def test_seed_psql_select_now(self, stack):
-        p = ok(run(["docker", "exec", "db", "psql", "-U", "admin", "-d", "desafio3", "-c", "SELECT NOW();"], 30))
-        assert "(1 row)" in p.stdout
+    @pytest.mark.parametrize("cmd,output", [  # output: a regular expression the whole (stripped) output matches
+        (["cache", "redis-cli", "ping"], "PONG"),
+        (["db", "psql", "-U", "admin", "-d", "desafio3", "-c", "SELECT NOW();"], r"(?s).*\(1 row\)")],
+        ids=["redis_cli_ping", "psql_select_now"])
+    def test_seed(self, stack, cmd, output):
+        assert re.fullmatch(output, ok(run(["docker", "exec", *cmd], 30)).stdout.strip())
 
 
 def web_sql(sql: str, db: str = "desafio3"):
@@ -474,15 +465,13 @@ class TestLeastPrivilege:
         assert stack["db_password"] in ok(run(["docker", "exec", "-u", "postgres", "db", "cat", "/proc/1/environ"], 30)).stdout
         assert [n for n in ("web", "cache") if set(stack.values()) & set(envs[n].values())] == []
 
-    def test_redis_default_user(self, stack):
-        assert run([*Redis.container("cache").cli, "GET", "visitas"]).stdout.startswith("NOPERM")
-
-    def test_redis_web_user(self, stack):  # its two keys and the counting functions only: no Lua of its own
+    def test_redis_users(self, stack):  # default: nothing; web: its two keys and the counting functions, no Lua of its own
         cli = Redis.container("cache", "web", stack["redis_password"]).cli
         wait_ok()  # a count in Redis, whichever tests ran before
         got = {" ".join(c): run([*cli, *c], 30).stdout.strip() for c in
                (["GET", "visitas"], ["GET", "other"], ["FLUSHALL"], ["CONFIG", "GET", "dir"],
                 ["EVAL", "return 1", "0"], ["SCRIPT", "LOAD", "return 1"], ["FUNCTION", "FLUSH"])}
+        got["default: GET visitas"] = run([*Redis.container("cache").cli, "GET", "visitas"], 30).stdout.strip()
         assert got.pop("GET visitas").isdigit()
         assert all(v.startswith("NOPERM") for v in got.values()), got
 
@@ -504,14 +493,11 @@ HARDENING = {"web": (set(), ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")),
 class TestHardening:
     """Non-root, read-only, the image as built, no port or network more than needed, no secret shown."""
 
-    def test_non_root(self, stack):
-        web = inspect("web")["web"]
-        assert web["Config"].get("User") == "65532:65532"
-        assert set(proc_status(web["State"]["Pid"]).get("Uid", [])) == {"65532"}  # real, effective, saved, fs
-
-    def test_read_only_rootfs(self, stack):
+    def test_web_non_root_read_only(self, stack):
         web = inspect("web")["web"]
         pid = web["State"]["Pid"]
+        assert web["Config"].get("User") == "65532:65532"
+        assert set(proc_status(pid).get("Uid", [])) == {"65532"}  # real, effective, saved, fs
         assert web["HostConfig"].get("ReadonlyRootfs") is True
         root = [f[5] for f in map(str.split, Path(f"/proc/{pid}/mountinfo").read_text().splitlines()) if f[4] == "/"]
         assert root and root[-1].split(",")[0] == "ro", f"/ mounted {root}"
@@ -525,17 +511,15 @@ class TestHardening:
         ok(run(["docker", "image", "save", "-o", tmp_path / "web.tar", image], 120))
         ok(run([sys.executable, ROOT / "nix/check-image.py", ROOT / "nix/image-facts.json", tmp_path / "web.tar", "--docker-built"], 120))
 
-    def test_ports(self, stack):  # the admin port 9090 is not published
+    def test_ports_and_networks(self, stack):  # the admin port 9090 is not published; cache and db are internal only
+        data = inspect(*NAMES)
         pubs = {n: sorted({f"{b.get('HostIp') or '*'}:{b['HostPort']}->{k}" for k, v in
                            (d["NetworkSettings"].get("Ports") or d["HostConfig"].get("PortBindings") or {}).items()
-                           for b in v or []}) for n, d in inspect(*NAMES).items()}
+                           for b in v or []}) for n, d in data.items()}
         assert pubs["cache"] == pubs["db"] == []
         assert pubs["web"] and all(p.endswith("->5000/tcp") and ":8080->" in p for p in pubs["web"]), pubs["web"]
-
-    def test_networks(self, stack):
-        nets = {n: sorted(d["NetworkSettings"]["Networks"]) for n, d in inspect(*NAMES).items()}
         assert run(["docker", "network", "inspect", "-f", "{{.Internal}}", BACKEND], 30).stdout.strip() == "true"
-        assert nets["cache"] == nets["db"] == [BACKEND]
+        assert [sorted(data[n]["NetworkSettings"]["Networks"]) for n in ("cache", "db")] == [[BACKEND]] * 2
 
     def test_secret_not_in_inspect(self, stack):  # only *_PASSWORD_FILE paths and an --aclfile under /run/secrets
         data = inspect(*NAMES)
@@ -544,7 +528,7 @@ class TestHardening:
                 if re.match(r"[A-Z_]*PASSWORD=", e)] == []
 
     @pytest.mark.parametrize("name", HARDENING)
-    def test_container_hardening(self, stack, name):
+    def test_container_hardening(self, stack, name):  # and its logs rotated
         caps, empty = HARDENING[name]
         d = inspect(name)[name]
         hc, status = d["HostConfig"], proc_status(d["State"]["Pid"])
@@ -553,11 +537,8 @@ class TestHardening:
         assert "no-new-privileges:true" in (hc.get("SecurityOpt") or []) and status["NoNewPrivs"] == ["1"]
         assert {k: status[k][0] for k in empty} == {k: "0" * 16 for k in empty}
         assert (hc.get("Memory") or 0) > 0 and (name != "web" or (hc.get("NanoCpus") or 0) > 0), "no memory (or CPU) limit"
-
-    def test_log_rotation(self, stack):
-        for n, d in inspect(*NAMES).items():
-            c = d["HostConfig"].get("LogConfig") or {}
-            assert c.get("Type") == "json-file" and (c.get("Config") or {}).keys() >= {"max-size", "max-file"}, (n, c)
+        logs = hc.get("LogConfig") or {}
+        assert logs.get("Type") == "json-file" and (logs.get("Config") or {}).keys() >= {"max-size", "max-file"}, logs
 
 
 # ------------------------------------------------------------------------------------------
@@ -608,7 +589,7 @@ def acceptable(r: Resp, target: str) -> bool:
 def wait_recovered(load: Load, since: float) -> float | None:
     """First send time of an ok streak lasting 2 s (after `since`), or None."""
     def streak():
-        recs, start = [r for r in load.snapshot() if r.t_send >= since], None
+        recs, start = [r for r in list(load.records) if r.t_send >= since], None
         for r in recs:
             start = (start or r.t_send) if r.status == 200 and r.state == "ok" else None
         return start if start is not None and recs[-1].t_send - start >= 2.0 else None
@@ -630,7 +611,7 @@ def final(load):
     load.stop()
     res = SimpleNamespace(healthy=wait_healthy(RECOVERY_TIMEOUT_S), health={n: health(n) for n in NAMES}, page=get(),
                           values=LEDGER[-1]["values"], nocount=LEDGER[-1]["nocount"], threads=len(load.threads))
-    info(f"load: {len(load.snapshot())} requests; since the volumes were created: {len(res.values)} answers carried "
+    info(f"load: {len(load.records)} requests; since the volumes were created: {len(res.values)} answers carried "
          f"a count, {res.nocount} requests got none (no number, an error answer, no answer)")
     return res
 
@@ -647,7 +628,7 @@ class TestFaults:
         ok(p)
         rec_at = wait_recovered(load, fault_end)  # 2 s of nothing but ok answers sent after the fault ended
         try:
-            recs = [r for r in load.snapshot() if r.t_recv >= w_start and r.t_send <= (rec_at or time.time())]
+            recs = [r for r in list(load.records) if r.t_recv >= w_start and r.t_send <= (rec_at or time.time())]
             answered = [r for r in recs if r.status is not None]
             degraded = [r for r in answered if r.state == "degraded"]
             bad = [r for r in answered if not acceptable(r, target)]
@@ -680,17 +661,13 @@ class TestFaults:
     def test_all_healthy_again(self, final):
         assert final.healthy, final.health
 
-    def test_no_visit_lost(self, final):  # the final count ≥ the highest count handed out and their number
+    def test_every_count_accounted_for(self, final):
+        """No visit lost: the final count ≥ the highest count handed out and their number; over-counting
+        bounded: final − distinct counts handed out ≤ the requests that got no count + those in flight at
+        each fault (confirmed ahead, then not counted); PostgreSQL's counter ≥ the highest count."""
         assert final.page.count is not None, final.page.short()
         assert final.page.count >= max(final.values) and final.page.count >= len(final.values)
-
-    def test_over_count_bounded(self, final):
-        """final count − distinct counts handed out ≤ the requests that got no count + those in flight
-        at each fault (confirmed ahead, then not counted)."""
-        assert final.page.count is not None, final.page.short()
         assert 0 <= final.page.count - len(set(final.values)) <= final.nocount + final.threads * len(FAULTS)
-
-    def test_recorded_after_faults(self, final):
         assert_recorded(max(final.values))
 
 
@@ -757,8 +734,7 @@ class TestReadmeBlocks:
 
     def test_poisoned_counter(self, stack, home):
         top = get().count or 0
-        run(["docker", "exec", "-i", "cache", "redis-cli", "--user", "web", "--askpass", "SET", "visitas", "12ab"], 30,
-            input=stack["redis_password"] + "\n")
+        assert Redis.container("cache", "web", stack["redis_password"]).cmd("SET", "visitas", "12ab") == "OK"
         poisoned = [get().page.get("erros", {}).get("cache") for _ in range(3)]
         assert "invalid counter value" in poisoned
         ok(run_recipe(home, "test_poisoned_counter"))
@@ -806,10 +782,9 @@ def monitoring(stack, home):
 
 
 class TestMonitoring:
-    """Prometheus scrapes web, loads the rules, answers queries over web's series and the dashboard's
-    queries, and stopping cache makes the dependency alert pending or firing (then it resolves).
-    Grafana's image cannot be pulled here and has no stand-in: then only Prometheus is started, and
-    the README block is not run as written."""
+    """Prometheus scrapes web, loads the rules, answers web's and the dashboard's queries; stopping cache
+    makes the dependency alert pending or firing, then it resolves. Without Grafana's image (no stand-in)
+    only Prometheus is started: README's block is then not run as written."""
 
     def test_monitoring_up(self, monitoring):  # its ports on 127.0.0.1, off the backend network: ci/check-compose
         ok(monitoring)

@@ -31,9 +31,8 @@ fi
 [ ! -s "$PGDATA/PG_VERSION" ] || { echo "stand-in: $PGDATA holds a database; skipping initialisation"; exec "$@"; }
 
 # docker_verify_minimum_env
-if [ -z "$POSTGRES_PASSWORD" ]; then
-    echo "Error: Database is uninitialized and superuser password is not specified." >&2; exit 1
-fi
+[ -n "$POSTGRES_PASSWORD" ] ||
+    { echo "Error: Database is uninitialized and superuser password is not specified." >&2; exit 1; }
 ls /docker-entrypoint-initdb.d/ >/dev/null   # fail before initdb if the directory is unreadable
 
 # docker_init_database_dir
