@@ -87,7 +87,7 @@ where
     }
 }
 
-/// Writes each field as `,"name":value`: integers, finite floats and booleans as JSON
+/// Writes each field as `,"name":value`: 64-bit integers, finite floats and booleans as JSON
 /// numbers and booleans (a float that is not finite as `null`, as serde_json does), anything
 /// else as a JSON string of its `Display` (errors) or `Debug` (the rest) form.
 struct JsonFields<'a, 'w> {
@@ -96,29 +96,38 @@ struct JsonFields<'a, 'w> {
 }
 
 impl JsonFields<'_, '_> {
+    /// Writes the field unless an earlier one failed: the line is then dropped whole.
     fn field(&mut self, field: &Field, value: fmt::Arguments<'_>, quoted: bool) {
-        if self.result.is_err() {
-            return;
+        if self.result.is_ok() {
+            self.result = write_field(self.out, field.name(), value, quoted);
         }
-        self.result = (|| {
-            self.out.write_str(",\"")?;
-            JsonEscaped(&mut *self.out).write_str(field.name())?;
-            self.out.write_str("\":")?;
-            if quoted {
-                self.out.write_char('"')?;
-                JsonEscaped(&mut *self.out).write_fmt(value)?;
-                self.out.write_char('"')
-            } else {
-                self.out.write_fmt(value)
-            }
-        })();
+    }
+}
+
+fn write_field(
+    out: &mut Writer<'_>,
+    name: &str,
+    value: fmt::Arguments<'_>,
+    quoted: bool,
+) -> fmt::Result {
+    out.write_str(",\"")?;
+    JsonEscaped(&mut *out).write_str(name)?;
+    out.write_str("\":")?;
+    if quoted {
+        out.write_char('"')?;
+        JsonEscaped(&mut *out).write_fmt(value)?;
+        out.write_char('"')
+    } else {
+        out.write_fmt(value)
     }
 }
 
 impl Visit for JsonFields<'_, '_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
         if value.is_finite() {
-            self.field(field, format_args!("{value}"), false);
+            // `Debug`, not `Display`: it keeps a float a float (`1.0`, `1e300`), where
+            // `Display` writes `1` and 301 digits.
+            self.field(field, format_args!("{value:?}"), false);
         } else {
             self.field(field, format_args!("null"), false);
         }
@@ -486,13 +495,53 @@ mod tests {
             "failed"
         );
         tracing::info!("{} formatted {:?}", nasty, 1.5);
+        tracing::info!(
+            whole = 1.0,
+            zero = -0.0,
+            big = 1e300,
+            tiny = 5e-324,
+            wide = i128::MIN,
+            "a\"b" = 1,
+            "floats"
+        );
     }
 
-    fn parsed(lines: &Captured) -> Vec<serde_json::Value> {
+    /// The keys of a JSON object in the order the line has them (serde_json's `Value` sorts them).
+    struct Keys(Vec<String>);
+
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct InOrder;
+            impl<'de> serde::de::Visitor<'de> for InOrder {
+                type Value = Keys;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<M: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: M,
+                ) -> Result<Keys, M::Error> {
+                    let mut keys = Vec::new();
+                    while let Some((key, serde::de::IgnoredAny)) = map.next_entry::<String, _>()? {
+                        keys.push(key);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            deserializer.deserialize_map(InOrder)
+        }
+    }
+
+    /// Each line as a JSON value, and its keys in order.
+    fn parsed(lines: &Captured) -> Vec<(serde_json::Value, Vec<String>)> {
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
+        let parse = |line| {
+            (
+                serde_json::from_str(line).unwrap(),
+                serde_json::from_str::<Keys>(line).unwrap().0,
+            )
+        };
+        text.lines().map(parse).collect()
     }
 
     #[test]
@@ -512,8 +561,21 @@ mod tests {
             .with_writer(theirs.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, events);
-        let (mut ours, mut theirs) = (parsed(&ours), parsed(&theirs));
-        assert_eq!(ours.len(), 5);
+        let (ours, theirs) = (parsed(&ours), parsed(&theirs));
+        assert_eq!(ours.len(), 6);
+        let keys = |lines: &[(serde_json::Value, Vec<String>)]| {
+            lines.iter().map(|l| l.1.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(&ours),
+            keys(&theirs),
+            "the same keys in the same order"
+        );
+        assert_eq!(ours[0].1[..4], ["timestamp", "level", "message", "method"]);
+        let values = |lines: Vec<(serde_json::Value, Vec<String>)>| {
+            lines.into_iter().map(|l| l.0).collect::<Vec<_>>()
+        };
+        let (mut ours, mut theirs) = (values(ours), values(theirs));
         for (ours, theirs) in ours.iter_mut().zip(&mut theirs) {
             let (mine, reference) = (ours["timestamp"].take(), theirs["timestamp"].take());
             let shape = |t: &serde_json::Value| {
