@@ -443,35 +443,27 @@ mod tests {
         }
     }
 
-    /// Lines a subscriber wrote, kept for the test to read.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl<'a> MakeWriter<'a> for Captured {
-        type Writer = Captured;
+    /// A subscriber's writer, too: every line it writes goes to the same record.
+    impl<'a> MakeWriter<'a> for Recorded {
+        type Writer = Recorded;
 
         fn make_writer(&'a self) -> Self::Writer {
             self.clone()
         }
     }
 
-    impl Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+    /// Every control character, quotes, a backslash and text beyond ASCII: what a log line
+    /// must escape, or carry through as it is.
+    fn nasty() -> String {
+        (0u8..0x20)
+            .map(char::from)
+            .chain("\"\\/é€😀".chars())
+            .collect()
     }
 
     /// Every kind of field an event can carry, with strings that need escaping.
     fn events() {
-        let nasty: String = (0u8..0x20)
-            .map(char::from)
-            .chain("\"\\/é€😀".chars())
-            .collect();
+        let nasty = nasty();
         let error = std::io::Error::other("disk \"full\"");
         tracing::info!(
             method = "GET",
@@ -532,21 +524,27 @@ mod tests {
         }
     }
 
-    /// Each line as a JSON value, and its keys in order.
-    fn parsed(lines: &Captured) -> Vec<(serde_json::Value, Vec<String>)> {
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    /// Each line as a JSON value, and each line's keys in order.
+    fn parsed(lines: &Recorded) -> (Vec<serde_json::Value>, Vec<Vec<String>>) {
+        let text = String::from_utf8(lines.0.lock().unwrap().0.clone()).unwrap();
         let parse = |line| {
             (
-                serde_json::from_str(line).unwrap(),
+                serde_json::from_str::<serde_json::Value>(line).unwrap(),
                 serde_json::from_str::<Keys>(line).unwrap().0,
             )
         };
-        text.lines().map(parse).collect()
+        text.lines().map(parse).unzip()
+    }
+
+    /// Length, the characters at 10 and 19, and the last one, of a timestamp.
+    fn timestamp_shape(t: &serde_json::Value) -> Option<(usize, u8, u8, u8)> {
+        let t = t.as_str()?.as_bytes();
+        Some((t.len(), *t.get(10)?, *t.get(19)?, *t.last()?))
     }
 
     #[test]
     fn log_lines_are_the_objects_tracing_subscribers_json_format_writes() {
-        let (ours, theirs) = (Captured::default(), Captured::default());
+        let (ours, theirs) = (Recorded::default(), Recorded::default());
         let subscriber = tracing_subscriber::fmt()
             .event_format(JsonLine)
             .with_writer(ours.clone())
@@ -561,44 +559,23 @@ mod tests {
             .with_writer(theirs.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, events);
-        let (ours, theirs) = (parsed(&ours), parsed(&theirs));
+        let ((mut ours, our_keys), (mut theirs, their_keys)) = (parsed(&ours), parsed(&theirs));
         assert_eq!(ours.len(), 6);
-        let keys = |lines: &[(serde_json::Value, Vec<String>)]| {
-            lines.iter().map(|l| l.1.clone()).collect::<Vec<_>>()
-        };
+        assert_eq!(our_keys, their_keys, "the same keys in the same order");
         assert_eq!(
-            keys(&ours),
-            keys(&theirs),
-            "the same keys in the same order"
+            our_keys[0][..4],
+            ["timestamp", "level", "message", "method"]
         );
-        assert_eq!(ours[0].1[..4], ["timestamp", "level", "message", "method"]);
-        let values = |lines: Vec<(serde_json::Value, Vec<String>)>| {
-            lines.into_iter().map(|l| l.0).collect::<Vec<_>>()
-        };
-        let (mut ours, mut theirs) = (values(ours), values(theirs));
         for (ours, theirs) in ours.iter_mut().zip(&mut theirs) {
             let (mine, reference) = (ours["timestamp"].take(), theirs["timestamp"].take());
-            let shape = |t: &serde_json::Value| {
-                let t = t.as_str().unwrap_or_default().to_owned();
-                (
-                    t.len(),
-                    t.get(10..11).map(str::to_owned),
-                    t.get(19..20).map(str::to_owned),
-                )
-            };
-            let some = |s: &str| Some(s.to_owned());
-            assert_eq!(shape(&mine), (27, some("T"), some(".")), "{mine}");
-            assert!(mine.as_str().is_some_and(|t| t.ends_with('Z')), "{mine}");
-            assert_eq!(shape(&mine), shape(&reference));
+            let shape = timestamp_shape(&mine);
+            assert_eq!(shape, Some((27, b'T', b'.', b'Z')), "{mine}");
+            assert_eq!(shape, timestamp_shape(&reference));
         }
         assert_eq!(ours, theirs);
-        let nasty: String = (0u8..0x20)
-            .map(char::from)
-            .chain("\"\\/é€😀".chars())
-            .collect();
         assert_eq!(
             ours[0]["path"],
-            nasty.as_str(),
+            nasty().as_str(),
             "escaped and read back whole"
         );
         assert_eq!(ours[0]["status"], 200);
