@@ -1,14 +1,16 @@
 //! Logs (JSON lines on stdout) and metrics (a Prometheus recorder rendered on `/metrics`).
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{Datelike, Timelike};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,7 +18,6 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -24,9 +25,6 @@ use tracing_subscriber::registry::LookupSpan;
 /// 1 KiB (the request log cuts paths to `http::MAX_LOGGED_PATH_BYTES`; nothing else logs what
 /// a client sent), so the queue holds at most 2,048 × 1 KiB = 2 MiB.
 pub const LOG_QUEUE_LINES: usize = 2048;
-
-/// Bytes of log lines gathered before a write to stdout.
-const LOG_WRITE_BUFFER_BYTES: usize = 32 * 1024;
 
 /// How long the log writer lets lines gather once it has written some: under load, lines
 /// then leave in one `write` every pause, and queueing one never wakes the writer thread.
@@ -45,8 +43,8 @@ static DROPPED_LINES: OnceLock<Arc<AtomicU64>> = OnceLock::new();
 /// until exit: dropping it writes what is queued. `filter` was validated by `Config`.
 pub fn init_logging(filter: &str) -> LogGuard {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (queue, guard) = LogQueue::start(stdout_in_batches());
-    let _ = DROPPED_LINES.set(Arc::clone(&queue.dropped));
+    let (queue, guard) = LogQueue::start(raw_stdout());
+    let _ = DROPPED_LINES.set(Arc::clone(&queue.0.dropped));
     tracing_subscriber::fmt()
         .event_format(JsonLine)
         .with_env_filter(filter)
@@ -75,7 +73,8 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         writer.write_str("{\"timestamp\":\"")?;
-        SystemTime.format_time(&mut writer)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        write_timestamp(&mut writer, now.unwrap_or_default())?;
         write!(writer, "\",\"level\":\"{}\"", event.metadata().level())?;
         let mut fields = JsonFields {
             out: &mut writer,
@@ -85,6 +84,49 @@ where
         fields.result?;
         writer.write_str("}\n")
     }
+}
+
+/// Writes the time as `tracing-subscriber`'s `SystemTime` does: RFC 3339 in UTC, with
+/// microseconds (`2026-12-08T04:20:47.123456Z`). The date and time of day are worked out once
+/// a second on each thread, and reused for the lines of that second: doing it for every line
+/// was about a fifth of what formatting a request's line cost (bench/README.md).
+fn write_timestamp(writer: &mut Writer<'_>, since_epoch: Duration) -> fmt::Result {
+    thread_local! {
+        /// The second last written on this thread, and its text.
+        static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+    }
+    let seconds = since_epoch.as_secs();
+    let text = SECOND.with(|last| match last.get() {
+        (second, text) if second == seconds => text,
+        _ => {
+            let text = second_text(seconds);
+            last.set((seconds, text));
+            text
+        }
+    });
+    writer.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)?;
+    write!(writer, ".{:06}Z", since_epoch.subsec_micros())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a second since the Unix epoch, in UTC (chrono's calendar).
+fn second_text(seconds: u64) -> [u8; 19] {
+    let mut text = [b'0'; 19];
+    if let Some(t) = i64::try_from(seconds)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+    {
+        let _ = write!(
+            &mut text[..],
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+    }
+    text
 }
 
 /// Writes each field as `,"name":value`: 64-bit integers, finite floats and booleans as JSON
@@ -187,43 +229,59 @@ impl fmt::Write for JsonEscaped<'_, '_> {
     }
 }
 
-/// Standard output behind a buffer of `LOG_WRITE_BUFFER_BYTES`, flushed by the writer thread
-/// each time it has emptied the queue. Written to a duplicate of the descriptor, past
-/// `std::io::stdout()`'s own line buffer, which would write each line.
-fn stdout_in_batches() -> Box<dyn Write + Send> {
+/// Standard output, past `std::io::stdout()`'s own line buffer (which would write each line):
+/// a duplicate of its descriptor, which the writer thread writes each batch of lines to at once.
+fn raw_stdout() -> Box<dyn Write + Send> {
     match std::io::stdout().as_fd().try_clone_to_owned() {
-        Ok(fd) => Box::new(BufWriter::with_capacity(
-            LOG_WRITE_BUFFER_BYTES,
-            std::fs::File::from(fd),
-        )),
+        Ok(fd) => Box::new(std::fs::File::from(fd)),
         Err(_) => Box::new(std::io::stdout()),
     }
 }
 
 /// The sending side of the log queue: each event's line, formatted by the subscriber, is
-/// queued whole, or dropped and counted when the queue is full.
+/// appended whole to the lines waiting for the writer thread, or dropped and counted when
+/// `LOG_QUEUE_LINES` already wait.
 ///
 /// Written here rather than taken from `tracing-appender`, whose writer thread waits on its
 /// queue line by line, so that under load the lines queued kept waking it. This writer waits on
 /// the queue only while it is empty; once it has written, it pauses `LOG_GATHER` and takes
 /// everything queued meanwhile (side by side at `info`: about a fifth fewer `futex` calls and
-/// task switches per request, and half the `write` calls; bench/README.md).
+/// task switches per request, and half the `write` calls; bench/README.md). The lines wait in
+/// one buffer that the writer swaps for its own, so queueing a line allocates nothing and the
+/// writer frees nothing (measured in bench/README.md).
 #[derive(Clone)]
-struct LogQueue {
-    lines: SyncSender<Vec<u8>>,
+struct LogQueue(Arc<Queue>);
+
+struct Queue {
+    waiting: Mutex<Waiting>,
+    /// Signalled when a line arrives while the writer waits on an empty queue, or at exit.
+    arrived: Condvar,
     dropped: Arc<AtomicU64>,
+}
+
+/// The lines not yet written, and the writer's state, under one lock.
+#[derive(Default)]
+struct Waiting {
+    bytes: Vec<u8>,
+    /// Lines in `bytes`, and in the batch the writer is writing: what `LOG_QUEUE_LINES` bounds.
+    lines: usize,
+    writer_waits: bool,
+    stopping: bool,
 }
 
 impl LogQueue {
     /// The queue, and the guard that owns its writer thread (writing to `out`).
     fn start(out: Box<dyn Write + Send>) -> (Self, LogGuard) {
-        let (lines, queued) = mpsc::sync_channel(LOG_QUEUE_LINES);
+        let queue = Self(Arc::new(Queue {
+            waiting: Mutex::default(),
+            arrived: Condvar::new(),
+            dropped: Arc::new(AtomicU64::new(0)),
+        }));
         let (done, finished) = mpsc::channel();
-        let stopping = Arc::new(AtomicBool::new(false));
         let writer = {
-            let stopping = Arc::clone(&stopping);
+            let queue = queue.clone();
             move || {
-                write_lines(&queued, out, &stopping);
+                queue.write_lines(out);
                 let _ = done.send(());
             }
         };
@@ -231,35 +289,52 @@ impl LogQueue {
         let _ = std::thread::Builder::new()
             .name("web-log-writer".into())
             .spawn(writer);
-        let queue = Self {
-            lines,
-            dropped: Arc::new(AtomicU64::new(0)),
-        };
         let guard = LogGuard {
-            wake: queue.lines.clone(),
-            stopping,
+            queue: queue.clone(),
             finished,
         };
         (queue, guard)
     }
-}
 
-/// Writes the lines of `queued` to `out` until `stopping` is set and the queue is empty.
-fn write_lines(queued: &Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>, stopping: &AtomicBool) {
-    // A write error (stdout closed) loses those lines; there is nowhere else to say so.
-    while let Ok(first) = queued.recv() {
-        let mut gathered = Some(first);
-        while let Some(first) = gathered {
-            for line in std::iter::once(first).chain(queued.try_iter()) {
-                let _ = out.write_all(&line);
+    /// A panic elsewhere while holding the lock leaves the lines as they were: go on with them.
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.0
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes the queued lines to `out`, batch by batch, until the queue is stopping and empty.
+    fn write_lines(&self, mut out: Box<dyn Write + Send>) {
+        let mut batch = Vec::new();
+        let mut written = 0;
+        loop {
+            let stopping = {
+                let mut waiting = self.lock();
+                waiting.lines -= written;
+                while waiting.bytes.is_empty() && !waiting.stopping {
+                    waiting.writer_waits = true;
+                    waiting = self
+                        .0
+                        .arrived
+                        .wait(waiting)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                waiting.writer_waits = false;
+                std::mem::swap(&mut waiting.bytes, &mut batch);
+                written = waiting.lines;
+                waiting.stopping
+            };
+            if batch.is_empty() {
+                return; // stopping, and nothing left
             }
+            // A write error (stdout closed) loses those lines; there is nowhere else to say so.
+            let _ = out.write_all(&batch);
             let _ = out.flush();
-            if stopping.load(Ordering::Acquire) {
-                return;
+            batch.clear();
+            if !stopping {
+                std::thread::sleep(LOG_GATHER);
             }
-            std::thread::sleep(LOG_GATHER);
-            // Nothing came during the pause: wait on the queue again.
-            gathered = queued.try_recv().ok();
         }
     }
 }
@@ -267,23 +342,34 @@ fn write_lines(queued: &Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>, stopp
 impl<'a> MakeWriter<'a> for LogQueue {
     type Writer = QueuedLine<'a>;
 
+    /// The subscriber asks for a writer once per event, with the line already formatted, and
+    /// writes the line with it at once: the lock is held for that copy only.
     fn make_writer(&'a self) -> Self::Writer {
+        let waiting = self.lock();
         QueuedLine {
-            queue: self,
-            line: Vec::new(),
+            full: waiting.lines >= LOG_QUEUE_LINES,
+            waiting,
+            queue: &self.0,
+            wrote: false,
         }
     }
 }
 
-/// One event's line, queued when the subscriber is done writing it.
+/// One event's line, appended to the queue as the subscriber writes it (whole, since the lock
+/// is held until the line is done), or dropped when the queue is full.
 struct QueuedLine<'a> {
-    queue: &'a LogQueue,
-    line: Vec<u8>,
+    queue: &'a Queue,
+    waiting: MutexGuard<'a, Waiting>,
+    full: bool,
+    wrote: bool,
 }
 
 impl Write for QueuedLine<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.line.extend_from_slice(bytes);
+        if !self.full {
+            self.waiting.bytes.extend_from_slice(bytes);
+        }
+        self.wrote |= !bytes.is_empty();
         Ok(bytes.len())
     }
 
@@ -294,12 +380,17 @@ impl Write for QueuedLine<'_> {
 
 impl Drop for QueuedLine<'_> {
     fn drop(&mut self) {
-        if self.line.is_empty() {
+        if !self.wrote {
             return;
         }
-        let line = std::mem::take(&mut self.line);
-        if let Err(TrySendError::Full(_)) = self.queue.lines.try_send(line) {
+        if self.full {
             self.queue.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.waiting.lines += 1;
+        if self.waiting.writer_waits {
+            self.waiting.writer_waits = false;
+            self.queue.arrived.notify_one();
         }
     }
 }
@@ -307,16 +398,14 @@ impl Drop for QueuedLine<'_> {
 /// Owns the log writer thread: dropping it waits, up to `LOG_FLUSH_AT_EXIT`, for the thread
 /// to write what is queued and end.
 pub struct LogGuard {
-    wake: SyncSender<Vec<u8>>,
-    stopping: Arc<AtomicBool>,
+    queue: LogQueue,
     finished: Receiver<()>,
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        // An empty line wakes a writer waiting on an empty queue; a full queue needs no wake.
-        let _ = self.wake.try_send(Vec::new());
+        self.queue.lock().stopping = true;
+        self.queue.0.arrived.notify_one();
         let _ = self.finished.recv_timeout(LOG_FLUSH_AT_EXIT);
     }
 }
@@ -571,6 +660,15 @@ mod tests {
             let shape = timestamp_shape(&mine);
             assert_eq!(shape, Some((27, b'T', b'.', b'Z')), "{mine}");
             assert_eq!(shape, timestamp_shape(&reference));
+            // the same clock: the two lines were written moments apart
+            let at = |t: &serde_json::Value| {
+                chrono::DateTime::parse_from_rfc3339(t.as_str().unwrap()).unwrap()
+            };
+            let apart = (at(&mine) - at(&reference)).abs();
+            assert!(
+                apart < chrono::TimeDelta::seconds(5),
+                "{mine} vs {reference}"
+            );
         }
         assert_eq!(ours, theirs);
         assert_eq!(
@@ -582,23 +680,100 @@ mod tests {
         assert_eq!(ours[2]["level"], "WARN");
     }
 
+    #[test]
+    fn timestamps_are_utc_with_microseconds_each_second_its_own() {
+        let mut text = String::new();
+        for (seconds, micros) in [
+            (0, 0),
+            (951_868_799, 999_999),
+            (951_868_800, 1),
+            (951_868_800, 2),
+            (1_709_251_199, 7),
+            (1_798_761_599, 123_456),
+            (253_402_300_799, 5),
+        ] {
+            let at = Duration::from_secs(seconds) + Duration::from_micros(micros);
+            write_timestamp(&mut Writer::new(&mut text), at).unwrap();
+            text.push(' ');
+        }
+        assert_eq!(
+            text.split(' ').collect::<Vec<_>>(),
+            [
+                "1970-01-01T00:00:00.000000Z",
+                "2000-02-29T23:59:59.999999Z",
+                "2000-03-01T00:00:00.000001Z",
+                "2000-03-01T00:00:00.000002Z",
+                "2024-02-29T23:59:59.000007Z",
+                "2026-12-31T23:59:59.123456Z",
+                "9999-12-31T23:59:59.000005Z",
+                ""
+            ]
+        );
+    }
+
     fn log(queue: &LogQueue, line: &str) {
         queue.make_writer().write_all(line.as_bytes()).unwrap();
     }
 
+    /// What `out` has been given, once it holds `expected` bytes or after 5 s.
+    fn written_when(out: &Recorded, expected: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let written = out.0.lock().unwrap().0.clone();
+            if written.len() >= expected || std::time::Instant::now() > deadline {
+                return String::from_utf8(written).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
-    fn lines_leave_in_order_in_batches_and_exit_writes_what_is_queued() {
+    fn lines_leave_in_order_in_batches_without_waiting_for_exit() {
         let out = Recorded::default();
         let (queue, guard) = LogQueue::start(Box::new(out.clone()));
-        let lines: Vec<String> = (0..1000).map(|i| format!("line {i}\n")).collect();
+        let mut lines: Vec<String> = (0..1000).map(|i| format!("line {i}\n")).collect();
         for line in &lines {
             log(&queue, line);
         }
+        assert_eq!(written_when(&out, lines.concat().len()), lines.concat());
+        // the writer idle on an empty queue: one more line wakes it
+        std::thread::sleep(LOG_GATHER * 5);
+        lines.push("one more\n".into());
+        log(&queue, &lines[1000]);
+        assert_eq!(written_when(&out, lines.concat().len()), lines.concat());
+        let flushes = out.0.lock().unwrap().1;
+        assert!(flushes < 100, "{flushes} flushes for 1001 lines");
+        assert_eq!(queue.0.dropped.load(Ordering::Relaxed), 0);
         drop(guard);
-        let (written, flushes) = out.0.lock().unwrap().clone();
-        assert_eq!(String::from_utf8(written).unwrap(), lines.concat());
-        assert!(flushes < 100, "{flushes} flushes for 1000 lines");
-        assert_eq!(queue.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn exit_writes_what_is_queued() {
+        /// A stdout that takes its first write only once `go` says so.
+        struct Late(Recorded, Option<std::sync::mpsc::Receiver<()>>);
+        impl Write for Late {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                if let Some(go) = self.1.take() {
+                    let _ = go.recv();
+                }
+                self.0.write(bytes)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.0.flush()
+            }
+        }
+        let (out, (go, wait)) = (Recorded::default(), std::sync::mpsc::channel());
+        let (queue, guard) = LogQueue::start(Box::new(Late(out.clone(), Some(wait))));
+        let lines: Vec<String> = (0..100).map(|i| format!("line {i}\n")).collect();
+        for line in &lines {
+            log(&queue, line);
+        }
+        go.send(()).unwrap();
+        drop(guard);
+        assert_eq!(
+            String::from_utf8(out.0.lock().unwrap().0.clone()).unwrap(),
+            lines.concat()
+        );
     }
 
     #[test]
@@ -620,7 +795,7 @@ mod tests {
         for i in 0..LOG_QUEUE_LINES + 100 {
             log(&queue, &format!("line {i}\n"));
         }
-        let dropped = queue.dropped.load(Ordering::Relaxed);
+        let dropped = queue.0.dropped.load(Ordering::Relaxed);
         assert!((99..=100).contains(&dropped), "{dropped} dropped");
         drop(unstick);
         drop(guard);
