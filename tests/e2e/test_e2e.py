@@ -390,62 +390,10 @@ class TestUp:
         assert re.fullmatch(output, ok(run(["docker", "exec", *cmd], 30)).stdout.strip())
 
 
-def web_sql(sql: str, db: str = "desafio3"):
-    return run(["docker", "exec", "db", "psql", "-q", "-U", "web", "-d", db, "-v", "ON_ERROR_STOP=1", "-tAc", sql], 30)
-
-
-def web_password_verifier() -> str:
-    return DB.value("SELECT rolpassword FROM pg_authid WHERE rolname = 'web'")
-
-
-INIT_SCRIPT = "bash /docker-entrypoint-initdb.d/10-web-role.sh"
-
-
 class TestLeastPrivilege:
-    """web's own users can do what web does and nothing more."""
-
-    def test_db_role(self, stack):  # not a superuser, in its own schema, its sessions bounded
-        p = ok(web_sql("SELECT rolsuper, current_schema(), rolconnlimit FROM pg_roles WHERE rolname = current_user; "
-                       "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting "
-                       "WHERE setrole = 'web'::regrole AND setdatabase = 0; SHOW statement_timeout; SHOW temp_file_limit"))
-        assert p.stdout.split() == ["f|web|64", "statement_timeout=5s,temp_file_limit=16MB", "5s", "16MB"]
-
-    @pytest.mark.parametrize("db,sql,refused", [  # refused: a regular expression
-        ("desafio3", "COPY (SELECT 1) TO PROGRAM 'id'", "pg_execute_server_program"),
-        ("desafio3", "CREATE TEMP TABLE e2e_probe (x int)", "permission denied to create temporary tables"),
-        ("desafio3", "SET temp_file_limit = -1", "permission denied"),  # it cannot raise its limit
-        ("postgres", "SELECT 1", 'permission denied for database "postgres".*CONNECT privilege'),
-        ("template1", "SELECT 1", 'permission denied for database "template1".*CONNECT privilege')],
-        ids=["copy-to-program", "temp-table", "temp-file-limit", "connect-postgres", "connect-template1"])
-    def test_db_refused(self, stack, db, sql, refused):
-        p = web_sql(sql, db)
-        assert p.returncode != 0 and re.search(refused, p.stderr, re.S), last_lines(p.stderr, 2)
-
-    def test_db_init_script_empty(self, stack):  # one line, rc 1, nothing changed
-        before = web_password_verifier()
-        p = run(["docker", "exec", "db", "bash", "-c", f": >/tmp/e2e-empty; WEB_DB_PASSWORD_FILE=/tmp/e2e-empty {INIT_SCRIPT}"], 60)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("10-web-role.sh: ") and "empty" in lines[0]
-        assert web_password_verifier() == before, "role web's password changed"
-
-    def test_db_init_script_quotes(self, stack):  # a path with quotes and spaces is read as it is
-        before, quoted = web_password_verifier(), "/tmp/e2e it's \"quoted\"/web_db_password"
-        p = run(["docker", "exec", "-e", f"F={quoted}", "db", "bash", "-c",
-                 f'mkdir -p "${{F%/*}}" && cp /run/secrets/web_db_password "$F" && WEB_DB_PASSWORD_FILE=$F {INIT_SCRIPT} && '
-                 'PGPASSWORD=$(cat "$F") psql -h 127.0.0.1 -U web -d desafio3 -tAc "SELECT current_user"; rm -rf "${F%/*}"'], 60)
-        assert p.returncode == 0 and p.stdout.split()[-1:] == ["web"], last_lines(p.stdout + p.stderr, 2)
-        assert web_password_verifier() != before
-
-    def test_db_admin_local_only(self, stack):  # the superuser by the local socket only, never over the network
-        def psql_from_backend(user: str, password: str):
-            return run(["docker", "run", "--rm", "--network", BACKEND, "-e", f"PGPASSWORD={password}",
-                        "--entrypoint", "psql", inspect("db")["db"]["Config"]["Image"],
-                        "-h", "db", "-U", user, "-d", "desafio3", "-tAc", "SELECT current_user"], 60)
-        refused = psql_from_backend("admin", stack["db_password"])
-        assert refused.returncode != 0 and 'pg_hba.conf rejects connection' in refused.stderr and 'user "admin"' in refused.stderr, \
-            last_lines(refused.stdout + refused.stderr, 2)
-        assert ok(psql_from_backend("web", stack["web_db_password"])).stdout.strip() == "web"  # the network path works
-        assert DB.value("SELECT current_user") == "admin"  # by the local socket
+    """In the running stack: db's environment, and the counting functions reloaded by cache's healthcheck.
+    The roles and users themselves (10-web-role.sh, the ACL file) are checked on real servers, no Docker
+    needed: tests/integration/db_role.rs and redis_users.rs."""
 
     def test_db_server_environment(self, stack):
         """secrets/README.md on db's environment: the official entrypoint exports POSTGRES_PASSWORD (read
@@ -464,16 +412,6 @@ class TestLeastPrivilege:
         assert as_root.returncode != 0 and "Permission denied" in as_root.stderr
         assert stack["db_password"] in ok(run(["docker", "exec", "-u", "postgres", "db", "cat", "/proc/1/environ"], 30)).stdout
         assert [n for n in ("web", "cache") if set(stack.values()) & set(envs[n].values())] == []
-
-    def test_redis_users(self, stack):  # default: nothing; web: its two keys and the counting functions, no Lua of its own
-        cli = Redis.container("cache", "web", stack["redis_password"]).cli
-        wait_ok()  # a count in Redis, whichever tests ran before
-        got = {" ".join(c): run([*cli, *c], 30).stdout.strip() for c in
-               (["GET", "visitas"], ["GET", "other"], ["FLUSHALL"], ["CONFIG", "GET", "dir"],
-                ["EVAL", "return 1", "0"], ["SCRIPT", "LOAD", "return 1"], ["FUNCTION", "FLUSH"])}
-        got["default: GET visitas"] = run([*Redis.container("cache").cli, "GET", "visitas"], 30).stdout.strip()
-        assert got.pop("GET visitas").isdigit()
-        assert all(v.startswith("NOPERM") for v in got.values()), got
 
     def test_redis_functions_reloaded(self, stack):  # lost functions: the cache healthcheck loads them again
         admin = Redis.container("cache", "admin", stack["redis_admin_password"])

@@ -5,6 +5,7 @@
 
 mod api;
 mod chaos;
+mod db_role;
 mod faults;
 mod limits;
 mod monitoring;

@@ -1,6 +1,8 @@
-//! Redis's users as the stack sets them up: `web` counts through the counting functions and
-//! may run no Lua of its own; the functions are loaded by `admin` (the cache healthcheck), and
-//! a Redis without them is not ready; a runaway script can always be stopped by `admin`.
+//! Redis's users as the stack sets them up (the ACL file `web secrets` writes): `web` counts
+//! through the counting functions, on its own keys only, and may run no Lua of its own;
+//! `default`, which anyone on the network is without a password, may only `PING`; the
+//! functions are loaded by `admin` (the cache healthcheck), and a Redis without them is not
+//! ready; a runaway script can always be stopped by `admin`.
 
 use std::time::{Duration, Instant};
 
@@ -57,16 +59,41 @@ async fn web_counts_through_the_functions_and_may_run_no_lua_of_its_own() {
         &["FUNCTION", "FLUSH"],
         &["FUNCTION", "DELETE", "desafio3"],
         &["SET", "other-key", "1"],
+        &["GET", "other"],
+        &["FLUSHALL"],
+        &["CONFIG", "GET", "dir"],
     ] {
         assert_eq!(refused_to(&mut web, command), no_perm, "{command:?}");
     }
-    // What it may do: the functions, on its own keys.
+    // What it may do: the functions, and its own keys.
     let version: String = redis::cmd("FCALL_RO")
         .arg("desafio3_version")
         .arg(0)
         .query(&mut web)
         .expect("web may call the functions");
     assert!(!version.is_empty());
+    let count: String = redis::cmd("GET")
+        .arg("visitas")
+        .query(&mut web)
+        .expect("web may read its count");
+    assert!(count.parse::<u64>().is_ok(), "{count}");
+}
+
+#[test]
+fn the_default_user_may_only_ping() {
+    let redis = Redis::start();
+    redis.apply_acl(&stack_secret("cache/redis_users.acl"));
+    let mut default = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connecting to redis without a password");
+    let pong: String = redis::cmd("PING")
+        .query(&mut default)
+        .expect("default may PING");
+    assert_eq!(pong, "PONG");
+    assert_eq!(
+        refused_to(&mut default, &["GET", "visitas"]),
+        Some(redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -160,7 +160,8 @@ impl Postgres {
             let mut child = pg_command("postgres")
                 .arg("-D")
                 .arg(self.dir.path().join("data"))
-                .args(["-p", &self.port.to_string(), "-k", ""])
+                .args(["-p", &self.port.to_string(), "-k"])
+                .arg(self.dir.path()) // the local socket (`local_command`); its path < 108 bytes
                 .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
                 .args(["-c", "max_connections=200"])
                 .args(self.ssl_args())
@@ -320,6 +321,24 @@ impl Postgres {
         cmd
     }
 
+    /// `program` (`psql`, or a script that runs it) reaching this server over its local
+    /// socket, as `docker exec db psql -U admin` and the official image's init scripts reach
+    /// the compose stack's: `PGHOST` is the socket's directory, where `pg_hba.conf` trusts
+    /// every user without a password (initdb's `--auth-local=trust`, as in the image); the
+    /// server's own client programs come first on `PATH`. Pass `-U` (or `PGUSER`) and `-d`.
+    pub fn local_command(&self, program: &str) -> Command {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path =
+            std::iter::once(postgres_bin_dir().to_path_buf()).chain(std::env::split_paths(&path));
+        let mut cmd = Command::new(program);
+        cmd.env("PATH", std::env::join_paths(path).expect("PATH"))
+            .env("PGHOST", self.dir.path())
+            .env("PGPORT", self.port.to_string())
+            .env_remove("PGPASSWORD")
+            .env("LC_ALL", "C");
+        cmd
+    }
+
     /// Runs SQL as the superuser, for tests that arrange state behind the service's back.
     pub fn execute(&self, sql: &str) {
         let sql = sql.to_owned();
@@ -327,6 +346,19 @@ impl Postgres {
             client.batch_execute(&sql).await
         })
         .expect("SQL runs");
+    }
+
+    /// The first column of the first row `sql` returns, as text, queried as the superuser;
+    /// `None` for no row or NULL, or while the server is out.
+    pub fn query_text(&self, sql: &str) -> Option<String> {
+        let sql = sql.to_owned();
+        with_client(self.port, move |client| async move {
+            let row = client.query_opt(&sql, &[]).await?;
+            row.map(|row| row.try_get::<_, Option<String>>(0))
+                .transpose()
+        })
+        .flatten()
+        .flatten()
     }
 
     /// Whether a table of that name is visible; `None` while the server is out.
