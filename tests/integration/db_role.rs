@@ -9,7 +9,9 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::support::{DB_NAME, Env, Postgres, Redis, TestApp, ok_count, repo_file, stack_secret};
+use crate::support::{
+    DB_NAME, Env, Postgres, Redis, TestApp, ok_count, repo_file, stack_password, stack_secret,
+};
 
 const SCRIPT: &str = "deploy/kubernetes/base/db/initdb/10-web-role.sh";
 
@@ -60,9 +62,7 @@ fn server_with_role_web() -> Postgres {
 
 /// `web`'s password, as its own file gives it to the service.
 fn web_password() -> String {
-    let file =
-        std::fs::read_to_string(stack_secret("web/web_db_password")).expect("web's password file");
-    file.trim_end_matches('\n').to_owned()
+    stack_password("web/web_db_password")
 }
 
 /// Role `web`'s password verifier: salted afresh by every `ALTER ROLE ... PASSWORD`.

@@ -6,14 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, Postgres, Redis, TestApp, count_of, inject, ok_count, stack_secret};
+use crate::support::{
+    Env, Postgres, Redis, TestApp, count_of, inject, ok_count, stack_password, stack_secret,
+};
 
 /// A connection to `redis` as one of the stack's users, with its password file.
 fn connect_as(redis: &Redis, user: &str, password_file: &str) -> redis::Connection {
-    let password = std::fs::read_to_string(stack_secret(password_file)).expect("password file");
     let url = format!(
         "redis://{user}:{}@127.0.0.1:{}/0",
-        password.trim(),
+        stack_password(password_file),
         redis.port
     );
     redis::Client::open(url)

@@ -99,6 +99,12 @@ pub fn stack_secret(path: &str) -> PathBuf {
     dir.path().join(path)
 }
 
+/// The password in one of those files, as the service reads it: without the final newline.
+pub fn stack_password(path: &str) -> String {
+    let text = std::fs::read_to_string(stack_secret(path)).expect("a stack password file");
+    text.trim_end_matches(['\r', '\n']).to_owned()
+}
+
 pub use rustix::process::Signal;
 
 fn euid() -> u32 {
